@@ -1,0 +1,151 @@
+"""The planner: for each stage, up-to-date / partial / to-run, and why.
+
+``plan_stage`` is used twice: by ``vgen plan`` (before anything runs, assuming upstream stages
+keep their recorded outputs) and by the runner right before each stage (with the outputs its
+upstream stages just produced), so both always agree on what "changed" means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines.stages import get_kind
+from pipelines.stages.base import MapStage, OutputRef, Stage, StageContext
+
+from .fingerprint import diff_parts, digest_parts
+from .spec import Dag
+
+UP_TO_DATE, PARTIAL, TO_RUN = "up-to-date", "partial", "to-run"
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    kind: str
+    state: str
+    reason: str
+    fingerprint: str | None = None
+    row_fingerprint: str | None = None
+    parts: dict[str, Any] = field(default_factory=dict)
+    todo: int | None = None  # samples to compute (per-sample stages, when known)
+    total: int | None = None
+    outputs: dict[str, OutputRef] = field(default_factory=dict)  # recorded, when up-to-date
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stage": self.stage, "kind": self.kind, "state": self.state,
+                "reason": self.reason, "fingerprint": self.fingerprint,
+                "todo": self.todo, "total": self.total,
+                "outputs": {k: v.to_json() for k, v in self.outputs.items()}}
+
+
+def build_stage(dag: Dag, name: str, store: Any, inputs: dict[str, dict[str, OutputRef]],
+                **ctx_kwargs: Any) -> tuple[Stage, str, dict[str, Any]]:
+    """Instantiate a stage with its context; returns (stage, row fingerprint, row parts)."""
+    spec = dag.stage(name)
+    kind = get_kind(spec.uses)
+    cfg = dag.configs[name]
+    ctx = StageContext(dag=dag.name, stage=name, store=store, row_fingerprint="",
+                       inputs=inputs, resources=spec.resources,
+                       error_budget=dag.spec.error_budget, chunk_size=dag.spec.chunk_size,
+                       **ctx_kwargs)
+    stage = kind(cfg, ctx)
+    row_parts = {"kind": kind.kind, "version": kind.version,
+                 "config": cfg.model_dump(mode="json"), "extra": stage.row_fingerprint_parts()}
+    ctx.row_fingerprint = digest_parts(row_parts)
+    return stage, ctx.row_fingerprint, row_parts
+
+
+def plan_stage(dag: Dag, name: str, store: Any, inputs: dict[str, dict[str, OutputRef]],
+               upstream_fps: dict[str, str], last: dict | None, done: dict | None,
+               *, count_work: bool = True, **ctx_kwargs: Any) -> tuple[StagePlan, Stage]:
+    spec = dag.stage(name)
+    stage, row_fp, row_parts = build_stage(dag, name, store, inputs, **ctx_kwargs)
+    parts = {
+        "row": row_parts,
+        "source": stage.source_fingerprint(),
+        "upstream": {u: {"fingerprint": upstream_fps[u],
+                         "outputs": {k: (r.version if r.kind == "table" else r.digest)
+                                     for k, r in sorted(inputs[u].items())}}
+                     for u in spec.needs},
+    }
+    fp = digest_parts(parts)
+    plan = StagePlan(stage=name, kind=spec.uses, state=TO_RUN, reason="", fingerprint=fp,
+                     row_fingerprint=row_fp, parts=parts)
+    if done is not None and done["fingerprint"] == fp and _outputs_exist(store, done["outputs"]):
+        plan.state, plan.reason = UP_TO_DATE, "fingerprint and outputs unchanged"
+        plan.outputs = {k: OutputRef.from_json(v) for k, v in done["outputs"].items()}
+        return plan, stage
+    if last is not None and last["fingerprint"] == fp and last["status"] != "completed":
+        plan.state = PARTIAL
+        plan.reason = f"last run {last['status']} before finishing; continues where it stopped"
+    elif done is None:
+        plan.reason = "never ran" if last is None else f"last run {last['status']}"
+    elif done["fingerprint"] == fp:
+        plan.reason = "outputs missing from storage"
+    else:
+        changes = diff_parts(done.get("fingerprint_parts") or {}, parts)
+        plan.reason = "; ".join(changes[:4]) or "fingerprint changed"
+    if count_work and isinstance(stage, MapStage):
+        work = stage.plan_work()
+        plan.total = work.total
+        plan.todo = work.todo_count if work.items is None else None
+        if plan.todo is not None:
+            plan.reason += f" ({plan.todo} of {work.total} samples to compute)"
+    return plan, stage
+
+
+def _outputs_exist(store: Any, outputs: dict[str, Any]) -> bool:
+    for ref in outputs.values():
+        if ref.get("kind") == "table":
+            v = store.version(ref["name"])
+            if v is None or (ref.get("version") is not None and v < ref["version"]):
+                return False
+        elif ref.get("kind") == "model":
+            fs, path = _fs(ref["uri"])
+            if not fs.exists(path):
+                return False
+    return True
+
+
+def _fs(uri: str):
+    from vgen_core.data.fsio import filesystem_for
+
+    return filesystem_for(uri)
+
+
+def plan_dag(dag: Dag, store: Any, state: Any) -> list[StagePlan]:
+    """Plan every stage, assuming up-to-date stages keep their recorded outputs."""
+    last, done = state.latest(dag.name)
+    plans: dict[str, StagePlan] = {}
+    for name in dag.order:
+        needs = dag.stage(name).needs
+        blocked = [u for u in needs if plans[u].state != UP_TO_DATE]
+        if blocked:
+            plans[name] = StagePlan(name, dag.stage(name).uses, TO_RUN,
+                                    f"upstream {', '.join(repr(b) for b in blocked)} will run first")
+            continue
+        inputs = {u: plans[u].outputs for u in needs}
+        fps = {u: plans[u].fingerprint for u in needs}
+        plans[name], _ = plan_stage(dag, name, store, inputs, fps, last.get(name), done.get(name))
+    return [plans[n] for n in dag.order]
+
+
+def to_mermaid(dag: Dag, plans: list[StagePlan] | None = None) -> str:
+    """The DAG as a Mermaid flowchart (states as classes when a plan is given)."""
+    state = {p.stage: p.state for p in plans or []}
+    lines = ["flowchart LR"]
+    for n in dag.order:
+        label = f"{n}<br/>{dag.stage(n).uses}"
+        if n in state:
+            label += f"<br/><i>{state[n]}</i>"
+        lines.append(f'  {n}["{label}"]')
+    for n in dag.order:
+        for u in dag.stage(n).needs:
+            lines.append(f"  {u} --> {n}")
+    if plans:
+        lines += ["  classDef uptodate fill:#d4edda;", "  classDef torun fill:#fff3cd;",
+                  "  classDef partial fill:#f8d7da;"]
+        for n, s in state.items():
+            lines.append(f"  class {n} {s.replace('-', '').replace('uptodate', 'uptodate')};")
+    return "\n".join(lines)

@@ -1,0 +1,248 @@
+"""The runner: the driver of one Ray job that executes a DAG.
+
+1. Validate the DAG (done by the loader), check the storage root is writable: before any compute.
+2. Connect to Ray: ``address`` / ``RAY_ADDRESS`` for an existing cluster, else an embedded local
+   Ray sized to this machine.
+3. Open one MLflow run for the DAG run (params = the resolved DAG); each stage that runs gets a
+   nested run with its counts, metrics and tables (as MLflow dataset inputs with Delta versions).
+4. Schedule stages as their upstream stages finish. Independent branches run concurrently, each
+   in a driver thread, admitted only while the CPUs they declare fit in the cluster, so a DAG on
+   a 2-core machine runs branches one after the other instead of starving.
+5. Each stage is re-planned right before it runs (:func:`planner.plan_stage`): up-to-date stages
+   are skipped, partial ones continue, others run. State goes to ``_vgen/stage_runs``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines.stages.base import Counts, MapStage, OutputRef, StageError
+
+from .planner import UP_TO_DATE, plan_stage
+from .spec import Dag
+from .state import StageState
+
+log = logging.getLogger("vgen.runner")
+
+__all__ = ["Runner", "StageOutcome", "RunSummary", "connect_ray"]
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    kind: str
+    action: str  # ran | skipped | failed | blocked
+    reason: str = ""
+    counts: Counts = field(default_factory=Counts)
+    outputs: dict[str, OutputRef] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class RunSummary:
+    dag: str
+    storage: str
+    tracking_uri: str
+    run_id: str | None
+    outcomes: dict[str, StageOutcome]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return all(o.action in ("ran", "skipped") for o in self.outcomes.values())
+
+
+def connect_ray(address: str | None = None) -> None:
+    """Join ``address`` (or RAY_ADDRESS), else start an embedded local Ray (once per process)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR", "DS_BUILD_OPS",
+                                                    "PYTHONPATH") if k in os.environ}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, runtime_env=env,
+                 log_to_driver=True)
+
+
+class _Progress:
+    """One line per update per stage on stderr: ``[stage] 40/80 processed, 0 quarantined``."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream, self.lock = stream, threading.Lock()
+
+    def __call__(self, stage: str, counts: Counts, total: int) -> None:
+        done = counts.processed + counts.skipped + counts.quarantined
+        width = 24
+        filled = int(width * done / total) if total else width
+        bar = "#" * filled + "." * (width - filled)
+        with self.lock:
+            print(f"[{stage}] [{bar}] {done}/{total}  processed={counts.processed} "
+                  f"skipped={counts.skipped} quarantined={counts.quarantined}",
+                  file=self.stream, flush=True)
+
+
+class Runner:
+    def __init__(self, dag: Dag, store: Any, tracker: Any, tracking_uri: str, *,
+                 address: str | None = None, executor: str = "ray", stream=sys.stderr):
+        self.dag, self.store, self.tracker = dag, store, tracker
+        self.tracking_uri, self.address, self.executor = tracking_uri, address, executor
+        self.state = StageState(store)
+        self.stream = stream
+        self.progress = _Progress(stream)
+
+    # ---------------------------------------------------------------------------------
+    def run(self) -> RunSummary:
+        t0 = time.time()
+        self.store.check_writable()
+        cluster = {"CPU": float(os.cpu_count() or 2), "GPU": 0.0}
+        if self.executor == "ray":
+            connect_ray(self.address)
+            from .ray_exec import cluster_resources
+
+            cluster = cluster_resources()
+        self.cluster = cluster
+        self.tracker.log_params(self.dag.resolved())
+        self.tracker.set_tags({"vgen.dag": self.dag.name, "vgen.storage": self.store.root,
+                               "vgen.dag_file": self.dag.source})
+        last, done = self.state.latest(self.dag.name)
+        outcomes: dict[str, StageOutcome] = {}
+        fps: dict[str, str] = {}
+        pending = list(self.dag.order)
+        running: dict[Future, str] = {}
+        used_cpus = 0.0
+        lock = threading.Lock()
+        with ThreadPoolExecutor(max_workers=max(1, len(pending))) as pool:
+            while pending or running:
+                started = False
+                for name in list(pending):
+                    needs = self.dag.stage(name).needs
+                    if any(u not in outcomes for u in needs):
+                        continue
+                    bad = [u for u in needs if outcomes[u].action in ("failed", "blocked")]
+                    if bad:
+                        pending.remove(name)
+                        outcomes[name] = StageOutcome(name, self.dag.stage(name).uses, "blocked",
+                                                      reason=f"upstream {', '.join(bad)} failed")
+                        started = True
+                        continue
+                    demand = self._cpu_demand(name)
+                    if running and used_cpus + demand > cluster["CPU"]:
+                        continue
+                    pending.remove(name)
+                    used_cpus += demand
+                    inputs = {u: outcomes[u].outputs for u in needs}
+                    fut = pool.submit(self._run_stage, name, inputs, {u: fps[u] for u in needs},
+                                      last.get(name), done.get(name))
+                    running[fut] = name
+                    started = True
+                if not running:
+                    if pending and not started:
+                        raise RuntimeError(f"scheduler stuck with pending stages {pending}")
+                    continue
+                finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    name = running.pop(fut)
+                    used_cpus -= self._cpu_demand(name)
+                    outcome, fp = fut.result()
+                    with lock:
+                        outcomes[name] = outcome
+                        fps[name] = fp
+        summary = RunSummary(self.dag.name, self.store.root, self.tracking_uri,
+                             self.tracker.run_id, {n: outcomes[n] for n in self.dag.order},
+                             time.time() - t0)
+        self.tracker.log_metrics({"dag.seconds": summary.seconds,
+                                  "dag.stages_ran": sum(o.action == "ran" for o in outcomes.values()),
+                                  "dag.stages_skipped": sum(o.action == "skipped"
+                                                            for o in outcomes.values())})
+        self.tracker.finish("FINISHED" if summary.ok else "FAILED")
+        return summary
+
+    def _cpu_demand(self, name: str) -> float:
+        res = self.dag.stage(name).resources
+        cpu_total = self.cluster["CPU"]
+        return min(cpu_total, res.cpus * res.workers + 1.0)
+
+    def _run_stage(self, name: str, inputs: dict, upstream_fps: dict, last: dict | None,
+                   done: dict | None) -> tuple[StageOutcome, str]:
+        kind = self.dag.stage(name).uses
+        t0 = time.time()
+        try:
+            plan, stage = plan_stage(
+                self.dag, name, self.store, inputs, upstream_fps, last, done, count_work=False,
+                tracking_uri=self.tracking_uri, cluster=self.cluster,
+                progress=lambda c, total: self.progress(name, c, total))
+        except Exception as e:  # planning touches inputs: report like a stage failure
+            msg = f"{type(e).__name__}: {e}"
+            print(f"[{name}] FAILED while planning: {msg}", file=self.stream, flush=True)
+            return StageOutcome(name, kind, "failed", error=msg, seconds=time.time() - t0), ""
+        if plan.state == UP_TO_DATE:
+            print(f"[{name}] up-to-date: skipped ({plan.reason})", file=self.stream, flush=True)
+            return StageOutcome(name, kind, "skipped", plan.reason, outputs=plan.outputs,
+                                seconds=time.time() - t0), plan.fingerprint
+        print(f"[{name}] {plan.state}: {plan.reason}", file=self.stream, flush=True)
+        child = self.tracker.child(name)
+        stage.ctx.tracker = child
+        child.set_tags({"vgen.stage": name, "vgen.kind": kind, "vgen.fingerprint": plan.fingerprint,
+                        "vgen.row_fingerprint": plan.row_fingerprint})
+        child.log_params({"stage": {"name": name, "uses": kind,
+                                    "config": self.dag.configs[name].model_dump(mode="json")}})
+        for u, outs in inputs.items():
+            for k, ref in outs.items():
+                if ref.kind == "table":
+                    child.log_table_input(f"{u}.{k}", ref.uri, ref.version, None, None, "input")
+        self.state.record(dag=self.dag.name, stage=name, kind=kind, fingerprint=plan.fingerprint,
+                          parts=plan.parts, status="started", run_id=child.run_id)
+        try:
+            if isinstance(stage, MapStage):
+                executor = None
+                if self.executor == "ray":
+                    from .ray_exec import RayDataExecutor
+
+                    executor = RayDataExecutor(self.cluster)
+                result = stage.run(executor)
+            else:
+                result = stage.run()
+        except Exception as e:
+            msg = str(e) if isinstance(e, StageError) else f"{type(e).__name__}: {e}"
+            log.debug("stage %s failed:\n%s", name, traceback.format_exc())
+            print(f"[{name}] FAILED: {msg}", file=self.stream, flush=True)
+            if not isinstance(e, StageError):
+                print(traceback.format_exc(), file=self.stream, flush=True)
+            self.state.record(dag=self.dag.name, stage=name, kind=kind,
+                              fingerprint=plan.fingerprint, parts=plan.parts, status="failed",
+                              run_id=child.run_id, error=msg)
+            child.finish("FAILED")
+            return StageOutcome(name, kind, "failed", plan.reason, error=msg,
+                                seconds=time.time() - t0), plan.fingerprint
+        seconds = time.time() - t0
+        counts = result.counts
+        child.log_metrics({"processed": counts.processed, "skipped": counts.skipped,
+                           "quarantined": counts.quarantined, "seconds": seconds,
+                           **result.metrics})
+        for k, ref in result.outputs.items():
+            if ref.kind == "table":
+                child.log_table_input(f"{name}.{k}", ref.uri, ref.version, None, None, "output")
+        self.state.record(dag=self.dag.name, stage=name, kind=kind, fingerprint=plan.fingerprint,
+                          parts=plan.parts, status="completed", run_id=child.run_id,
+                          outputs={k: v.to_json() for k, v in result.outputs.items()},
+                          counts=counts.to_json())
+        child.finish("FINISHED")
+        print(f"[{name}] done in {seconds:.1f}s: processed={counts.processed} "
+              f"skipped={counts.skipped} quarantined={counts.quarantined}",
+              file=self.stream, flush=True)
+        return StageOutcome(name, kind, "ran", plan.reason, counts, result.outputs,
+                            result.metrics, seconds), plan.fingerprint

@@ -1,0 +1,37 @@
+"""Stage kinds: one module per kind family. ``uses:`` in a DAG names a kind from ``KINDS``.
+
+=================== ===================================== =================================
+kind                module                                what it does
+=================== ===================================== =================================
+ingest.images       ingest.py                             image folder / skimage -> curated table
+train.tokenizer     train.py                              Ray Train + DeepSpeed: an image tokenizer
+tokenize.lfq        tokenize.py                           curated images -> bit-token side table
+train.generator     train.py                              Ray Train + DeepSpeed: a token generator
+evaluate.tokenizer  evaluate.py                           reconstruction PSNR, codebook usage, samples
+=================== ===================================== =================================
+
+The contract every kind follows is in :mod:`pipelines.stages.base`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+KINDS: dict[str, str] = {
+    "ingest.images": "pipelines.stages.ingest:IngestImages",
+    "tokenize.lfq": "pipelines.stages.tokenize:TokenizeLFQ",
+    "train.tokenizer": "pipelines.stages.train:TrainTokenizer",
+    "train.generator": "pipelines.stages.train:TrainGenerator",
+    "evaluate.tokenizer": "pipelines.stages.evaluate:EvaluateTokenizer",
+}
+
+
+def known_kinds() -> list[str]:
+    return sorted(KINDS)
+
+
+def get_kind(kind: str):
+    """The stage class for ``kind`` (KeyError when unknown)."""
+    target = KINDS[kind]
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(module), cls)

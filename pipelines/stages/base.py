@@ -1,0 +1,400 @@
+"""The stage contract.
+
+A stage kind is a small class with a typed ``Config`` (pydantic), a ``version`` (bump it when
+its output changes meaning), declared resources (from the DAG's ``resources:``), its input and
+output tables, and either
+
+* a **per-sample** body (:class:`MapStage`): ``plan_work`` on the driver says which samples need
+  computing (incremental: new, changed digest, or another fingerprint), ``setup`` runs once per
+  worker (load a model), ``process_batch`` turns a batch of input rows into output rows and
+  quarantine records. The same class runs in-process in a unit test (:class:`InProcessExecutor`)
+  and in a Ray Data actor pool in the DAG (``pipelines.dag.ray_exec.RayDataExecutor``); or
+* a **job** body (:class:`JobStage`): ``run`` does the whole thing (a Ray Train job, an eval).
+
+The driver commits a per-sample stage's results in chunks of ``chunk_size`` rows, each chunk one
+atomic Delta commit (output first, then its quarantine records), so a killed run loses at most a
+chunk and a re-run continues where it stopped. A sample whose ``process_batch`` raises is
+retried alone; if it raises again it is quarantined with the exception text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict
+
+from vgen_core.data.schemas import QUARANTINE, SCHEMA_VERSION
+from vgen_core.tracking import NullTracker, Tracker
+
+__all__ = [
+    "StageConfig", "OutputRef", "Counts", "StageContext", "StageResult", "StageError",
+    "BatchResult", "Work", "Stage", "MapStage", "JobStage", "InProcessExecutor",
+    "quarantine_record",
+]
+
+
+class StageConfig(BaseModel):
+    """Base of every stage kind's config: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class StageError(RuntimeError):
+    """A stage failed: the message names the stage and says why and what to do."""
+
+
+@dataclass(frozen=True)
+class OutputRef:
+    """Something a stage produced: a Delta table (uri + version) or a model (uri + digest)."""
+
+    kind: str  # "table" | "model"
+    name: str  # table name in the store, or the model directory under the root
+    uri: str
+    version: int | None = None
+    digest: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "OutputRef":
+        return cls(**d)
+
+
+@dataclass
+class Counts:
+    processed: int = 0
+    skipped: int = 0
+    quarantined: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class StageContext:
+    """What a stage knows about where it runs. ``inputs`` maps each upstream stage to its outputs."""
+
+    dag: str
+    stage: str
+    store: Any  # vgen_core.data.TableStore
+    row_fingerprint: str
+    inputs: dict[str, dict[str, OutputRef]] = field(default_factory=dict)
+    resources: Any = None  # pipelines.dag.spec.ResourcesSpec
+    error_budget: float = 0.01
+    chunk_size: int = 256
+    tracker: Tracker = field(default_factory=NullTracker)
+    tracking_uri: str | None = None
+    cluster: dict[str, float] = field(default_factory=dict)  # total CPU / GPU of the cluster
+    progress: Callable[[Counts, int], None] | None = None
+
+    def for_worker(self) -> "StageContext":
+        """The part of the context that travels to Ray workers (no tracker, no callbacks)."""
+        return dataclasses.replace(self, tracker=NullTracker(), progress=None)
+
+    def input_ref(self, upstream: str, output: str) -> OutputRef:
+        try:
+            return self.inputs[upstream][output]
+        except KeyError:
+            raise StageError(
+                f"stage '{self.stage}': upstream '{upstream}' produced no '{output}' output "
+                f"(it produced: {sorted(self.inputs.get(upstream, {}))})") from None
+
+
+@dataclass
+class StageResult:
+    outputs: dict[str, OutputRef]
+    counts: Counts = field(default_factory=Counts)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class BatchResult:
+    rows: pa.Table
+    quarantine: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Work:
+    """What a per-sample stage must compute this run.
+
+    Either ``items`` (a small table of work items the driver listed: file paths, ...) or a Delta
+    table (``table_uri`` at ``table_version``) restricted to the ``todo`` keys
+    (sample_id, content_digest). ``total`` counts every candidate, ``skipped`` the ones already done.
+    """
+
+    total: int
+    skipped: int
+    items: pa.Table | None = None
+    table_name: str | None = None
+    table_uri: str | None = None
+    table_version: int | None = None
+    todo: pa.Table | None = None
+
+    @property
+    def todo_count(self) -> int:
+        if self.items is not None:
+            return self.items.num_rows
+        return 0 if self.todo is None else self.todo.num_rows
+
+
+def quarantine_record(sample_id: str, check: str, reason: str, *, content_digest: str | None = None,
+                      source: str | None = None) -> dict[str, Any]:
+    """One quarantine row (stage and fingerprint are filled in by the driver)."""
+    return {"sample_id": sample_id, "content_digest": content_digest, "check": check,
+            "reason": reason, "source": source}
+
+
+class Stage:
+    """Base of every stage kind. Subclasses set ``kind``, ``version``, ``Config``."""
+
+    kind: ClassVar[str]
+    version: ClassVar[int] = 1
+    Config: ClassVar[type[StageConfig]] = StageConfig
+    #: upstream stages this kind expects, as (min, max); max None = any number
+    needs_range: ClassVar[tuple[int, int | None]] = (0, None)
+
+    def __init__(self, config: StageConfig, ctx: StageContext):
+        self.config, self.ctx = config, ctx
+
+    # -- planning -------------------------------------------------------------------------
+    @classmethod
+    def check_needs(cls, name: str, spec: Any, dag: Any, source: str) -> None:
+        from pipelines.dag.spec import DagError
+
+        lo, hi = cls.needs_range
+        n = len(spec.needs)
+        if n < lo or (hi is not None and n > hi):
+            want = f"exactly {lo}" if lo == hi else f"{lo}..{hi if hi is not None else 'any'}"
+            raise DagError(f"`{cls.kind}` needs {want} upstream stage(s), got {n}", file=source,
+                           stage=name, field="needs")
+
+    def source_fingerprint(self) -> dict[str, Any]:
+        """A cheap description of inputs outside the DAG (file listings); part of the fingerprint."""
+        return {}
+
+    def row_fingerprint_parts(self) -> dict[str, Any]:
+        """What each output row depends on besides kind/version/config (e.g. weights digest)."""
+        return {}
+
+    def table_name(self, suffix: str = "") -> str:
+        return f"{self.ctx.dag}/{self.ctx.stage}{suffix}"
+
+    def run(self, executor: Any = None) -> StageResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class JobStage(Stage):
+    """A stage that runs as a whole (training, evaluation)."""
+
+
+class MapStage(Stage):
+    """A per-sample stage. See the module docstring."""
+
+    output_schema: ClassVar[pa.Schema]
+    #: "append": side tables keyed by (sample_id, content_digest, fingerprint);
+    #: "upsert": curated tables with one row per sample_id.
+    write_mode: ClassVar[str] = "append"
+    needs_range = (1, 1)
+
+    # driver side ---------------------------------------------------------------------------
+    def plan_work(self) -> Work:
+        """Default: the upstream 'samples' table minus what this fingerprint already did."""
+        ref = self.samples_input()
+        store = self.ctx.store
+        current = store.read(ref.name, version=ref.version, columns=["sample_id", "content_digest"])
+        done = self.done_keys()
+        todo = current.join(done, keys=["sample_id", "content_digest"], join_type="left anti") \
+            if done.num_rows else current
+        return Work(total=current.num_rows, skipped=current.num_rows - todo.num_rows,
+                    table_name=ref.name, table_uri=ref.uri, table_version=ref.version, todo=todo)
+
+    def samples_input(self) -> OutputRef:
+        """The upstream 'samples' table this stage maps over (exactly one upstream has one)."""
+        refs = [outs["samples"] for outs in self.ctx.inputs.values() if "samples" in outs]
+        if len(refs) != 1:
+            raise StageError(f"stage '{self.ctx.stage}': expected exactly one upstream stage "
+                             f"with a 'samples' table, found {len(refs)}")
+        return refs[0]
+
+    def done_keys(self) -> pa.Table:
+        """(sample_id, content_digest) already in the output or quarantine for this fingerprint."""
+        store, fp = self.ctx.store, self.ctx.row_fingerprint
+        cols = ["sample_id", "content_digest"]
+        parts = []
+        for name in (self.table_name(), self.table_name("__quarantine")):
+            if store.exists(name):
+                t = store.read(name, columns=cols + ["fingerprint"])
+                t = t.filter(pc.equal(t["fingerprint"], fp)).select(cols)
+                parts.append(t.cast(pa.schema([pa.field(c, pa.string()) for c in cols])))
+        if not parts:
+            return pa.table({c: pa.array([], pa.string()) for c in cols})
+        return pa.concat_tables(parts).group_by(cols).aggregate([])
+
+    # worker side ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Runs once per worker before the first batch (load a model here)."""
+
+    def process_batch(self, batch: pa.Table) -> BatchResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def safe_process(self, batch: pa.Table) -> BatchResult:
+        """``process_batch``, falling back to one sample at a time so one bad sample is
+        quarantined with its exception instead of failing the batch."""
+        try:
+            return self.process_batch(batch)
+        except Exception:
+            if batch.num_rows == 1:
+                return self._quarantine_exception(batch)
+        rows, quarantine = [], []
+        for i in range(batch.num_rows):
+            one = batch.slice(i, 1)
+            try:
+                r = self.process_batch(one)
+            except Exception:
+                r = self._quarantine_exception(one)
+            if r.rows.num_rows:
+                rows.append(r.rows)
+            quarantine.extend(r.quarantine)
+        table = pa.concat_tables(rows) if rows else self.output_schema.empty_table()
+        return BatchResult(table, quarantine)
+
+    def _quarantine_exception(self, one: pa.Table) -> BatchResult:
+        row = one.to_pylist()[0]
+        exc = traceback.format_exc(limit=3).strip().splitlines()
+        reason = exc[-1] if exc else "unknown error"
+        q = quarantine_record(str(row.get("sample_id", row.get("path", "?"))), "exception",
+                              f"{reason}\n{chr(10).join(exc[:-1])}",
+                              content_digest=row.get("content_digest"),
+                              source=row.get("source") or row.get("path"))
+        return BatchResult(self.output_schema.empty_table(), [q])
+
+    # driver: commit ------------------------------------------------------------------------
+    def run(self, executor: Any = None) -> StageResult:
+        """Plan, execute (in-process by default), commit chunk by chunk, enforce the budget."""
+        executor = executor or InProcessExecutor()
+        store, ctx = self.ctx.store, self.ctx
+        out_name, q_name = self.table_name(), self.table_name("__quarantine")
+        store.create(out_name, self.output_schema)
+        store.create(q_name, QUARANTINE)
+        work = self.plan_work()
+        counts = Counts(skipped=work.skipped)
+        meta = {"vgen.stage": ctx.stage, "vgen.fingerprint": ctx.row_fingerprint,
+                "vgen.schema_version": str(SCHEMA_VERSION)}
+        if ctx.progress:
+            ctx.progress(counts, work.total)
+        pending_rows: list[pa.Table] = []
+        pending_q: list[dict[str, Any]] = []
+
+        def flush() -> None:
+            if pending_rows:
+                rows = pa.concat_tables(pending_rows)
+                if rows.num_rows:
+                    if self.write_mode == "upsert":
+                        store.upsert(out_name, rows, keys=["sample_id"], commit_metadata=meta)
+                    else:
+                        store.append(out_name, rows, commit_metadata=meta)
+                counts.processed += rows.num_rows
+            if pending_q:
+                now = dt.datetime.now(dt.timezone.utc)
+                recs = [dict(r, stage=ctx.stage, fingerprint=ctx.row_fingerprint, created_at=now)
+                        for r in pending_q]
+                store.append(q_name, pa.Table.from_pylist(recs, schema=QUARANTINE),
+                             commit_metadata=meta)
+                counts.quarantined += len(recs)
+            pending_rows.clear()
+            pending_q.clear()
+            if ctx.progress:
+                ctx.progress(counts, work.total)
+            self._check_budget(counts, work.total)
+
+        if work.todo_count:
+            n_pending = 0
+            for result in executor.execute(self, work):
+                rows, unchanged = self.filter_results(self._conform(result.rows))
+                counts.skipped += unchanged
+                pending_rows.append(rows)
+                pending_q.extend(result.quarantine)
+                n_pending += result.rows.num_rows + len(result.quarantine)
+                if n_pending >= ctx.chunk_size:
+                    flush()
+                    n_pending = 0
+            flush()
+        self.finalize()
+        self._check_budget(counts, work.total)
+        append = self.write_mode == "append"
+        outputs = {
+            # for side tables, digest = the row fingerprint readers select on
+            "samples": OutputRef("table", out_name, store.uri(out_name),
+                                 version=store.version(out_name),
+                                 digest=ctx.row_fingerprint if append else None),
+            "quarantine": OutputRef("table", q_name, store.uri(q_name),
+                                    version=store.version(q_name)),
+        }
+        if work.table_name is not None:  # the curated version these rows are current for
+            outputs["source"] = self.samples_input()
+        return StageResult(outputs=outputs, counts=counts)
+
+    def _conform(self, rows: pa.Table) -> pa.Table:
+        return rows.select(self.output_schema.names).cast(self.output_schema)
+
+    def filter_results(self, rows: pa.Table) -> tuple[pa.Table, int]:
+        """Driver-side hook before commit: drop rows that need no write (returns the count)."""
+        return rows, 0
+
+    def finalize(self) -> None:
+        """Driver-side hook after the last chunk (e.g. delete samples whose source is gone)."""
+
+    def _check_budget(self, counts: Counts, total: int) -> None:
+        budget = self.ctx.error_budget
+        allowed = budget * max(total, 1)
+        if counts.quarantined > allowed:
+            q_uri = self.ctx.store.uri(self.table_name("__quarantine"))
+            raise StageError(
+                f"stage '{self.ctx.stage}': {counts.quarantined} of {total} samples quarantined, "
+                f"over the DAG's error_budget {budget:g} ({int(allowed)} allowed). Reasons are in "
+                f"the quarantine table {q_uri}; fix the inputs or raise error_budget.")
+
+
+class InProcessExecutor:
+    """Runs a per-sample stage in this process: the unit-test twin of the Ray executor."""
+
+    def __init__(self, batch_size: int | None = None):
+        self.batch_size = batch_size
+
+    def execute(self, stage: MapStage, work: Work) -> Iterator[BatchResult]:
+        stage.setup()
+        size = self.batch_size or getattr(stage.ctx.resources, "batch_size", 16) or 16
+        for batch in iter_work_batches(stage.ctx.store, work, size):
+            yield stage.safe_process(batch)
+
+
+def iter_work_batches(store: Any, work: Work, size: int) -> Iterable[pa.Table]:
+    """The rows a per-sample stage must process, in batches (driver-side reading)."""
+    if work.items is not None:
+        table = work.items
+    else:
+        table = store.read(work.table_name, version=work.table_version)
+        table = filter_to_keys(table, work.todo)
+    for batch in table.to_batches(max_chunksize=size):
+        yield pa.Table.from_batches([batch])
+
+
+def filter_to_keys(table: pa.Table, keys: pa.Table | None) -> pa.Table:
+    """Rows of ``table`` whose (sample_id, content_digest) is in ``keys``."""
+    if keys is None:
+        return table
+    wanted = pc.binary_join_element_wise(keys["sample_id"], keys["content_digest"], "\x1f")
+    have = pc.binary_join_element_wise(table["sample_id"], table["content_digest"], "\x1f")
+    return table.filter(pc.is_in(have, value_set=wanted))
+
+
+def json_dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)

@@ -1,0 +1,172 @@
+"""``ingest.images``: a folder of images (or the photographs scikit-image ships) -> a curated
+image table, several deterministic random crops per image.
+
+Config ``root`` is a local folder, an ``s3://`` prefix, or ``skimage://`` for the built-in
+photographs. Each source image becomes ``crops_per_image`` samples with ids
+``<dataset>/<stem>-c<k>``; the crop box depends only on (seed, stem, k), so ids and pixels are the
+same on every run and every number of workers. The class label is the image's index in the
+sorted listing. A file that does not decode is quarantined with the decoder's message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from PIL import Image
+from pydantic import Field
+
+from vgen_core.data import content_digest, make_sample_id
+from vgen_core.data.fsio import filesystem_for
+from vgen_core.data.sample_images import PHOTOS, decode_png, encode_png, load_photo, to_rgb
+from vgen_core.data.schemas import IMAGE_SAMPLES
+
+from .base import BatchResult, MapStage, StageConfig, Work, quarantine_record
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+
+class IngestImagesConfig(StageConfig):
+    root: str = Field("skimage://", description="folder, s3:// prefix, or skimage://")
+    dataset: str = Field("images", pattern=r"^[a-z0-9_-]+$")
+    crops_per_image: int = Field(4, ge=1, le=64)
+    size: int = Field(32, ge=8, le=1024, description="output side length (pixels)")
+    min_scale: float = Field(0.35, gt=0, le=1)
+    max_scale: float = Field(0.9, gt=0, le=1)
+    seed: int = 0
+
+
+class IngestImages(MapStage):
+    kind = "ingest.images"
+    version = 1
+    Config = IngestImagesConfig
+    output_schema = IMAGE_SAMPLES
+    write_mode = "upsert"
+    needs_range = (0, 0)
+    config: IngestImagesConfig
+
+    # -- listing --------------------------------------------------------------------------
+    def _listing(self) -> list[dict[str, Any]]:
+        root = self.config.root
+        if root.startswith("skimage://"):
+            import skimage
+
+            return [{"path": f"skimage://{n}", "stem": n, "stamp": f"skimage-{skimage.__version__}"}
+                    for n in sorted(PHOTOS)]
+        fs, base = filesystem_for(root)
+        try:
+            infos = fs.find(base, detail=True)
+        except FileNotFoundError:
+            infos = {}
+        items = []
+        for path, info in sorted(infos.items()):
+            if not path.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            stem = path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+            stamp = f"{info.get('size')}-{info.get('mtime') or info.get('LastModified') or info.get('ETag')}"
+            items.append({"path": _full_path(root, path), "stem": stem, "stamp": stamp})
+        if not items:
+            raise FileNotFoundError(
+                f"stage '{self.ctx.stage}': no images ({', '.join(IMAGE_EXTENSIONS)}) under "
+                f"with.root={root!r}; point it at a folder of images or use skimage://")
+        return items
+
+    def source_fingerprint(self) -> dict[str, Any]:
+        listing = self._listing()
+        return {"listing": content_digest([(i["path"], i["stamp"]) for i in listing])}
+
+    def plan_work(self) -> Work:
+        listing = self._listing()
+        items = pa.table({
+            "path": [i["path"] for i in listing],
+            "stem": [i["stem"] for i in listing],
+            "label": list(range(len(listing))),
+        })
+        n = len(listing) * self.config.crops_per_image
+        store, name = self.ctx.store, self.table_name()
+        self._existing = (store.read(name, columns=["sample_id", "content_digest"])
+                          if store.exists(name) else None)
+        self._removed = self._stale_ids(items)
+        return Work(total=n, skipped=0, items=items)
+
+    def _stale_ids(self, items: pa.Table) -> list[str]:
+        if self._existing is None:
+            return []
+        want = {make_sample_id(self.config.dataset, f"{s}-c{k}")
+                for s in items["stem"].to_pylist() for k in range(self.config.crops_per_image)}
+        return sorted(set(self._existing["sample_id"].to_pylist()) - want)
+
+    def filter_results(self, rows: pa.Table) -> tuple[pa.Table, int]:
+        """Drop rows identical to what the table already holds (counted as skipped)."""
+        if self._existing is None or not rows.num_rows:
+            return rows, 0
+        key = lambda t: pc.binary_join_element_wise(t["sample_id"], t["content_digest"], "\x1f")
+        same = pc.is_in(key(rows), value_set=key(self._existing))
+        kept = rows.filter(pc.invert(same))
+        return kept, rows.num_rows - kept.num_rows
+
+    def finalize(self) -> None:
+        if self._removed:
+            ids = ", ".join("'" + i.replace("'", "''") + "'" for i in self._removed)
+            self.ctx.store.delete(self.table_name(), f"sample_id IN ({ids})")
+
+    # -- per worker -----------------------------------------------------------------------
+    def process_batch(self, batch: pa.Table) -> BatchResult:
+        cfg = self.config
+        rows: list[dict[str, Any]] = []
+        quarantine = []
+        for item in batch.to_pylist():
+            try:
+                rgb = self._load(item["path"])
+            except Exception as e:  # undecodable file: quarantine every crop of it
+                for k in range(cfg.crops_per_image):
+                    quarantine.append(quarantine_record(
+                        make_sample_id(cfg.dataset, f"{item['stem']}-c{k}"), "decode",
+                        f"cannot decode image {item['path']}: {type(e).__name__}: {e}",
+                        source=item["path"]))
+                continue
+            for k in range(cfg.crops_per_image):
+                crop = self._crop(rgb, item["stem"], k)
+                sid = make_sample_id(cfg.dataset, f"{item['stem']}-c{k}")
+                rows.append({
+                    "sample_id": sid,
+                    "content_digest": content_digest(crop, int(item["label"]), None),
+                    "source": item["path"], "image_png": encode_png(crop),
+                    "height": crop.shape[0], "width": crop.shape[1],
+                    "label": int(item["label"]), "caption": None,
+                })
+        return BatchResult(pa.Table.from_pylist(rows, schema=IMAGE_SAMPLES), quarantine)
+
+    def _load(self, path: str) -> np.ndarray:
+        if path.startswith("skimage://"):
+            return load_photo(path[len("skimage://"):])
+        fs, p = filesystem_for(path)
+        with fs.open(p, "rb") as f:
+            data = f.read()
+        import io
+
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return to_rgb(np.asarray(im.convert("RGB")))
+
+    def _crop(self, rgb: np.ndarray, stem: str, k: int) -> np.ndarray:
+        cfg = self.config
+        h, w = rgb.shape[:2]
+        seed = int.from_bytes(hashlib.blake2b(f"{cfg.seed}/{stem}/{k}".encode(),
+                                              digest_size=8).digest(), "little")
+        rng = np.random.default_rng(seed)
+        side = int(min(h, w) * rng.uniform(cfg.min_scale, max(cfg.min_scale, cfg.max_scale)))
+        side = max(side, 1)
+        y0 = int(rng.integers(0, h - side + 1))
+        x0 = int(rng.integers(0, w - side + 1))
+        crop = Image.fromarray(rgb[y0:y0 + side, x0:x0 + side])
+        return np.asarray(crop.resize((cfg.size, cfg.size), Image.BICUBIC))
+
+
+def _full_path(root: str, found: str) -> str:
+    if "://" in root and "://" not in found:
+        return root.split("://", 1)[0] + "://" + found
+    return found

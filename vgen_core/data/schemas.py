@@ -1,0 +1,123 @@
+"""Arrow schemas of every table vgen writes, declared in one place.
+
+Each schema carries ``vgen.schema`` (its name) and ``vgen.schema_version`` in its metadata, and
+every commit vgen makes records the version too. Bump ``SCHEMA_VERSION`` when a column changes
+meaning or type; readers check it and refuse tables written by a newer vgen.
+
+Column legend: ``sample_id`` (stable, e.g. ``pancap/000000123456``), ``content_digest`` (blake2b
+of the sample's canonical bytes, see :mod:`vgen_core.data.identity`), ``fingerprint`` (of the
+stage/model that produced a side-table row: weights digest + preprocessing config + code version).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "IMAGE_SAMPLES",
+    "BIT_TOKENS",
+    "QUARANTINE",
+    "STAGE_RUNS",
+    "EVAL_RESULTS",
+    "SCHEMAS",
+    "with_schema_meta",
+]
+
+
+def with_schema_meta(name: str, fields: list[pa.Field]) -> pa.Schema:
+    """Build a schema tagged with its name and :data:`SCHEMA_VERSION`."""
+    return pa.schema(
+        fields, metadata={"vgen.schema": name, "vgen.schema_version": str(SCHEMA_VERSION)}
+    )
+
+
+#: Curated image samples (one row per sample_id; upserted).
+IMAGE_SAMPLES = with_schema_meta(
+    "image_samples",
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("content_digest", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # file / URL / generator it came from
+        pa.field("image_png", pa.binary(), nullable=False),  # PNG bytes, RGB uint8
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("label", pa.int32(), nullable=False),  # class id (-1 when unlabelled)
+        pa.field("caption", pa.string(), nullable=True),
+    ],
+)
+
+#: Bit tokens (LFQ / binary FSQ): a side table keyed by (sample_id, content_digest, fingerprint).
+#: ``indices`` are int32 (wide enough for any K <= 31 bits; never float16); ``bits_packed`` holds
+#: the same tokens as packed bits (little-endian within a byte, token-major).
+BIT_TOKENS = with_schema_meta(
+    "bit_tokens",
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("content_digest", pa.string(), nullable=False),
+        pa.field("fingerprint", pa.string(), nullable=False),
+        pa.field("label", pa.int32(), nullable=False),
+        pa.field("grid_h", pa.int16(), nullable=False),
+        pa.field("grid_w", pa.int16(), nullable=False),
+        pa.field("token_bits", pa.int16(), nullable=False),
+        pa.field("indices", pa.list_(pa.int32()), nullable=False),
+        pa.field("bits_packed", pa.binary(), nullable=False),
+        # Baked augmentation: tokens of the horizontally flipped image (null when not baked).
+        pa.field("indices_flip", pa.list_(pa.int32()), nullable=True),
+    ],
+)
+
+#: Samples a stage could not process, with the reason and where they came from.
+QUARANTINE = with_schema_meta(
+    "quarantine",
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("content_digest", pa.string(), nullable=True),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("fingerprint", pa.string(), nullable=False),
+        pa.field("check", pa.string(), nullable=False),  # which check / "exception"
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=True),
+        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ],
+)
+
+#: The runner's record of every stage execution (one row per state change).
+STAGE_RUNS = with_schema_meta(
+    "stage_runs",
+    [
+        pa.field("dag", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("fingerprint", pa.string(), nullable=False),
+        pa.field("fingerprint_parts", pa.string(), nullable=False),  # JSON, for "why" in plans
+        pa.field("status", pa.string(), nullable=False),  # started | completed | failed
+        pa.field("mlflow_run_id", pa.string(), nullable=True),
+        pa.field("outputs", pa.string(), nullable=False),  # JSON {name: {uri, version, ...}}
+        pa.field("counts", pa.string(), nullable=False),  # JSON {processed, skipped, quarantined}
+        pa.field("error", pa.string(), nullable=True),
+        pa.field("recorded_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ],
+)
+
+#: Metrics an evaluate stage computed (one row per metric).
+EVAL_RESULTS = with_schema_meta(
+    "eval_results",
+    [
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("fingerprint", pa.string(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("value", pa.float64(), nullable=False),
+        pa.field("num_samples", pa.int64(), nullable=False),
+        pa.field("extractor", pa.string(), nullable=True),
+        pa.field("details", pa.string(), nullable=True),  # JSON
+        pa.field("recorded_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ],
+)
+
+SCHEMAS: dict[str, pa.Schema] = {
+    s.metadata[b"vgen.schema"].decode(): s
+    for s in (IMAGE_SAMPLES, BIT_TOKENS, QUARANTINE, STAGE_RUNS, EVAL_RESULTS)
+}

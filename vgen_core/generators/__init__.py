@@ -1,0 +1,27 @@
+"""Generators over tokenizer outputs.
+
+`masked` holds the MaskGIT family (bidirectional transformer, arccos-masked training, confidence
+sampler with classifier-free guidance).
+"""
+
+from vgen_core.generators.masked import (
+    MASKGIT_SIZES,
+    MaskGIT,
+    MaskGITConfig,
+    arccos_mask_ratio,
+    masked_token_loss,
+    maskgit_config,
+    remask_count,
+    sample,
+)
+
+__all__ = [
+    "MASKGIT_SIZES",
+    "MaskGIT",
+    "MaskGITConfig",
+    "arccos_mask_ratio",
+    "masked_token_loss",
+    "maskgit_config",
+    "remask_count",
+    "sample",
+]

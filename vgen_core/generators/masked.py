@@ -1,0 +1,325 @@
+"""Masked-token generation (MaskGIT): bidirectional transformer, arccos-masked training, sampler.
+
+Spec: methods.md §2.1; reference: bytedance/1d-tokenizer `modeling/maskgit.py` (ImageBert),
+`modeling/modules/losses.py` (MLMLoss), `configs/training/generator/maskgit.yaml`.
+
+The model, its training loss and its sampler are separate: `MaskGIT` maps (tokens with mask ids,
+class labels) to logits; `masked_token_loss` does the masking and class dropout; `sample` runs the
+confidence-based iterative decoding. `arccos_mask_ratio` is the mask schedule shared by both.
+
+Shape legend: B batch, L image tokens per sample, S = L + 1 (class token first), D hidden width,
+V codebook size (the head predicts V classes; the input vocabulary is V + 1 with the mask id V).
+
+Architecture follows HF BertModel as used by the official code (post-norm blocks, GELU MLP, learned
+absolute positions, embedding LayerNorm, N(0, 0.02) init) written with
+`scaled_dot_product_attention`.
+The class token has its own table of num_classes + 1 rows (the last one is the null class used for
+classifier-free guidance) instead of sharing the image-token vocabulary; that is equivalent.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+
+__all__ = [
+    "MASKGIT_SIZES",
+    "MaskGIT",
+    "MaskGITConfig",
+    "arccos_mask_ratio",
+    "maskgit_config",
+    "masked_token_loss",
+    "remask_count",
+    "sample",
+]
+
+
+class MaskGITConfig(BaseModel):
+    """MaskGIT generator config; `build()` makes the model. Defaults = TiTok-B-64 MaskGIT."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    codebook_size: int = Field(4096, ge=2)
+    seq_len: int = Field(64, ge=1)
+    num_classes: int = Field(1000, ge=1)
+    hidden: int = Field(768, ge=1)
+    depth: int = Field(24, ge=1)
+    heads: int = Field(16, ge=1)
+    mlp_dim: int = Field(3072, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    attn_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    layer_norm_eps: float = Field(1e-12, gt=0.0)
+    init_std: float = Field(0.02, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "MaskGITConfig":
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}.")
+        return self
+
+    def build(self) -> "MaskGIT":
+        return MaskGIT(self)
+
+
+_TINY = dict(hidden=64, depth=2, heads=4, mlp_dim=256, dropout=0.0, attn_dropout=0.0)
+
+MASKGIT_SIZES: dict[str, MaskGITConfig] = {
+    # CPU-test size (~0.1M params); pairs with the `tiny` LFQ tokenizer (8x8 tokens, K=8).
+    "tiny": MaskGITConfig(codebook_size=256, seq_len=64, num_classes=10, **_TINY),
+    # TiTok MaskGIT generator (configs/training/generator/maskgit.yaml): 768x24, 16 heads, MLP 3072.
+    "B": MaskGITConfig(hidden=768, depth=24, heads=16, mlp_dim=3072),
+    # BERT-large width used by MaskBit's generator backbone (1024x24, 16 heads, MLP 4096), here
+    # with index tokens instead of MaskBit's bit-embedding input.
+    "L": MaskGITConfig(hidden=1024, depth=24, heads=16, mlp_dim=4096),
+}
+
+
+def maskgit_config(size: str, **overrides: Any) -> MaskGITConfig:
+    """Config for a registered size, with field overrides (e.g. codebook_size, seq_len)."""
+    if size not in MASKGIT_SIZES:
+        raise ValueError(f"MaskGIT size '{size}' not found; known: {', '.join(MASKGIT_SIZES)}.")
+    return MaskGITConfig.model_validate({**MASKGIT_SIZES[size].model_dump(), **overrides})
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+
+
+class _Block(nn.Module):
+    """Post-norm transformer block (BERT): x = LN(x + Attn(x)); x = LN(x + MLP(x))."""
+
+    def __init__(self, cfg: MaskGITConfig) -> None:
+        super().__init__()
+        self.heads = cfg.heads
+        self.attn_dropout = cfg.attn_dropout
+        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
+        self.proj = nn.Linear(cfg.hidden, cfg.hidden)
+        self.norm1 = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
+        self.fc1 = nn.Linear(cfg.hidden, cfg.mlp_dim)
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.hidden)
+        self.norm2 = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BSD: Tensor) -> Tensor:
+        B, S, D = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        a_BHSd = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_dropout if self.training else 0.0
+        )
+        a_BSD = a_BHSd.transpose(1, 2).reshape(B, S, D)
+        x_BSD = self.norm1(x_BSD + self.drop(self.proj(a_BSD)))
+        return self.norm2(x_BSD + self.drop(self.fc2(F.gelu(self.fc1(x_BSD)))))
+
+
+class MaskGIT(nn.Module):
+    """Bidirectional transformer over [class token, L image tokens] -> logits over the codebook.
+
+    Input ids: image tokens in [0, V) or `mask_token_id` (= V); labels in [0, num_classes) or
+    `null_class_id` (= num_classes, the unconditional label for classifier-free guidance).
+    """
+
+    family: ClassVar[str] = "maskgit"
+    config_class: ClassVar[type[BaseModel]] = MaskGITConfig
+
+    def __init__(self, config: MaskGITConfig) -> None:
+        super().__init__()
+        self.config = config
+        D = config.hidden
+        self.token_emb = nn.Embedding(config.codebook_size + 1, D)
+        self.class_emb = nn.Embedding(config.num_classes + 1, D)
+        self.pos_emb = nn.Parameter(torch.zeros(1, config.seq_len + 1, D))
+        self.emb_norm = nn.LayerNorm(D, eps=config.layer_norm_eps)
+        self.emb_drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([_Block(config) for _ in range(config.depth)])
+        self.head = nn.Linear(D, config.codebook_size)
+        self.apply(self._init_weights)
+        nn.init.normal_(self.pos_emb, std=config.init_std)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.config.init_std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def null_class_id(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def seq_len(self) -> int:
+        return self.config.seq_len
+
+    def forward(self, tokens_BL: Tensor, labels_B: Tensor) -> Tensor:
+        """tokens_BL (B, L) int64 (mask id allowed), labels_B (B,) int64 -> logits (B, L, V)."""
+        if tokens_BL.ndim != 2 or tokens_BL.shape[1] != self.config.seq_len:
+            raise ValueError(
+                f"MaskGIT expects tokens (B, {self.config.seq_len}), got {tuple(tokens_BL.shape)}."
+            )
+        if labels_B.shape != tokens_BL.shape[:1]:
+            raise ValueError(
+                f"labels must be (B,) = {tuple(tokens_BL.shape[:1])}, got {tuple(labels_B.shape)}."
+            )
+        x_BSD = torch.cat([self.class_emb(labels_B)[:, None], self.token_emb(tokens_BL)], dim=1)
+        x_BSD = self.emb_drop(self.emb_norm(x_BSD + self.pos_emb))
+        for block in self.blocks:
+            x_BSD = block(x_BSD)
+        return self.head(x_BSD[:, 1:])
+
+
+# --------------------------------------------------------------------------------------------------
+# Schedule, loss, sampler
+# --------------------------------------------------------------------------------------------------
+
+
+def arccos_mask_ratio(r: float | Tensor) -> float | Tensor:
+    """Arccos mask schedule: fraction of tokens masked at progress r in [0, 1], arccos(r) / (pi/2).
+
+    1 at r = 0 (all masked), 0 at r = 1. Accepts a float or a tensor (returns the same kind).
+    """
+    if isinstance(r, Tensor):
+        return torch.arccos(r.clamp(0.0, 1.0)) / (math.pi / 2)
+    return math.acos(min(max(float(r), 0.0), 1.0)) / (math.pi / 2)
+
+
+def masked_token_loss(
+    model: MaskGIT,
+    tokens_BL: Tensor,
+    labels_B: Tensor,
+    *,
+    label_smoothing: float = 0.1,
+    unmasked_weight: float = 0.1,
+    class_drop: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """MaskGIT training loss for one batch.
+
+    Per sample: r ~ U(0, 1), ratio = arccos_mask_ratio(r) (clamped to >= 1e-6), mask
+    max(1, round(L * ratio)) uniformly chosen positions; the class label becomes the null class with
+    probability `class_drop`. Loss = label-smoothed CE on every position, weighted 1 on masked and
+    `unmasked_weight` on visible positions, normalised by the weight sum (official MLMLoss).
+
+    Args:
+        tokens_BL: (B, L) int64 target ids in [0, V).
+        labels_B: (B,) int64 class labels in [0, num_classes).
+        generator: torch.Generator on the tokens' device for the masking and class-drop randomness.
+    Returns:
+        loss (scalar) and metrics: 'loss', 'masked_accuracy', 'mask_ratio' (all detached).
+    """
+    B, L = tokens_BL.shape
+    dev = tokens_BL.device
+    ratio_B = arccos_mask_ratio(torch.rand(B, device=dev, generator=generator)).clamp(1e-6, 1.0)
+    num_masked_B = (L * ratio_B).round().clamp(min=1)
+    ranks_BL = torch.rand(B, L, device=dev, generator=generator).argsort(dim=-1).argsort(dim=-1)
+    mask_BL = ranks_BL < num_masked_B[:, None]
+    inputs_BL = torch.where(mask_BL, model.mask_token_id, tokens_BL)
+    drop_B = torch.rand(B, device=dev, generator=generator) < class_drop
+    labels_B = torch.where(drop_B, model.null_class_id, labels_B)
+
+    logits_BLV = model(inputs_BL, labels_B)
+    ce_BL = F.cross_entropy(
+        logits_BLV.transpose(1, 2).float(),
+        tokens_BL,
+        label_smoothing=label_smoothing,
+        reduction="none",
+    )
+    w_BL = torch.where(mask_BL, 1.0, unmasked_weight).to(ce_BL.dtype)
+    loss = (ce_BL * w_BL).sum() / w_BL.sum().clamp_min(1e-8)
+    with torch.no_grad():
+        correct_BL = (logits_BLV.argmax(-1) == tokens_BL) & mask_BL
+        metrics = {
+            "loss": loss.detach(),
+            "masked_accuracy": correct_BL.sum() / mask_BL.sum(),
+            "mask_ratio": mask_BL.float().mean(),
+        }
+    return loss, metrics
+
+
+def _gumbel(shape: torch.Size, device: torch.device, generator: torch.Generator | None) -> Tensor:
+    u = torch.rand(shape, device=device, generator=generator)
+    neg_log_u = (-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20)
+    return -torch.log(neg_log_u)
+
+
+def remask_count(step: int, steps: int, seq_len: int, num_masked: int) -> int:
+    """Tokens left masked after sampling step `step` (0-based).
+
+    floor(L * arccos((step + 1) / N) / (pi/2)), clamped to [1, num_masked - 1] so every step
+    commits at least one token (official ImageBert).
+    """
+    target = math.floor(seq_len * arccos_mask_ratio((step + 1) / steps))
+    return max(1, min(num_masked - 1, target))
+
+
+@torch.no_grad()
+def sample(
+    model: MaskGIT,
+    labels_B: Tensor,
+    *,
+    steps: int = 8,
+    guidance_scale: float = 4.5,
+    randomize_temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Iterative confidence-based decoding from an all-mask sequence.
+
+    At step t (0-based, progress r = (t + 1) / N as in the official code):
+      logits = c + s * (c - u) with constant guidance scale s (s = 0 skips the unconditional pass);
+      sample ids = argmax(logits + tau * Gumbel) for masked positions,
+        tau = randomize_temperature * (1 - r);
+      confidence = logit of the sampled id + tau * fresh Gumbel (+inf for already fixed positions);
+      re-mask the `remask_count` least confident positions; the last step keeps every sample.
+    The model is run in eval mode (restored afterwards).
+
+    Args:
+        labels_B: (B,) int64 class labels (the null class gives unconditional samples).
+        generator: torch.Generator on the labels' device; fixed seed -> identical tokens.
+    Returns:
+        tokens_BL: (B, L) int64 in [0, V).
+    """
+    if steps < 1:
+        raise ValueError(f"sample: steps must be >= 1, got {steps}.")
+    was_training = model.training
+    model.eval()
+    B, L, dev = labels_B.shape[0], model.seq_len, labels_B.device
+    ids_BL = torch.full((B, L), model.mask_token_id, dtype=torch.long, device=dev)
+    null_B = torch.full_like(labels_B, model.null_class_id)
+    try:
+        for step in range(steps):
+            r = (step + 1) / steps
+            tau = randomize_temperature * (1.0 - r)
+            is_mask_BL = ids_BL == model.mask_token_id
+            if guidance_scale != 0.0:
+                both = model(torch.cat([ids_BL, ids_BL]), torch.cat([labels_B, null_B])).float()
+                cond, uncond = both.chunk(2)
+                logits_BLV = cond + guidance_scale * (cond - uncond)
+            else:
+                logits_BLV = model(ids_BL, labels_B).float()
+            noisy = logits_BLV + tau * _gumbel(logits_BLV.shape, dev, generator)
+            sampled_BL = noisy.argmax(-1)
+            sampled_BL = torch.where(is_mask_BL, sampled_BL, ids_BL)
+            if step == steps - 1:
+                ids_BL = sampled_BL
+                break
+            conf_BL = logits_BLV.gather(-1, sampled_BL[..., None]).squeeze(-1)
+            conf_BL = conf_BL + tau * _gumbel(conf_BL.shape, dev, generator)
+            conf_BL = torch.where(is_mask_BL, conf_BL, torch.inf)
+            n_remask = remask_count(step, steps, L, int(is_mask_BL.sum(-1).min()))
+            lowest_Bn = conf_BL.topk(n_remask, dim=-1, largest=False).indices
+            remask_BL = torch.zeros_like(is_mask_BL).scatter_(-1, lowest_Bn, True)
+            ids_BL = torch.where(remask_BL, model.mask_token_id, sampled_BL)
+    finally:
+        model.train(was_training)
+    return ids_BL

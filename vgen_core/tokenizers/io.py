@@ -1,0 +1,158 @@
+"""Export and load model weights: `model.safetensors` + `config.json`, never pickle.
+
+Directory layout written by `save_pretrained(model, directory)`:
+
+    config.json        {"family": "lfq", "format_version": 1, "weights_digest": "...",
+                        <config fields>}
+    model.safetensors  the state dict (persistent buffers included); header metadata repeats
+                       family and digest
+
+A model class is saveable when it has `family: ClassVar[str]`, a pydantic `config` attribute and a
+constructor `Model(config)`. `load_pretrained` finds the class from the family name: the built-in
+families are resolved lazily by import path (so this module imports no model code), others are added
+with `register_family`. Loading reads JSON and safetensors only (no `torch.load`, no unpickling)
+and checks the recorded weights digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+__all__ = ["load_pretrained", "register_family", "save_pretrained", "weights_digest"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+_RESERVED_KEYS = ("family", "format_version", "weights_digest")
+
+_FAMILIES: dict[str, str | type[nn.Module]] = {
+    "lfq": "vgen_core.tokenizers.lfq:LFQTokenizer",
+    "maskgit": "vgen_core.generators.masked:MaskGIT",
+}
+
+
+def register_family(family: str, model_cls: type[nn.Module] | str) -> None:
+    """Let `load_pretrained` build `family` (a class, or a 'module.path:ClassName' string)."""
+    _FAMILIES[family] = model_cls
+
+
+def _resolve(family: str) -> type[nn.Module]:
+    if family not in _FAMILIES:
+        raise ValueError(
+            f"model family '{family}' is not registered; known: {', '.join(sorted(_FAMILIES))}. "
+            "Call vgen_core.tokenizers.io.register_family(name, cls) first."
+        )
+    target = _FAMILIES[family]
+    if isinstance(target, str):
+        module_name, _, attr = target.partition(":")
+        target = getattr(importlib.import_module(module_name), attr)
+        _FAMILIES[family] = target
+    return target
+
+
+def weights_digest(model: nn.Module) -> str:
+    """blake2b (32-byte) hex digest of the state dict, independent of device and parameter order.
+
+    For each entry in sorted key order, hashes the key, the dtype name, the shape and the raw
+    little-endian tensor bytes (each field length-prefixed so boundaries are unambiguous).
+    """
+    h = hashlib.blake2b(digest_size=32)
+
+    def put(b: bytes) -> None:
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+
+    state = model.state_dict()
+    for key in sorted(state):
+        t = state[key].detach().to("cpu").contiguous()
+        put(key.encode())
+        put(str(t.dtype).removeprefix("torch.").encode())
+        put(json.dumps(list(t.shape)).encode())
+        put(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
+    """Write `config.json` and `model.safetensors` into `directory` (created if needed).
+
+    Returns the directory path. Raises if the model lacks `family`/`config` or has tied tensors.
+    """
+    family = getattr(model, "family", None)
+    config = getattr(model, "config", None)
+    if not isinstance(family, str) or config is None or not hasattr(config, "model_dump"):
+        raise TypeError(
+            f"save_pretrained: {type(model).__name__} needs a `family` string and a pydantic "
+            "`config` attribute to be exported."
+        )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    digest = weights_digest(model)
+    save_file(
+        state,
+        str(directory / WEIGHTS_NAME),
+        metadata={
+            "family": family,
+            "format_version": str(FORMAT_VERSION),
+            "weights_digest": digest,
+        },
+    )
+    payload: dict[str, Any] = {
+        "family": family,
+        "format_version": FORMAT_VERSION,
+        "weights_digest": digest,
+        **config.model_dump(mode="json"),
+    }
+    (directory / CONFIG_NAME).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def load_pretrained(
+    directory: str | Path, *, expected_family: str | None = None, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """Build the model described by `directory/config.json` and load its safetensors weights.
+
+    The model is returned in eval mode on `device`. Raises ValueError on a family mismatch, an
+    unknown family, missing/unexpected weights or a digest that does not match the file.
+    """
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for p in (config_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"load_pretrained: {p} not found; was it written by save_pretrained?"
+            )
+    payload = json.loads(config_path.read_text())
+    family = payload.get("family")
+    if family is None:
+        raise ValueError(f"load_pretrained: {config_path} has no 'family' key.")
+    if expected_family is not None and family != expected_family:
+        raise ValueError(
+            f"load_pretrained: {directory} holds a '{family}' model, expected '{expected_family}'."
+        )
+    model_cls = _resolve(family)
+    fields = {k: v for k, v in payload.items() if k not in _RESERVED_KEYS}
+    config = model_cls.config_class.model_validate(fields)  # type: ignore[attr-defined]
+    model = model_cls(config)
+    state = load_file(str(weights_path), device="cpu")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"load_pretrained: weights in {weights_path} do not fit the '{family}' config: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}."
+        )
+    recorded = payload.get("weights_digest")
+    if recorded is not None and weights_digest(model) != recorded:
+        raise ValueError(
+            f"load_pretrained: weights digest of {weights_path} does not match {config_path}; "
+            "the files were modified or mixed from two exports."
+        )
+    return model.to(device).eval()

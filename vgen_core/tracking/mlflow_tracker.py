@@ -1,0 +1,693 @@
+"""`MlflowTracker`: the `Tracker` protocol over an explicit `MlflowClient`.
+
+Design decisions (read these before changing anything here):
+
+* No global MLflow state. Every call goes through this tracker's own `MlflowClient` with an
+  explicit run id; `mlflow.start_run` / `mlflow.set_tracking_uri` are never used. Several
+  trackers (a DAG run and its stage runs, two DAGs in one process) coexist, and a worker
+  process can write into a run that the driver opened (`MlflowTracker.attach`).
+* Runs are opened by the driver (`MlflowTracker.start`). Workers attach; on a Ray Train job only
+  rank 0 attaches. An attached tracker does not end the run on `finish()` unless `owner=True`
+  (a restarted driver resuming its run).
+* The tracking backend never kills a run. Each call catches any exception, logs one warning per
+  run family (a run and its children) naming the cause, and appends what it would have recorded
+  as a JSON line to `<fallback_dir>/<run_id>.jsonl`; images go beside it as PNG files. The
+  default `fallback_dir` is `$TMPDIR/vgen-tracking` (`tempfile.gettempdir()`), so nothing is
+  written next to the data; pass a directory on persistent storage in long jobs. If the run
+  itself cannot be created, the tracker is offline: its `run_id` is `offline-<hex>`, and every
+  record goes straight to the fallback file without contacting the backend again. How long one
+  call may block during an outage is MLflow's HTTP policy: MLFLOW_HTTP_REQUEST_TIMEOUT and
+  MLFLOW_HTTP_REQUEST_MAX_RETRIES (defaults 120 s and 7 retries).
+* Stores. The default store is SQLite (`default_tracking_uri`). MLflow 3 refuses the old file
+  store (`./mlruns`, `file://`) unless MLFLOW_ALLOW_FILE_STORE=true, so it is not used.
+  For a local storage root, the database is `<root>/mlflow.db` and artifacts `<root>/mlartifacts`.
+  For an `s3://` (or other remote) root, SQLite cannot live in the bucket (it needs file locks),
+  so the database is `~/.cache/vgen/mlflow.db` (`$XDG_CACHE_HOME` respected) on the driver's
+  machine, while artifacts go to `<root>/mlartifacts` in the bucket (`default_artifact_location`)
+  so checkpoints and images are shared. On a multi-node cluster give an MLflow server
+  (`http://...`) instead: a SQLite file is visible to one machine only.
+* Experiments are created with an explicit artifact location (MLflow's own default is relative
+  to the working directory). An existing experiment keeps the location it was created with; a
+  mismatch is reported once as a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+import numpy as np
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
+
+from vgen_core.tracking.base import (
+    MAX_KEY_LENGTH,
+    MAX_TAG_VALUE_LENGTH,
+    RUN_STATUSES,
+    Tracker,
+    _truncate,
+    flatten_params,
+    to_uint8_image,
+)
+
+# MLflow's SQLAlchemy store triggers a SQLAlchemy deprecation warning (`noload`) when it is first
+# built; it is MLflow's to fix and says nothing to our users, so it is silenced for mlflow only.
+warnings.filterwarnings(
+    "ignore", message=r".*noload.*", category=DeprecationWarning, module=r"mlflow\."
+)
+
+__all__ = [
+    "MlflowTracker",
+    "default_artifact_location",
+    "default_tracking_uri",
+    "register_model",
+]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_PARAMS_PER_BATCH = 100  # MLflow's MAX_PARAMS_TAGS_PER_BATCH
+_METRICS_PER_BATCH = 1000  # MLflow's MAX_METRICS_PER_BATCH
+_BAD_NAME_CHARS = re.compile(r"[^\w./\- :]")  # MLflow accepts alphanumerics, _ . / - space colon
+
+
+# --------------------------------------------------------------------------- storage defaults
+
+
+def _is_remote(root: str) -> bool:
+    scheme = urlparse(root).scheme
+    return scheme not in ("", "file") and len(scheme) > 1  # len>1: a Windows drive is no scheme
+
+
+def _local_root(root: str) -> Path:
+    path = urlparse(root).path if root.startswith("file:") else root
+    return Path(path).expanduser().resolve()
+
+
+def default_tracking_uri(storage_root: str) -> str:
+    """SQLite tracking URI for a storage root: `sqlite:///<abs root>/mlflow.db` for a local root,
+    `sqlite:///~/.cache/vgen/mlflow.db` (expanded) for a remote one such as `s3://bucket/vgen`."""
+    if _is_remote(storage_root):
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        return f"sqlite:///{cache.expanduser().resolve() / 'vgen' / 'mlflow.db'}"
+    return f"sqlite:///{_local_root(storage_root) / 'mlflow.db'}"
+
+
+def default_artifact_location(storage_root: str) -> str:
+    """`<root>/mlartifacts`: an absolute local path, or a URI beside the data for `s3://` roots."""
+    if _is_remote(storage_root):
+        return f"{storage_root.rstrip('/')}/mlartifacts"
+    return str(_local_root(storage_root) / "mlartifacts")
+
+
+def _sqlite_path(tracking_uri: str) -> Path | None:
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = tracking_uri[len("sqlite:///") :].split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def _artifact_location_for(tracking_uri: str) -> str | None:
+    """Artifacts beside a SQLite database; None (the server's choice) for other stores."""
+    db = _sqlite_path(tracking_uri)
+    return str(db.resolve().parent / "mlartifacts") if db is not None else None
+
+
+# --------------------------------------------------------------------------- fallback records
+
+
+class _Fallback:
+    """Local JSON-lines record of what the backend did not take. Shared by a run and its
+    children, so an outage is announced once per run family."""
+
+    def __init__(self, directory: str | Path | None) -> None:
+        self.directory = (
+            Path(directory) if directory else Path(tempfile.gettempdir()) / "vgen-tracking"
+        )
+        self._warned = False
+        self._lock = threading.Lock()
+
+    def path(self, run_id: str) -> Path:
+        return self.directory / f"{run_id}.jsonl"
+
+    def failed(self, run_id: str, kind: str, data: Mapping[str, Any], error: BaseException) -> None:
+        cause = f"{type(error).__name__}: {str(error).strip()[:500]}"
+        with self._lock:
+            if not self._warned:
+                self._warned = True
+                logger.warning(
+                    "MLflow tracking failed for run %s (%s) while logging %s. The run continues; "
+                    "records that MLflow does not take are appended to %s",
+                    run_id,
+                    cause,
+                    kind,
+                    self.path(run_id),
+                )
+            else:
+                logger.debug("MLflow %s failed for run %s: %s", kind, run_id, cause)
+        self.write(run_id, kind, data, cause)
+
+    def write(self, run_id: str, kind: str, data: Mapping[str, Any], error: str) -> None:
+        record = {"time": time.time(), "run_id": run_id, "kind": kind, "data": data, "error": error}
+        line = json.dumps(record, default=str, sort_keys=True) + "\n"
+        try:
+            with self._lock:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                with open(self.path(run_id), "a", encoding="utf-8") as f:
+                    f.write(line)
+        except OSError as e:  # the last resort failed too: say so, never raise
+            logger.warning(
+                "could not write tracking fallback record to %s: %s", self.path(run_id), e
+            )
+
+    def save_image(self, run_id: str, name: str, image_HWC: np.ndarray, step: int | None) -> str:
+        from PIL import Image
+
+        safe = _BAD_NAME_CHARS.sub("_", name).replace("/", "~")
+        path = (
+            self.directory
+            / run_id
+            / "images"
+            / f"{safe}_step{step if step is not None else 'none'}.png"
+        )
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image_HWC.squeeze(-1) if image_HWC.shape[-1] == 1 else image_HWC).save(
+                path
+            )
+        except OSError as e:
+            return f"<not saved: {e}>"
+        return str(path)
+
+
+# --------------------------------------------------------------------------- names and values
+
+
+def _key(name: str) -> str:
+    """A name MLflow accepts: invalid characters become '_', long names keep a hash suffix."""
+    key = _BAD_NAME_CHARS.sub("_", str(name))
+    if len(key) > MAX_KEY_LENGTH:
+        suffix = "~" + hashlib.blake2b(key.encode(), digest_size=4).hexdigest()
+        key = key[: MAX_KEY_LENGTH - len(suffix)] + suffix
+    return key
+
+
+def _chunks(items: list[T], size: int) -> list[list[T]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _metric_value(name: str, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"metric {name!r}: {value!r} is not a number; log scalars (a 0-d tensor or .item())"
+        ) from None
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _ensure_sqlite_dir(tracking_uri: str) -> None:
+    db = _sqlite_path(tracking_uri)
+    if db is not None:
+        db.expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+
+
+# --------------------------------------------------------------------------- the tracker
+
+
+class MlflowTracker:
+    """A `Tracker` writing to one MLflow run. Build it with `start` (driver) or `attach`
+    (worker); see the module docstring for the failure and storage policy."""
+
+    def __init__(
+        self,
+        client: MlflowClient | None,
+        tracking_uri: str,
+        run_id: str,
+        experiment_id: str | None,
+        *,
+        owner: bool,
+        fallback: _Fallback,
+        offline_reason: str | None = None,
+    ) -> None:
+        self._client = client
+        self._tracking_uri = tracking_uri
+        self._run_id = run_id
+        self._experiment_id = experiment_id
+        self._owner = owner
+        self._fallback = fallback
+        self._offline_reason = offline_reason
+        self._finished = False
+
+    # ----------------------------------------------------------------- constructors
+
+    @classmethod
+    def start(
+        cls,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str,
+        tags: Mapping[str, Any] | None = None,
+        parent_run_id: str | None = None,
+        *,
+        artifact_location: str | None = None,
+        fallback_dir: str | Path | None = None,
+    ) -> MlflowTracker:
+        """Open a new run in `experiment` (created if missing) and return its tracker.
+
+        Args:
+            tracking_uri: e.g. `default_tracking_uri(storage_root)` or `http://host:5000`.
+            experiment: experiment name; created with `artifact_location` when missing.
+            run_name: the run's display name.
+            tags: run tags; MLflow's context tags (user, source, git commit) are added.
+            parent_run_id: makes this a nested run of that run.
+            artifact_location: for a new experiment. Default: `<db dir>/mlartifacts` for a
+                SQLite store, the server's default otherwise. For an `s3://` storage root pass
+                `default_artifact_location(root)`.
+            fallback_dir: where records go when MLflow fails (default `$TMPDIR/vgen-tracking`).
+
+        Never raises because of the backend: if the run cannot be created the tracker is
+        offline (run id `offline-<hex>`) and records only to the fallback file.
+        """
+        fallback = _Fallback(fallback_dir)
+        try:
+            _ensure_sqlite_dir(tracking_uri)
+            client = MlflowClient(tracking_uri=tracking_uri)
+            location = artifact_location or _artifact_location_for(tracking_uri)
+            experiment_id = _get_or_create_experiment(client, experiment, location)
+            all_tags = _context_tags(tags)
+            if parent_run_id:
+                all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+            run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        except Exception as e:  # any backend failure degrades, by design
+            run_id = f"offline-{uuid.uuid4().hex}"
+            fallback.failed(
+                run_id,
+                "start",
+                {
+                    "tracking_uri": tracking_uri,
+                    "experiment": experiment,
+                    "run_name": run_name,
+                    "tags": dict(tags or {}),
+                    "parent_run_id": parent_run_id,
+                },
+                e,
+            )
+            return cls(
+                None,
+                tracking_uri,
+                run_id,
+                None,
+                owner=True,
+                fallback=fallback,
+                offline_reason=f"{type(e).__name__}: {e}",
+            )
+        return cls(
+            client, tracking_uri, run.info.run_id, experiment_id, owner=True, fallback=fallback
+        )
+
+    @classmethod
+    def attach(
+        cls,
+        tracking_uri: str,
+        run_id: str,
+        *,
+        owner: bool = False,
+        fallback_dir: str | Path | None = None,
+    ) -> MlflowTracker:
+        """Write into an existing run, e.g. from training rank 0 into the driver's run.
+
+        `finish()` ends the run only when `owner=True` (a restarted driver resuming its own run;
+        the run is then marked RUNNING again). A run id that cannot be looked up degrades like
+        any other backend failure: a warning, then records go to the fallback file too.
+        """
+        fallback = _Fallback(fallback_dir)
+        client = None
+        experiment_id = None
+        try:
+            client = MlflowClient(tracking_uri=tracking_uri)
+            run = client.get_run(run_id)
+            experiment_id = run.info.experiment_id
+            if owner and run.info.status != "RUNNING":
+                client.update_run(run_id, status="RUNNING")
+        except Exception as e:
+            fallback.failed(run_id, "attach", {"tracking_uri": tracking_uri, "owner": owner}, e)
+        return cls(client, tracking_uri, run_id, experiment_id, owner=owner, fallback=fallback)
+
+    # ----------------------------------------------------------------- properties
+
+    @property
+    def run_id(self) -> str:
+        return self._run_id
+
+    @property
+    def tracking_uri(self) -> str:
+        return self._tracking_uri
+
+    @property
+    def experiment_id(self) -> str | None:
+        return self._experiment_id
+
+    @property
+    def client(self) -> MlflowClient | None:
+        """The underlying client (None when offline), for reading runs back."""
+        return self._client
+
+    @property
+    def offline(self) -> bool:
+        """True when the run could not be created: everything goes to the fallback file."""
+        return self._offline_reason is not None
+
+    @property
+    def fallback_path(self) -> Path:
+        """The JSON-lines file that receives records MLflow did not take (may not exist yet)."""
+        return self._fallback.path(self._run_id)
+
+    # ----------------------------------------------------------------- guarded calls
+
+    def _guard(
+        self,
+        kind: str,
+        data: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
+        call: Callable[[MlflowClient], T],
+    ) -> T | None:
+        """Run `call` on the client; on any failure (or offline) record `data` in the fallback
+        file instead. `data` may be a callable, evaluated only when it is needed."""
+        if self._client is None or self._offline_reason is not None:
+            # The cause is in this file's first record ("start"); no need to repeat it per line.
+            self._fallback.write(self._run_id, kind, data() if callable(data) else data, "offline")
+            return None
+        try:
+            return call(self._client)
+        except Exception as e:  # tracking never kills a run
+            self._fallback.failed(self._run_id, kind, data() if callable(data) else data, e)
+            return None
+
+    # ----------------------------------------------------------------- Tracker protocol
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        flat = {_key(k): v for k, v in flatten_params(params).items()}
+
+        def call(client: MlflowClient) -> None:
+            for chunk in _chunks([Param(k, v) for k, v in flat.items()], _PARAMS_PER_BATCH):
+                client.log_batch(self._run_id, params=chunk, synchronous=True)
+
+        self._guard("params", flat, call)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        values = {_key(k): _metric_value(k, v) for k, v in metrics.items()}
+        timestamp = _now_ms()
+
+        def call(client: MlflowClient) -> None:
+            batch = [Metric(k, v, timestamp, int(step or 0)) for k, v in values.items()]
+            for chunk in _chunks(batch, _METRICS_PER_BATCH):
+                client.log_batch(self._run_id, metrics=chunk, synchronous=True)
+
+        self._guard("metrics", {"step": step, "metrics": values}, call)
+
+    def log_image(self, name: str, image: np.ndarray, step: int | None = None) -> None:
+        image_HWC = to_uint8_image(image)
+        key = _key(name)
+
+        def call(client: MlflowClient) -> None:
+            if step is None:
+                client.log_image(self._run_id, image_HWC, artifact_file=f"{key}.png")
+            else:
+                client.log_image(self._run_id, image_HWC, key=key, step=int(step), synchronous=True)
+
+        def record() -> dict[str, Any]:
+            path = self._fallback.save_image(self._run_id, key, image_HWC, step)
+            return {"name": key, "step": step, "path": path}
+
+        self._guard("image", record, call)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._guard(
+            "text",
+            {"artifact_file": artifact_file, "text": text},
+            lambda c: c.log_text(self._run_id, text, artifact_file),
+        )
+
+    def log_dict(self, d: Mapping[str, Any], artifact_file: str) -> None:
+        self._guard(
+            "dict",
+            {"artifact_file": artifact_file, "dict": d},
+            lambda c: c.log_dict(self._run_id, dict(d), artifact_file),
+        )
+
+    def log_table_input(
+        self,
+        name: str,
+        uri: str,
+        version: int,
+        num_rows: int | None = None,
+        digest: str | None = None,
+        context: str = "input",
+    ) -> None:
+        """Record a Delta table as an MLflow dataset input.
+
+        The dataset has source_type "delta_table" and source `{"path": uri,
+        "delta_table_version": version}` (the JSON `mlflow.data.get_source` resolves to a
+        DeltaDatasetSource); its profile holds num_rows, the version and the content digest.
+        MLflow's digest field is a 16-hex hash of (uri, version, digest): MLflow deduplicates
+        datasets by name and digest, so each table version must get its own. MLflow has no
+        dataset outputs; a table a run writes is logged with context "output".
+        """
+        source = json.dumps({"path": uri, "delta_table_version": int(version)}, sort_keys=True)
+        profile = json.dumps(
+            {"num_rows": num_rows, "delta_table_version": int(version), "content_digest": digest},
+            sort_keys=True,
+        )
+        key = f"{uri}@{int(version)}:{digest or ''}"
+        dataset = Dataset(
+            name=name[:500],
+            digest=hashlib.blake2b(key.encode(), digest_size=8).hexdigest(),
+            source_type="delta_table",
+            source=source,
+            profile=profile,
+        )
+        data = {
+            "name": name,
+            "uri": uri,
+            "version": version,
+            "num_rows": num_rows,
+            "digest": digest,
+            "context": context,
+        }
+        self._guard(
+            "dataset_input",
+            data,
+            lambda c: c.log_inputs(
+                self._run_id,
+                datasets=[DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])],
+            ),
+        )
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        values = {_key(k): _truncate(str(v), MAX_TAG_VALUE_LENGTH) for k, v in tags.items()}
+
+        def call(client: MlflowClient) -> None:
+            for chunk in _chunks([RunTag(k, v) for k, v in values.items()], _PARAMS_PER_BATCH):
+                client.log_batch(self._run_id, tags=chunk, synchronous=True)
+
+        self._guard("tags", values, call)
+
+    def child(self, name: str) -> MlflowTracker:
+        """A nested run (tag mlflow.parentRunId) in the same experiment, sharing this tracker's
+        client and fallback; an offline parent gives an offline child."""
+        if self._client is None or self._experiment_id is None or self.offline:
+            child_id = f"offline-{uuid.uuid4().hex}"
+            self._fallback.write(
+                child_id,
+                "start",
+                {"run_name": name, "parent_run_id": self._run_id},
+                f"offline: parent {self._run_id} is not tracked",
+            )
+            return MlflowTracker(
+                None,
+                self._tracking_uri,
+                child_id,
+                None,
+                owner=True,
+                fallback=self._fallback,
+                offline_reason=self._offline_reason or "parent not tracked",
+            )
+        tags = {MLFLOW_PARENT_RUN_ID: self._run_id}
+        run = self._guard(
+            "child",
+            {"run_name": name},
+            lambda c: c.create_run(self._experiment_id, run_name=name, tags=_context_tags(tags)),
+        )
+        if run is None:
+            child_id = f"offline-{uuid.uuid4().hex}"
+            return MlflowTracker(
+                None,
+                self._tracking_uri,
+                child_id,
+                None,
+                owner=True,
+                fallback=self._fallback,
+                offline_reason="child run could not be created",
+            )
+        return MlflowTracker(
+            self._client,
+            self._tracking_uri,
+            run.info.run_id,
+            self._experiment_id,
+            owner=True,
+            fallback=self._fallback,
+        )
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run (a no-op for a non-owner attached tracker, and after the first call)."""
+        if status not in RUN_STATUSES:
+            raise ValueError(f"status must be one of {RUN_STATUSES}, got {status!r}")
+        if self._finished or not self._owner:
+            return
+        self._finished = True
+        self._guard(
+            "finish", {"status": status}, lambda c: c.set_terminated(self._run_id, status=status)
+        )
+
+    def __enter__(self) -> MlflowTracker:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None:
+            self.finish("FINISHED")
+        else:
+            self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+
+    def __repr__(self) -> str:
+        state = "offline" if self.offline else ("owner" if self._owner else "attached")
+        return (
+            f"MlflowTracker(run_id={self._run_id!r}, tracking_uri={self._tracking_uri!r}, {state})"
+        )
+
+
+def _context_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
+    """User tags plus MLflow's context tags (mlflow.user, mlflow.source.*, git commit)."""
+    user = {_key(k): _truncate(str(v), MAX_TAG_VALUE_LENGTH) for k, v in (tags or {}).items()}
+    try:
+        from mlflow.tracking.context.registry import resolve_tags
+
+        return {str(k): str(v) for k, v in resolve_tags(user).items()}
+    except Exception:  # context tags are a nicety
+        return user
+
+
+def _get_or_create_experiment(
+    client: MlflowClient, name: str, artifact_location: str | None
+) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":  # lost a creation race: use theirs
+                raise
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        logger.warning("MLflow experiment %r was deleted; restoring it to log a new run", name)
+        client.restore_experiment(experiment.experiment_id)
+    if artifact_location and experiment.artifact_location.rstrip("/") not in (
+        artifact_location.rstrip("/"),
+        f"file://{artifact_location}".rstrip("/"),
+    ):
+        logger.warning(
+            "MLflow experiment %r keeps the artifact location it was created with (%s), not %s; "
+            "use another experiment name to store artifacts at the new location",
+            name,
+            experiment.artifact_location,
+            artifact_location,
+        )
+    return experiment.experiment_id
+
+
+# --------------------------------------------------------------------------- model registry
+
+
+def register_model(
+    tracker: Tracker,
+    name: str,
+    local_dir: str | Path | None = None,
+    *,
+    artifact_path: str = "model",
+    tags: Mapping[str, Any] | None = None,
+    description: str | None = None,
+) -> int | None:
+    """Log exported weights as run artifacts and register them as a new model version.
+
+    Args:
+        tracker: the run that produced the model. Anything but an `MlflowTracker` (e.g. a
+            `NullTracker`) registers nothing and returns None.
+        name: registered model name (created on first use).
+        local_dir: directory to upload (safetensors weights + config). When None,
+            `artifact_path` must already hold the model in the run.
+        artifact_path: run-relative directory for the files. If it is already taken in this run
+            a suffix is added ("model-2", ...) so earlier versions keep their files.
+        tags, description: set on the model version.
+
+    Returns:
+        The new version number (1, 2, ...), or None if nothing was registered (backend failure,
+        recorded in the fallback file like every other tracking failure).
+    """
+    if local_dir is not None and not Path(local_dir).is_dir():
+        raise ValueError(
+            f"register_model({name!r}): local_dir {str(local_dir)!r} is not a directory"
+        )
+    if not isinstance(tracker, MlflowTracker):
+        return None
+    run_id = tracker.run_id
+    data = {
+        "name": name,
+        "local_dir": str(local_dir) if local_dir else None,
+        "artifact_path": artifact_path,
+    }
+
+    def call(client: MlflowClient) -> int:
+        path = artifact_path.strip("/")
+        if local_dir is not None:
+            base, k = path, 1
+            while client.list_artifacts(run_id, path):
+                k += 1
+                path = f"{base}-{k}"
+            client.log_artifacts(run_id, str(local_dir), path)
+        data["artifact_path"] = path
+        source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
+        try:
+            client.create_registered_model(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = client.create_model_version(
+            name,
+            source=source,
+            run_id=run_id,
+            tags={str(key): str(value) for key, value in (tags or {}).items()},
+            description=description,
+            await_creation_for=0,
+        )
+        return int(version.version)
+
+    return tracker._guard("register_model", data, call)
