@@ -16,6 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 os.environ.setdefault("DS_BUILD_OPS", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+# The session's test cluster lives on 127.0.0.1 only; token auth (Ray's default for new clusters)
+# would need the token handed to every `vgen` subprocess.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -100,7 +100,7 @@ class RayDataExecutor:
             _StageActor,
             fn_constructor_args=(type(stage), stage.config, stage.ctx.for_worker()),
             batch_size=batch_size, batch_format="pyarrow",
-            concurrency=(1, pool),
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
             num_cpus=actor_cpus(res, cluster),
             num_gpus=float(getattr(res, "gpus", 0.0) or 0.0) or None,
         )

@@ -110,7 +110,8 @@ class EvaluateTokenizer(JobStage):
                                  storage_options=store.storage_options or None)
         ds = ds.map_batches(_ReconActor, fn_constructor_args=(tok_ref.uri, cfg.resolution),
                             batch_format="pyarrow", batch_size=32,
-                            concurrency=(1, pool_size(self.ctx.resources, self.ctx.cluster)),
+                            compute=ray.data.ActorPoolStrategy(
+                                min_size=1, max_size=pool_size(self.ctx.resources, self.ctx.cluster)),
                             num_cpus=actor_cpus(self.ctx.resources, self.ctx.cluster))
         psnr_sum, n = 0.0, 0
         for b in ds.iter_batches(batch_format="numpy", batch_size=None):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import os
 import pickle
 import socket
@@ -153,6 +152,21 @@ def test_create_is_idempotent_and_checks_the_schema(store):
 
     with pytest.raises(StorageError, match="partitioned by"):
         store.create("demo/rows", SCHEMA, partition_by=["label"])
+
+
+def test_partitioned_table_and_description(store):
+    from deltalake import DeltaTable
+
+    assert store.create("p", SCHEMA, partition_by=["label"], description="partitioned rows") == 0
+    assert store.create("p", SCHEMA, partition_by=["label"]) == 0
+    assert store.create("p", SCHEMA) == 0  # partition_by not given: not checked
+    store.append("p", pa.concat_tables([rows(range(3), label=0), rows(range(3, 5), label=1)]))
+    meta = DeltaTable(store.uri("p")).metadata()
+    assert meta.description == "partitioned rows" and list(meta.partition_columns) == ["label"]
+    assert len(store.file_uris("p")) == 2 and all("/label=" in f for f in store.file_uris("p"))
+    got = store.read("p", filter=[("label", "=", 1)])
+    assert got.schema == pa.schema(list(SCHEMA))
+    assert sorted(got["sample_id"].to_pylist()) == ["demo/3", "demo/4"]
 
 
 def test_append_versions_and_time_travel(store):
@@ -498,19 +512,43 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def moto_endpoint():
-    server_mod = pytest.importorskip("moto.server", reason="moto[server] not installed")
+    """moto's standalone S3 server in a child process on 127.0.0.1.
+
+    Not in-process (``ThreadedMotoServer``): some deltalake 1.6 calls (``history``,
+    ``is_deltatable``) keep the GIL while they wait on S3, which would starve a server thread
+    living in the same interpreter until the request times out.
+    """
+    pytest.importorskip("moto.server", reason="moto[server] not installed")
     boto3 = pytest.importorskip("boto3")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    client = boto3.client(
-        "s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1"
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
-    client.create_bucket(Bucket="bucket")
-    yield endpoint
-    server.stop()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"moto server did not start (exit code {proc.poll()})")
+                time.sleep(0.1)
+        endpoint = f"http://127.0.0.1:{port}"
+        client = boto3.client(
+            "s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1"
+        )
+        client.create_bucket(Bucket="bucket")
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture
@@ -520,9 +558,9 @@ def s3_store(moto_endpoint, request):
         "AWS_ACCESS_KEY_ID": "test",
         "AWS_SECRET_ACCESS_KEY": "test",
         "AWS_REGION": "us-east-1",
-        # fail in seconds, not after object_store's default 3 minutes of retries, if the
-        # in-process server ever stops answering
+        # fail in seconds, not after object_store's default 3 minutes of retries
         "timeout": "20s",
+        "retry_timeout": "30s",
     }
     return TableStore(f"s3://bucket/{request.node.name}", storage_options=opts)
 

@@ -664,8 +664,12 @@ class TableStore:
         ``delta.logRetentionDuration``, 30 days by default, at checkpoints).
         """
         dt = self._open(name)
+        try:
+            history = dt.history()
+        except (DeltaError, OSError) as e:
+            raise StorageError(f"cannot read the history of table {name!r} at {self.uri(name)}: {e}") from e
         out = []
-        for h in dt.history():
+        for h in history:
             meta = {k: v for k, v in h.items() if k not in _RESERVED_COMMIT_KEYS}
             ts = h.get("timestamp")
             out.append(
