@@ -26,7 +26,7 @@ from typing import Any
 
 from pipelines.stages.base import Counts, MapStage, OutputRef, StageError
 
-from .planner import UP_TO_DATE, plan_stage
+from .planner import UP_TO_DATE, plan_dag, plan_stage
 from .spec import Dag
 from .state import StageState
 
@@ -109,7 +109,7 @@ class Runner:
         t0 = time.time()
         self.store.check_writable()
         cluster = {"CPU": float(os.cpu_count() or 2), "GPU": 0.0}
-        if self.executor == "ray":
+        if self.executor == "ray" and not self._all_up_to_date():
             connect_ray(self.address)
             from .ray_exec import cluster_resources
 
@@ -170,6 +170,13 @@ class Runner:
                                                             for o in outcomes.values())})
         self.tracker.finish("FINISHED" if summary.ok else "FAILED")
         return summary
+
+    def _all_up_to_date(self) -> bool:
+        """True when the plan says every stage will be skipped: a no-op run needs no Ray."""
+        try:
+            return all(p.state == UP_TO_DATE for p in plan_dag(self.dag, self.store, self.state))
+        except Exception:  # planning problems surface when the stage itself is planned
+            return False
 
     def _cpu_demand(self, name: str) -> float:
         res = self.dag.stage(name).resources
