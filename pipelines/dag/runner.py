@@ -85,7 +85,7 @@ class _Progress:
         self.stream, self.lock = stream, threading.Lock()
 
     def __call__(self, stage: str, counts: Counts, total: int) -> None:
-        done = counts.processed + counts.skipped + counts.quarantined
+        done = counts.processed + counts.skipped + counts.quarantined + counts.filtered
         width = 24
         filled = int(width * done / total) if total else width
         bar = "#" * filled + "." * (width - filled)
@@ -238,7 +238,8 @@ class Runner:
         seconds = time.time() - t0
         counts = result.counts
         child.log_metrics({"processed": counts.processed, "skipped": counts.skipped,
-                           "quarantined": counts.quarantined, "seconds": seconds,
+                           "quarantined": counts.quarantined, "filtered": counts.filtered,
+                           "seconds": seconds,
                            **result.metrics})
         for k, ref in result.outputs.items():
             if ref.kind == "table":

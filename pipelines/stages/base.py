@@ -35,8 +35,8 @@ from vgen_core.tracking import NullTracker, Tracker
 
 __all__ = [
     "StageConfig", "OutputRef", "Counts", "StageContext", "StageResult", "StageError",
-    "BatchResult", "Work", "Stage", "MapStage", "JobStage", "InProcessExecutor",
-    "quarantine_record",
+    "BatchResult", "Work", "Stage", "MapStage", "SourceStage", "JobStage", "InProcessExecutor",
+    "quarantine_record", "FILTER_PREFIX",
 ]
 
 
@@ -70,9 +70,14 @@ class OutputRef:
 
 @dataclass
 class Counts:
+    """processed: rows written; skipped: already done; quarantined: failed a check (counts
+    against the error budget); filtered: valid but removed by a configured filter (recorded in
+    the quarantine table with check ``filter:<name>``, never against the budget)."""
+
     processed: int = 0
     skipped: int = 0
     quarantined: int = 0
+    filtered: int = 0
 
     def to_json(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -143,6 +148,9 @@ class Work:
         if self.items is not None:
             return self.items.num_rows
         return 0 if self.todo is None else self.todo.num_rows
+
+
+FILTER_PREFIX = "filter:"
 
 
 def quarantine_record(sample_id: str, check: str, reason: str, *, content_digest: str | None = None,
@@ -308,7 +316,9 @@ class MapStage(Stage):
                         for r in pending_q]
                 store.append(q_name, pa.Table.from_pylist(recs, schema=QUARANTINE),
                              commit_metadata=meta)
-                counts.quarantined += len(recs)
+                n_filtered = sum(1 for r in recs if r["check"].startswith(FILTER_PREFIX))
+                counts.filtered += n_filtered
+                counts.quarantined += len(recs) - n_filtered
             pending_rows.clear()
             pending_q.clear()
             if ctx.progress:
@@ -361,6 +371,43 @@ class MapStage(Stage):
                 f"stage '{self.ctx.stage}': {counts.quarantined} of {total} samples quarantined, "
                 f"over the DAG's error_budget {budget:g} ({int(allowed)} allowed). Reasons are in "
                 f"the quarantine table {q_uri}; fix the inputs or raise error_budget.")
+
+
+class SourceStage(MapStage):
+    """A per-sample stage that reads raw files (no upstream table) into a curated table with one
+    row per ``sample_id`` (Delta MERGE). Subclasses implement ``list_items`` (driver side, cheap:
+    a table of work items with at least ``sample_ids``, a list of the ids an item yields) and
+    ``process_batch``. Rows identical to the stored ones are not rewritten (counted as skipped);
+    samples whose source disappeared are deleted at the end."""
+
+    write_mode = "upsert"
+    needs_range = (0, 0)
+
+    def list_items(self) -> pa.Table:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def plan_work(self) -> Work:
+        items = self.list_items()
+        ids = [i for group in items["sample_ids"].to_pylist() for i in group]
+        store, name = self.ctx.store, self.table_name()
+        self._existing = (store.read(name, columns=["sample_id", "content_digest"])
+                          if store.exists(name) else None)
+        self._removed = (sorted(set(self._existing["sample_id"].to_pylist()) - set(ids))
+                         if self._existing is not None else [])
+        return Work(total=len(ids), skipped=0, items=items.drop_columns(["sample_ids"]))
+
+    def filter_results(self, rows: pa.Table) -> tuple[pa.Table, int]:
+        if getattr(self, "_existing", None) is None or not rows.num_rows:
+            return rows, 0
+        key = lambda t: pc.binary_join_element_wise(t["sample_id"], t["content_digest"], "\x1f")
+        same = pc.is_in(key(rows), value_set=key(self._existing))
+        kept = rows.filter(pc.invert(same))
+        return kept, rows.num_rows - kept.num_rows
+
+    def finalize(self) -> None:
+        if getattr(self, "_removed", None):
+            ids = ", ".join("'" + i.replace("'", "''") + "'" for i in self._removed)
+            self.ctx.store.delete(self.table_name(), f"sample_id IN ({ids})")
 
 
 class InProcessExecutor:

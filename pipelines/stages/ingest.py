@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from PIL import Image
 from pydantic import Field
 
@@ -24,7 +23,7 @@ from vgen_core.data.fsio import filesystem_for
 from vgen_core.data.sample_images import PHOTOS, decode_png, encode_png, load_photo, to_rgb
 from vgen_core.data.schemas import IMAGE_SAMPLES
 
-from .base import BatchResult, MapStage, StageConfig, Work, quarantine_record
+from .base import BatchResult, SourceStage, StageConfig, quarantine_record
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
@@ -39,13 +38,11 @@ class IngestImagesConfig(StageConfig):
     seed: int = 0
 
 
-class IngestImages(MapStage):
+class IngestImages(SourceStage):
     kind = "ingest.images"
     version = 1
     Config = IngestImagesConfig
     output_schema = IMAGE_SAMPLES
-    write_mode = "upsert"
-    needs_range = (0, 0)
     config: IngestImagesConfig
 
     # -- listing --------------------------------------------------------------------------
@@ -78,40 +75,16 @@ class IngestImages(MapStage):
         listing = self._listing()
         return {"listing": content_digest([(i["path"], i["stamp"]) for i in listing])}
 
-    def plan_work(self) -> Work:
+    def list_items(self) -> pa.Table:
         listing = self._listing()
-        items = pa.table({
+        crops = range(self.config.crops_per_image)
+        return pa.table({
             "path": [i["path"] for i in listing],
             "stem": [i["stem"] for i in listing],
             "label": list(range(len(listing))),
+            "sample_ids": [[make_sample_id(self.config.dataset, f"{i['stem']}-c{k}") for k in crops]
+                           for i in listing],
         })
-        n = len(listing) * self.config.crops_per_image
-        store, name = self.ctx.store, self.table_name()
-        self._existing = (store.read(name, columns=["sample_id", "content_digest"])
-                          if store.exists(name) else None)
-        self._removed = self._stale_ids(items)
-        return Work(total=n, skipped=0, items=items)
-
-    def _stale_ids(self, items: pa.Table) -> list[str]:
-        if self._existing is None:
-            return []
-        want = {make_sample_id(self.config.dataset, f"{s}-c{k}")
-                for s in items["stem"].to_pylist() for k in range(self.config.crops_per_image)}
-        return sorted(set(self._existing["sample_id"].to_pylist()) - want)
-
-    def filter_results(self, rows: pa.Table) -> tuple[pa.Table, int]:
-        """Drop rows identical to what the table already holds (counted as skipped)."""
-        if self._existing is None or not rows.num_rows:
-            return rows, 0
-        key = lambda t: pc.binary_join_element_wise(t["sample_id"], t["content_digest"], "\x1f")
-        same = pc.is_in(key(rows), value_set=key(self._existing))
-        kept = rows.filter(pc.invert(same))
-        return kept, rows.num_rows - kept.num_rows
-
-    def finalize(self) -> None:
-        if self._removed:
-            ids = ", ".join("'" + i.replace("'", "''") + "'" for i in self._removed)
-            self.ctx.store.delete(self.table_name(), f"sample_id IN ({ids})")
 
     # -- per worker -----------------------------------------------------------------------
     def process_batch(self, batch: pa.Table) -> BatchResult:

@@ -55,8 +55,8 @@ def test_demo_runs_then_skips_then_recomputes_changed(demo_env):
     assert "MLflow:" in p.stdout and str(storage) in p.stdout
     st = status(storage, env)
     assert all(s["state"] == "up-to-date" for s in st.values()), st
-    assert st["images"]["counts"] == {"processed": N, "skipped": 0, "quarantined": 0}
-    assert st["tokens"]["counts"] == {"processed": N, "skipped": 0, "quarantined": 0}
+    assert st["images"]["counts"] == {"processed": N, "skipped": 0, "quarantined": 0, "filtered": 0}
+    assert st["tokens"]["counts"] == {"processed": N, "skipped": 0, "quarantined": 0, "filtered": 0}
     store = TableStore(str(storage))
     tokens = store.read("demo/tokens")
     assert tokens.num_rows == N and len(set(tokens["sample_id"].to_pylist())) == N
@@ -99,6 +99,6 @@ def test_demo_runs_then_skips_then_recomputes_changed(demo_env):
     p = vgen("run", str(DEMO), "--storage", str(storage), env=env)
     assert p.returncode == 0
     st = status(storage, env)
-    assert st["images"]["counts"] == {"processed": 4, "skipped": N - 4, "quarantined": 0}
+    assert st["images"]["counts"] == {"processed": 4, "skipped": N - 4, "quarantined": 0, "filtered": 0}
     assert st["tokens"]["counts"]["processed"] == N
     assert store.read("demo/images").num_rows == N

@@ -68,7 +68,7 @@ def test_changed_image_recomputes_only_its_samples(setup):
     dag, images, storage, env = setup
     assert run(dag, storage, env).returncode == 0
     st = counts(dag, storage, env)
-    assert st["tokens"]["counts"] == {"processed": N, "skipped": 0, "quarantined": 0}
+    assert st["tokens"]["counts"] == {"processed": N, "skipped": 0, "quarantined": 0, "filtered": 0}
     before = {r["sample_id"]: r["content_digest"]
               for r in TableStore(str(storage)).read("inc/images").to_pylist()}
 
@@ -77,8 +77,8 @@ def test_changed_image_recomputes_only_its_samples(setup):
     p = run(dag, storage, env)
     assert p.returncode == 0
     st = counts(dag, storage, env)
-    assert st["images"]["counts"] == {"processed": CROPS, "skipped": N - CROPS, "quarantined": 0}
-    assert st["tokens"]["counts"] == {"processed": CROPS, "skipped": N - CROPS, "quarantined": 0}
+    assert st["images"]["counts"] == {"processed": CROPS, "skipped": N - CROPS, "quarantined": 0, "filtered": 0}
+    assert st["tokens"]["counts"] == {"processed": CROPS, "skipped": N - CROPS, "quarantined": 0, "filtered": 0}
     after = {r["sample_id"]: r["content_digest"]
              for r in TableStore(str(storage)).read("inc/images").to_pylist()}
     changed = sorted(s for s in after if after[s] != before[s])
@@ -96,7 +96,7 @@ def test_undecodable_image_is_quarantined_within_budget(setup):
     assert sorted(r["sample_id"] for r in q) == [f"images/broken-c{k}" for k in range(CROPS)]
     assert all(r["check"] == "decode" and "broken.png" in r["reason"] for r in q)
     st = counts(dag, storage, env)
-    assert st["images"]["counts"] == {"processed": N, "skipped": 0, "quarantined": CROPS}
+    assert st["images"]["counts"] == {"processed": N, "skipped": 0, "quarantined": CROPS, "filtered": 0}
 
     d["error_budget"] = 0.0  # same inputs, zero budget: the stage must fail, exit code 1
     dag.write_text(yaml.safe_dump(d))
