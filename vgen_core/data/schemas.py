@@ -22,6 +22,7 @@ __all__ = [
     "QUARANTINE",
     "STAGE_RUNS",
     "EVAL_RESULTS",
+    "PANCAP_SAMPLES",
     "SCHEMAS",
     "with_schema_meta",
 ]
@@ -117,7 +118,55 @@ EVAL_RESULTS = with_schema_meta(
     ],
 )
 
+_PANCAP_SEGMENT = pa.struct([
+    pa.field("id", pa.int64(), nullable=False),  # R + 256 G + 256^2 B of the PNG
+    pa.field("category_id", pa.int32(), nullable=False),
+    pa.field("iscrowd", pa.bool_(), nullable=False),
+    pa.field("isthing", pa.bool_(), nullable=False),
+    pa.field("area", pa.int64(), nullable=False),  # pixel count (== segments_info area)
+    pa.field("bbox", pa.list_(pa.int32(), 4), nullable=False),  # [x, y, w, h] from the mask
+])
+_PANCAP_SPAN = pa.struct([
+    pa.field("start", pa.int32(), nullable=False),  # char offsets into caption_text
+    pa.field("end", pa.int32(), nullable=False),
+    pa.field("phrase", pa.string(), nullable=False),
+    pa.field("ids", pa.list_(pa.int64()), nullable=False),
+])
+
+#: Curated COCONut-PanCap samples (one row per sample_id ``pancap/<12-digit id>``; upserted),
+#: as :func:`vgen_core.formats.pancap.read_pancap_sample` returns them, plus ``phash``.
+PANCAP_SAMPLES = with_schema_meta(
+    "pancap_samples",
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("content_digest", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # the caption file (URL or path)
+        pa.field("split", pa.string(), nullable=False),  # panoptic JSON split (train2017, ...)
+        pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("file_name", pa.string(), nullable=False),  # image file, 000000xxxxxx.jpg
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),  # the original JPEG bytes
+        pa.field("panoptic_png", pa.binary(), nullable=False),  # the original RGB id PNG
+        pa.field("segments", pa.list_(_PANCAP_SEGMENT), nullable=False),  # in segments_info order
+        pa.field("caption", pa.string(), nullable=False),  # raw, with tags (BOM/edges stripped)
+        pa.field("caption_text", pa.string(), nullable=False),  # tags replaced by phrases
+        pa.field("caption_spans", pa.list_(_PANCAP_SPAN), nullable=False),
+        # statistics
+        pa.field("num_segments", pa.int32(), nullable=False),
+        pa.field("num_things", pa.int32(), nullable=False),
+        pa.field("num_stuff", pa.int32(), nullable=False),
+        pa.field("thing_ratio", pa.float64(), nullable=False),  # num_things / num_segments
+        pa.field("num_tags", pa.int32(), nullable=False),
+        pa.field("num_grounded_segments", pa.int32(), nullable=False),  # distinct tagged ids
+        pa.field("grounded_coverage", pa.float64(), nullable=False),  # tagged px / all px
+        pa.field("void_fraction", pa.float64(), nullable=False),  # id-0 px / all px
+        pa.field("caption_words", pa.int32(), nullable=False),  # whitespace words of the text
+        pa.field("phash", pa.int64(), nullable=True),  # 64-bit dHash (near-duplicates)
+    ],
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
     s.metadata[b"vgen.schema"].decode(): s
-    for s in (IMAGE_SAMPLES, BIT_TOKENS, QUARANTINE, STAGE_RUNS, EVAL_RESULTS)
+    for s in (IMAGE_SAMPLES, BIT_TOKENS, QUARANTINE, STAGE_RUNS, EVAL_RESULTS, PANCAP_SAMPLES)
 }
