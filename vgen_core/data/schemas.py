@@ -23,6 +23,7 @@ __all__ = [
     "STAGE_RUNS",
     "EVAL_RESULTS",
     "PANCAP_SAMPLES",
+    "VICAS_SAMPLES",
     "SCHEMAS",
     "with_schema_meta",
 ]
@@ -166,7 +167,79 @@ PANCAP_SAMPLES = with_schema_meta(
     ],
 )
 
+_VICAS_RLE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
+_VICAS_SPAN = pa.struct([
+    ("phrase", pa.string()),
+    ("track_ids", pa.list_(pa.int32())),  # as written; -1 = crowd '?'
+    ("start", pa.int32()),  # plain[start:end] == phrase
+    ("end", pa.int32()),
+    ("multi_digit", pa.bool_()),  # the official parser reads these ids digit by digit
+])
+_VICAS_FLAG = pa.struct([("name", pa.string()), ("detail", pa.string())])
+
+#: Curated ViCaS videos (one row per sample_id ``vicas/<video_id:06d>``; upserted), as
+#: :func:`vgen_core.formats.vicas.read_vicas_sample` returns them, plus ``phash``.
+VICAS_SAMPLES = with_schema_meta(
+    "vicas_samples",
+    [
+        pa.field("sample_id", pa.string(), nullable=False),  # vicas/<video_id:06d>
+        pa.field("content_digest", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # annotation JSON path / URL
+        pa.field("version", pa.string(), nullable=False),  # v0.1 | v1.0
+        pa.field("split", pa.string(), nullable=True),  # train | val | test | None
+        pa.field("video_id", pa.int64(), nullable=False),
+        pa.field("src_dataset", pa.string(), nullable=False),
+        pa.field("video_filename", pa.string(), nullable=False),
+        pa.field("num_frames", pa.int32(), nullable=False),  # T
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("fps", pa.float32(), nullable=False),
+        pa.field("frames_source", pa.string(), nullable=False),  # frames_dir | video
+        # T encoded frames (decode_frames=True) in ``frame_format``; else null and see frame_paths
+        pa.field("frames", pa.list_(pa.binary()), nullable=True),
+        pa.field("frame_format", pa.string(), nullable=True),  # jpeg | png
+        pa.field("frame_paths", pa.list_(pa.string()), nullable=True),  # frames_dir only
+        pa.field("segmentations", pa.list_(pa.struct([
+            ("filename", pa.string()),
+            ("is_gt", pa.bool_()),
+            ("track_ids", pa.list_(pa.int32())),
+            ("mask_rles", pa.list_(_VICAS_RLE)),  # parallel to track_ids, COCO compressed RLE
+        ])), nullable=False),
+        pa.field("all_track_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("caption_raw", pa.string(), nullable=False),  # caption_raw_en_gpt
+        pa.field("caption", pa.string(), nullable=False),  # caption_parsed_en_gpt (train/eval)
+        pa.field("caption_spans", pa.list_(_VICAS_SPAN), nullable=False),  # of caption_raw
+        pa.field("caption_raw_en", pa.string(), nullable=False),  # the human original
+        pa.field("caption_parsed_en", pa.string(), nullable=False),
+        pa.field("caption_spans_en", pa.list_(_VICAS_SPAN), nullable=False),
+        pa.field("caption_raw_cn", pa.string(), nullable=False),
+        pa.field("reworded_en_captions", pa.list_(pa.string()), nullable=False),
+        pa.field("referrals", pa.list_(pa.struct([
+            ("prompt", pa.string()), ("track_ids", pa.list_(pa.int32())),
+        ])), nullable=False),
+        pa.field("stats", pa.struct([
+            ("num_frames", pa.int32()),
+            ("num_gt_frames", pa.int32()),
+            ("num_tracks", pa.int32()),
+            ("track_lengths", pa.list_(pa.int32())),  # frames present, in all_track_ids order
+            ("track_gap_frames", pa.list_(pa.int32())),  # absent frames inside each track's span
+            ("num_masks", pa.int64()),
+            ("mean_mask_area_fraction", pa.float64()),
+            ("min_consecutive_iou", pa.float64()),  # null when no track spans two frames
+            ("num_referrals", pa.int32()),
+            ("caption_words", pa.int32()),
+            ("caption_chars", pa.int32()),
+            ("num_caption_spans", pa.int32()),
+            ("grounded_coverage", pa.float64()),  # caption chars inside id-grounded phrases
+            ("tracks_in_caption_fraction", pa.float64()),
+        ]), nullable=False),
+        pa.field("flags", pa.list_(_VICAS_FLAG), nullable=False),
+        pa.field("phash", pa.int64(), nullable=True),  # dHash of the first frame
+    ],
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
     s.metadata[b"vgen.schema"].decode(): s
-    for s in (IMAGE_SAMPLES, BIT_TOKENS, QUARANTINE, STAGE_RUNS, EVAL_RESULTS, PANCAP_SAMPLES)
+    for s in (IMAGE_SAMPLES, BIT_TOKENS, QUARANTINE, STAGE_RUNS, EVAL_RESULTS, PANCAP_SAMPLES,
+              VICAS_SAMPLES)
 }
