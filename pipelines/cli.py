@@ -98,12 +98,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _print_summary(summary: Any, store: Any) -> None:
     print(f"\nDAG '{summary.dag}' finished in {summary.seconds:.1f}s "
           f"({'ok' if summary.ok else 'FAILED'})")
-    print(f"{'stage':<14} {'action':<8} {'processed':>9} {'skipped':>8} {'quarant.':>8}  outputs")
+    print(f"{'stage':<14} {'action':<8} {'processed':>9} {'skipped':>8} {'quarant.':>8} "
+          f"{'filtered':>8}  outputs")
     for o in summary.outcomes.values():
         outs = ", ".join(f"{r.uri}@v{r.version}" if r.kind == "table" else r.uri
                          for k, r in o.outputs.items() if k != "quarantine")
         print(f"{o.stage:<14} {o.action:<8} {o.counts.processed:>9} {o.counts.skipped:>8} "
-              f"{o.counts.quarantined:>8}  {outs}")
+              f"{o.counts.quarantined:>8} {o.counts.filtered:>8}  {outs}")
         if o.error:
             print(f"  error: {o.error}")
     print(f"\nTables under: {store.root}/tables")
@@ -155,7 +156,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for s in stages:
         c = s["counts"]
         print(f"  {s['stage']:<14} {s['state']:<11} processed={c.get('processed', 0)} "
-              f"skipped={c.get('skipped', 0)} quarantined={c.get('quarantined', 0)}")
+              f"skipped={c.get('skipped', 0)} quarantined={c.get('quarantined', 0)} "
+              f"filtered={c.get('filtered', 0)}")
         for k, o in s["outputs"].items():
             print(f"      {k}: {o['uri']}" + (f"@v{o['version']}" if o.get("version") is not None
                                              else ""))

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,20 +45,37 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
-    """Address of a 2-CPU Ray head on 127.0.0.1, shared by the whole session."""
+    """Address of a 2-CPU Ray head on 127.0.0.1, shared by the whole session.
+
+    Started with ``ray start --head --block`` in its own process group and stopped by signalling
+    that group, so other Ray instances on the machine are left alone."""
     ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     port = _free_port()
     temp = tmp_path_factory.mktemp("ray")
-    env = dict(os.environ)
-    cmd = [ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-           "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false",
-           f"--temp-dir={temp}", "--disable-usage-stats"]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=180)
+    cmd = [ray_bin, "start", "--head", "--block", f"--port={port}",
+           "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
+           "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"]
+    log = open(temp / "ray-start.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        probe = subprocess.run([ray_bin, "status", f"--address={address}"], capture_output=True,
+                               timeout=120)
+        if probe.returncode == 0:
+            break
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"ray start failed: {(temp / 'ray-start.log').read_text()[-3000:]}")
+        time.sleep(1)
     try:
         yield address
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
 
 
 def vgen_cmd() -> list[str]:

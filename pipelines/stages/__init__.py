@@ -4,6 +4,8 @@
 kind                module                                what it does
 =================== ===================================== =================================
 ingest.images       ingest.py                             image folder / skimage -> curated table
+curate.pancap       curate.py                             COCONut-PanCap download -> curated table
+curate.vicas        curate.py                             ViCaS download -> curated table
 train.tokenizer     train.py                              Ray Train + DeepSpeed: an image tokenizer
 tokenize.lfq        tokenize.py                           curated images -> bit-token side table
 train.generator     train.py                              Ray Train + DeepSpeed: a token generator
@@ -19,6 +21,8 @@ import importlib
 
 KINDS: dict[str, str] = {
     "ingest.images": "pipelines.stages.ingest:IngestImages",
+    "curate.pancap": "pipelines.stages.curate:CuratePanCap",
+    "curate.vicas": "pipelines.stages.curate:CurateViCaS",
     "tokenize.lfq": "pipelines.stages.tokenize:TokenizeLFQ",
     "train.tokenizer": "pipelines.stages.train:TrainTokenizer",
     "train.generator": "pipelines.stages.train:TrainGenerator",

@@ -171,6 +171,7 @@ class Stage:
 
     def __init__(self, config: StageConfig, ctx: StageContext):
         self.config, self.ctx = config, ctx
+        self.metrics: dict[str, float] = {}  # reported with the result (MLflow, status)
 
     # -- planning -------------------------------------------------------------------------
     @classmethod
@@ -350,7 +351,7 @@ class MapStage(Stage):
         }
         if work.table_name is not None:  # the curated version these rows are current for
             outputs["source"] = self.samples_input()
-        return StageResult(outputs=outputs, counts=counts)
+        return StageResult(outputs=outputs, counts=counts, metrics=dict(self.metrics))
 
     def _conform(self, rows: pa.Table) -> pa.Table:
         return rows.select(self.output_schema.names).cast(self.output_schema)

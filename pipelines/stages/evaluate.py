@@ -148,7 +148,7 @@ class EvaluateTokenizer(JobStage):
             orig_np = np.stack([preprocess(decode_png(b), cfg.resolution) for _, b in orig])
             with torch.inference_mode():
                 rec = _to_uint8(tok.decode_indices(recon_idx))
-            tracker.log_image("recon_grid.png", image_grid(np.concatenate([orig_np, rec]),
+            tracker.log_image("recon_grid", image_grid(np.concatenate([orig_np, rec]),
                                                            nrow=len(rec)))
             n_samples = 0
             if gen_ref is not None and cfg.num_samples:
@@ -164,7 +164,7 @@ class EvaluateTokenizer(JobStage):
                 metrics["samples/codebook_usage"] = float(s_usage["usage_fraction"])
                 with torch.inference_mode():
                     imgs = _to_uint8(tok.decode_indices(toks.view(-1, h, w)))
-                tracker.log_image("samples_grid.png", image_grid(imgs, nrow=cfg.grid_size))
+                tracker.log_image("samples_grid", image_grid(imgs, nrow=cfg.grid_size))
                 n_samples = cfg.num_samples
 
         now = dt.datetime.now(dt.timezone.utc)

@@ -18,6 +18,12 @@ from vgen_core.data.sample_images import PHOTOS, export_photos
 
 DEMO = ROOT / "pipelines" / "configs" / "demo.yaml"
 N = len(PHOTOS) * 4
+STAGES = ("pancap", "vicas", "images", "tokenizer", "tokens", "generator", "eval")
+
+
+def counts(processed: int, skipped: int = 0, quarantined: int = 0, filtered: int = 0) -> dict:
+    return {"processed": processed, "skipped": skipped, "quarantined": quarantined,
+            "filtered": filtered}
 
 pytestmark = pytest.mark.slow
 
@@ -55,8 +61,10 @@ def test_demo_runs_then_skips_then_recomputes_changed(demo_env):
     assert "MLflow:" in p.stdout and str(storage) in p.stdout
     st = status(storage, env)
     assert all(s["state"] == "up-to-date" for s in st.values()), st
-    assert st["images"]["counts"] == {"processed": N, "skipped": 0, "quarantined": 0, "filtered": 0}
-    assert st["tokens"]["counts"] == {"processed": N, "skipped": 0, "quarantined": 0, "filtered": 0}
+    assert st["images"]["counts"] == counts(N)
+    assert st["tokens"]["counts"] == counts(N)
+    assert st["pancap"]["counts"] == counts(6)  # the sample:// datasets, in the real layouts
+    assert st["vicas"]["counts"] == counts(3)
     store = TableStore(str(storage))
     tokens = store.read("demo/tokens")
     assert tokens.num_rows == N and len(set(tokens["sample_id"].to_pylist())) == N
@@ -75,7 +83,8 @@ def test_demo_runs_then_skips_then_recomputes_changed(demo_env):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1
     children = {r.data.tags["vgen.stage"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
-    assert set(children) == {"images", "tokenizer", "tokens", "generator", "eval"}
+    assert set(children) == set(STAGES)
+    assert children["pancap"].data.metrics["dataset/samples"] == 6
     hist = client.get_metric_history(children["tokenizer"].info.run_id, "train/loss")
     assert [m.step for m in hist] == [10, 20, 30, 40, 50, 60]  # logged once per step: rank 0 only
     assert hist[-1].value < hist[0].value
@@ -87,7 +96,7 @@ def test_demo_runs_then_skips_then_recomputes_changed(demo_env):
     n_records = store.read("_vgen/stage_runs").num_rows
     p = vgen("run", str(DEMO), "--storage", str(storage), env=env)
     assert p.returncode == 0
-    for stage in ("images", "tokenizer", "tokens", "generator", "eval"):
+    for stage in STAGES:
         assert f"[{stage}] up-to-date: skipped" in p.stderr
     assert store.read("_vgen/stage_runs").num_rows == n_records
 
@@ -99,6 +108,6 @@ def test_demo_runs_then_skips_then_recomputes_changed(demo_env):
     p = vgen("run", str(DEMO), "--storage", str(storage), env=env)
     assert p.returncode == 0
     st = status(storage, env)
-    assert st["images"]["counts"] == {"processed": 4, "skipped": N - 4, "quarantined": 0, "filtered": 0}
+    assert st["images"]["counts"] == counts(4, skipped=N - 4)
     assert st["tokens"]["counts"]["processed"] == N
     assert store.read("demo/images").num_rows == N

@@ -21,6 +21,11 @@ from vgen_core.data import TableStore
 from vgen_core.data.sample_images import PHOTOS, export_photos
 
 pytestmark = pytest.mark.slow
+
+
+def C(processed: int, skipped: int = 0, quarantined: int = 0, filtered: int = 0) -> dict:
+    return {"processed": processed, "skipped": skipped, "quarantined": quarantined,
+            "filtered": filtered}
 CROPS = 4
 N = len(PHOTOS) * CROPS
 
@@ -68,7 +73,7 @@ def test_changed_image_recomputes_only_its_samples(setup):
     dag, images, storage, env = setup
     assert run(dag, storage, env).returncode == 0
     st = counts(dag, storage, env)
-    assert st["tokens"]["counts"] == {"processed": N, "skipped": 0, "quarantined": 0, "filtered": 0}
+    assert st["tokens"]["counts"] == C(N)
     before = {r["sample_id"]: r["content_digest"]
               for r in TableStore(str(storage)).read("inc/images").to_pylist()}
 
@@ -77,8 +82,8 @@ def test_changed_image_recomputes_only_its_samples(setup):
     p = run(dag, storage, env)
     assert p.returncode == 0
     st = counts(dag, storage, env)
-    assert st["images"]["counts"] == {"processed": CROPS, "skipped": N - CROPS, "quarantined": 0, "filtered": 0}
-    assert st["tokens"]["counts"] == {"processed": CROPS, "skipped": N - CROPS, "quarantined": 0, "filtered": 0}
+    assert st["images"]["counts"] == C(CROPS, skipped=N - CROPS)
+    assert st["tokens"]["counts"] == C(CROPS, skipped=N - CROPS)
     after = {r["sample_id"]: r["content_digest"]
              for r in TableStore(str(storage)).read("inc/images").to_pylist()}
     changed = sorted(s for s in after if after[s] != before[s])
@@ -96,7 +101,7 @@ def test_undecodable_image_is_quarantined_within_budget(setup):
     assert sorted(r["sample_id"] for r in q) == [f"images/broken-c{k}" for k in range(CROPS)]
     assert all(r["check"] == "decode" and "broken.png" in r["reason"] for r in q)
     st = counts(dag, storage, env)
-    assert st["images"]["counts"] == {"processed": N, "skipped": 0, "quarantined": CROPS, "filtered": 0}
+    assert st["images"]["counts"] == C(N, quarantined=CROPS)
 
     d["error_budget"] = 0.0  # same inputs, zero budget: the stage must fail, exit code 1
     dag.write_text(yaml.safe_dump(d))

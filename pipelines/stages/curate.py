@@ -1,0 +1,287 @@
+"""``curate.pancap`` and ``curate.vicas``: real-format dataset folders -> curated Delta tables.
+
+The driver lists work items cheaply (:func:`vgen_core.formats.pancap.list_pancap`,
+:func:`vgen_core.formats.vicas.list_vicas`); a Ray Data actor pool reads and validates each
+sample; a :class:`~vgen_core.formats.SampleError` becomes a quarantine row naming the check, the
+file and what was wrong. Valid samples then pass the configured filters (a sample that fails a
+filter is recorded with check ``filter:<name>``, not counted against the error budget). One row
+per image / video, upserted by ``sample_id``; unchanged samples are not rewritten.
+
+After the last chunk the stage logs dataset statistics to MLflow (means as metrics, histograms as
+images) and reports near-duplicate images (64-bit dHash within ``near_duplicate_distance`` bits;
+the first frame for videos) as metrics and a JSON artifact.
+
+``root: sample://`` writes the built-in sample dataset (real layout, skimage photographs with
+Felzenszwalb masks and grounded captions) under ``<storage>/raw/`` on first use and reads it like
+any user download.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from PIL import Image
+from pydantic import Field
+
+from vgen_core.data.phash import dhash, near_duplicates
+from vgen_core.formats import SampleError
+
+from .base import BatchResult, FILTER_PREFIX, SourceStage, StageConfig, quarantine_record
+
+SAMPLE_SCHEME = "sample://"
+
+
+class _CurateConfig(StageConfig):
+    root: str = Field(SAMPLE_SCHEME, description="dataset top folder / s3:// URL, or sample://")
+    split: str | None = None
+    min_caption_words: int = Field(0, ge=0)
+    min_grounded_coverage: float = Field(0.0, ge=0, le=1)
+    near_duplicate_distance: int = Field(6, ge=-1, le=64, description="-1 disables")
+    sample_size: int = Field(6, ge=1, le=64, description="items of the sample:// dataset")
+
+
+class CuratePanCapConfig(_CurateConfig):
+    min_segments: int = Field(0, ge=0)
+    max_segments: int | None = Field(None, ge=1)
+
+
+class CurateViCaSConfig(_CurateConfig):
+    version: str = "v1.0"
+    min_tracks: int = Field(0, ge=0)
+    min_frames: int = Field(0, ge=0)
+
+
+class _Curate(SourceStage):
+    """Shared body; subclasses give the reader functions, schema, stats and filters."""
+
+    dataset: str
+
+    def _root(self) -> str:
+        root = self.config.root
+        if root.startswith(SAMPLE_SCHEME):
+            return self._sample_root()
+        return root
+
+    def _sample_root(self) -> str:
+        store = self.ctx.store
+        base = store.root if store.scheme == "file" else os.path.expanduser("~/.cache/vgen")
+        path = os.path.join(base, "raw", f"{self.dataset}-sample-{self.config.sample_size}")
+        marker = os.path.join(path, ".complete")
+        if not os.path.exists(marker):
+            self._write_sample(path)
+            open(marker, "w").close()
+        return path
+
+    # subclass hooks -------------------------------------------------------------------
+    def _write_sample(self, path: str) -> None:
+        raise NotImplementedError
+
+    def _list(self, root: str) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def _read(self, item: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _filters(self, row: dict[str, Any]) -> list[tuple[str, str]]:
+        raise NotImplementedError
+
+    def _first_image(self, row: dict[str, Any]) -> bytes | None:
+        raise NotImplementedError
+
+    def _stats(self, table: pa.Table) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    # driver ---------------------------------------------------------------------------
+    def _items(self) -> list[dict[str, Any]]:
+        """The listing; a listing-level defect (e.g. a truncated split JSON) becomes one work
+        item that is quarantined with its reason, so it is reported like any bad sample."""
+        if not hasattr(self, "_cached_items"):
+            try:
+                self._cached_items = self._list(self._root())
+            except SampleError as e:
+                self._cached_items = [{
+                    "sample_id": f"{self.dataset}/_listing", "stamp": str(e),
+                    "listing_error": {"check": e.check, "reason": e.reason, "source": e.source}}]
+        return self._cached_items
+
+    def source_fingerprint(self) -> dict[str, Any]:
+        from vgen_core.data import content_digest
+
+        return {"listing": content_digest([(i["sample_id"], i.get("stamp")) for i in self._items()])}
+
+    def list_items(self) -> pa.Table:
+        items = self._items()
+        return pa.table({
+            "sample_id": [i["sample_id"] for i in items],
+            "item": [json.dumps(i, default=str) for i in items],
+            "sample_ids": [[i["sample_id"]] for i in items],
+        })
+
+    # worker ---------------------------------------------------------------------------
+    def process_batch(self, batch: pa.Table) -> BatchResult:
+        rows, quarantine = [], []
+        for sid, raw in zip(batch["sample_id"].to_pylist(), batch["item"].to_pylist()):
+            item = json.loads(raw)
+            if "listing_error" in item:
+                err = item["listing_error"]
+                quarantine.append(quarantine_record(sid, err["check"], err["reason"],
+                                                    source=err["source"]))
+                continue
+            try:
+                row = self._read(item)
+            except SampleError as e:
+                quarantine.append(quarantine_record(sid, e.check, e.reason,
+                                                    source=e.source or item.get("source")))
+                continue
+            failed = self._filters(row)
+            if failed:
+                name, why = failed[0]
+                quarantine.append(quarantine_record(
+                    sid, FILTER_PREFIX + name, why, content_digest=row["content_digest"],
+                    source=row.get("source")))
+                continue
+            img = self._first_image(row)
+            row["phash"] = dhash(_decode_rgb(img)) if img is not None else None
+            rows.append(row)
+        return BatchResult(pa.Table.from_pylist(rows, schema=self.output_schema), quarantine)
+
+    # after the last chunk ---------------------------------------------------------------
+    def finalize(self) -> None:
+        super().finalize()
+        store, tracker = self.ctx.store, self.ctx.tracker
+        table = store.read(self.table_name())
+        metrics: dict[str, float] = {"dataset/samples": float(table.num_rows)}
+        if table.num_rows:
+            from vgen_core.eval.plots import histogram_image
+
+            for name, values in self._stats(table).items():
+                values = np.asarray(values, dtype=np.float64)
+                values = values[np.isfinite(values)]
+                if not len(values):
+                    continue
+                metrics[f"dataset/{name}_mean"] = float(values.mean())
+                metrics[f"dataset/{name}_median"] = float(np.median(values))
+                tracker.log_image(f"hist_{name}", histogram_image(values, name))
+        dist = self.config.near_duplicate_distance
+        if dist >= 0 and table.num_rows:
+            valid = table.filter(pc.is_valid(table["phash"]))
+            pairs = near_duplicates(valid["sample_id"].to_pylist(), valid["phash"].to_pylist(),
+                                    max_distance=dist)
+            metrics["dataset/near_duplicate_pairs"] = float(len(pairs))
+            tracker.log_dict({"max_distance": dist, "hash": "dhash64",
+                              "pairs": [{"a": a, "b": b, "distance": d} for a, b, d in pairs]},
+                             "near_duplicates.json")
+        self.metrics.update(metrics)
+
+
+def _decode_rgb(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _min_filter(name: str, value: float, minimum: float | None) -> list[tuple[str, str]]:
+    if minimum and value < minimum:
+        return [(name, f"{name.removeprefix('min_')} = {value:g} < {minimum:g} ({name})")]
+    return []
+
+
+class CuratePanCap(_Curate):
+    kind = "curate.pancap"
+    version = 1
+    Config = CuratePanCapConfig
+    dataset = "pancap"
+    config: CuratePanCapConfig
+
+    @property
+    def output_schema(self) -> pa.Schema:  # type: ignore[override]
+        from vgen_core.data.schemas import PANCAP_SAMPLES
+
+        return PANCAP_SAMPLES
+
+    def _write_sample(self, path: str) -> None:
+        from vgen_core.formats.pancap_samples import write_pancap_sample_dataset
+
+        write_pancap_sample_dataset(path, n_images=self.config.sample_size, seed=0)
+
+    def _list(self, root: str) -> list[dict[str, Any]]:
+        from vgen_core.formats.pancap import list_pancap
+
+        return list_pancap(root, split=self.config.split)
+
+    def _read(self, item: dict[str, Any]) -> dict[str, Any]:
+        from vgen_core.formats.pancap import read_pancap_sample
+
+        return read_pancap_sample(item)
+
+    def _filters(self, row: dict[str, Any]) -> list[tuple[str, str]]:
+        c = self.config
+        out = (_min_filter("min_caption_words", row["caption_words"], c.min_caption_words)
+               + _min_filter("min_segments", row["num_segments"], c.min_segments)
+               + _min_filter("min_grounded_coverage", row["grounded_coverage"],
+                             c.min_grounded_coverage))
+        if c.max_segments is not None and row["num_segments"] > c.max_segments:
+            out.append(("max_segments", f"segments = {row['num_segments']} > {c.max_segments}"))
+        return out
+
+    def _first_image(self, row: dict[str, Any]) -> bytes | None:
+        return row["image"]
+
+    def _stats(self, table: pa.Table) -> dict[str, np.ndarray]:
+        return {k: table[k].to_numpy() for k in
+                ("num_segments", "thing_ratio", "grounded_coverage", "caption_words",
+                 "void_fraction")}
+
+
+class CurateViCaS(_Curate):
+    kind = "curate.vicas"
+    version = 1
+    Config = CurateViCaSConfig
+    dataset = "vicas"
+    config: CurateViCaSConfig
+
+    @property
+    def output_schema(self) -> pa.Schema:  # type: ignore[override]
+        from vgen_core.data.schemas import VICAS_SAMPLES
+
+        return VICAS_SAMPLES
+
+    def _write_sample(self, path: str) -> None:
+        from vgen_core.formats.vicas_samples import write_vicas_sample_dataset
+
+        write_vicas_sample_dataset(path, n_videos=self.config.sample_size, seed=0)
+
+    def _list(self, root: str) -> list[dict[str, Any]]:
+        from vgen_core.formats.vicas import list_vicas
+
+        return list_vicas(root, version=self.config.version, split=self.config.split)
+
+    def _read(self, item: dict[str, Any]) -> dict[str, Any]:
+        from vgen_core.formats.vicas import read_vicas_sample
+
+        return read_vicas_sample(item)
+
+    def _filters(self, row: dict[str, Any]) -> list[tuple[str, str]]:
+        c, s = self.config, row["stats"]
+        return (_min_filter("min_caption_words", s["caption_words"], c.min_caption_words)
+                + _min_filter("min_tracks", s["num_tracks"], c.min_tracks)
+                + _min_filter("min_frames", s["num_frames"], c.min_frames)
+                + _min_filter("min_grounded_coverage", s["grounded_coverage"] or 0.0,
+                              c.min_grounded_coverage))
+
+    def _first_image(self, row: dict[str, Any]) -> bytes | None:
+        frames = row.get("frames") or []
+        return frames[0] if frames else None
+
+    def _stats(self, table: pa.Table) -> dict[str, np.ndarray]:
+        stats = table["stats"].combine_chunks()
+        out = {k: stats.field(k).to_numpy(zero_copy_only=False) for k in
+               ("num_frames", "num_tracks", "caption_words", "grounded_coverage")}
+        lengths = stats.field("track_lengths").flatten().to_numpy(zero_copy_only=False)
+        out["track_length"] = lengths
+        return out
