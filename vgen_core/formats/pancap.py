@@ -64,7 +64,6 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
 from PIL import Image
 
 from vgen_core.data.fsio import filesystem_for
