@@ -271,7 +271,7 @@ class CurateViCaS(_Curate):
         return (_min_filter("min_caption_words", s["caption_words"], c.min_caption_words)
                 + _min_filter("min_tracks", s["num_tracks"], c.min_tracks)
                 + _min_filter("min_frames", s["num_frames"], c.min_frames)
-                + _min_filter("min_grounded_coverage", s["grounded_coverage"] or 0.0,
+                + _min_filter("min_grounded_coverage", s["mask_grounded_coverage"] or 0.0,
                               c.min_grounded_coverage))
 
     def _first_image(self, row: dict[str, Any]) -> bytes | None:
@@ -281,7 +281,8 @@ class CurateViCaS(_Curate):
     def _stats(self, table: pa.Table) -> dict[str, np.ndarray]:
         stats = table["stats"].combine_chunks()
         out = {k: stats.field(k).to_numpy(zero_copy_only=False) for k in
-               ("num_frames", "num_tracks", "caption_words", "grounded_coverage")}
+               ("num_frames", "num_tracks", "caption_words", "mask_grounded_coverage",
+                "grounded_coverage")}
         lengths = stats.field("track_lengths").flatten().to_numpy(zero_copy_only=False)
         out["track_length"] = lengths
         return out

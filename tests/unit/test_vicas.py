@@ -413,6 +413,8 @@ def test_hand_checked_video_exact_stats(tmp_path):
         "min_consecutive_iou": 0.0, "num_referrals": 2, "caption_words": 7,
         "caption_chars": 34, "num_caption_spans": 3,
         "grounded_coverage": pytest.approx(13 / 34), "tracks_in_caption_fraction": 0.75,
+        # tracks 1-3 are grounded; per-frame unions 24 + 18 + 12 + 18 = 72 px of 4 * 80
+        "mask_grounded_coverage": pytest.approx(72 / 320),
     }
     assert sorted(f["name"] for f in row["flags"]) == [
         "mask_jump", "track_gap", "track_never_present"]

@@ -232,6 +232,8 @@ VICAS_SAMPLES = with_schema_meta(
             ("num_caption_spans", pa.int32()),
             ("grounded_coverage", pa.float64()),  # caption chars inside id-grounded phrases
             ("tracks_in_caption_fraction", pa.float64()),
+            # pixels of caption-grounded tracks (union per frame) / (H * W * frames)
+            ("mask_grounded_coverage", pa.float64()),
         ]), nullable=False),
         pa.field("flags", pa.list_(_VICAS_FLAG), nullable=False),
         pa.field("phash", pa.int64(), nullable=True),  # dHash of the first frame

@@ -609,7 +609,7 @@ def _check_captions(ann: dict, ctx: _Ctx) -> tuple[ParsedCaption, ParsedCaption]
 
 
 def _temporal_stats(ann: dict, frames: list[list[dict]], h: int, w: int, jump_iou: float,
-                    ctx: _Ctx) -> dict:
+                    ctx: _Ctx, grounded: frozenset[int] = frozenset()) -> dict:
     track_ids = list(dict.fromkeys(ann["all_track_ids"]))
     present: dict[int, list[int]] = {t: [] for t in track_ids}
     last: dict[int, tuple[int, dict, int]] = {}
@@ -617,7 +617,11 @@ def _temporal_stats(ann: dict, frames: list[list[dict]], h: int, w: int, jump_io
     jumps: dict[int, list[tuple[int, float]]] = {}
     empty: dict[int, list[int]] = {}
     areas = []
+    grounded_px = 0  # pixels covered by the union of caption-grounded tracks, over all frames
     for t, entries in enumerate(frames):
+        tagged = [e["rle"] for e in entries if e["track_id"] in grounded]
+        if tagged:
+            grounded_px += rle_codec.area(rle_codec.merge(tagged))
         for e in entries:
             tid, a = e["track_id"], int(sum(e["counts"][1::2]))
             present[tid].append(t)
@@ -651,7 +655,8 @@ def _temporal_stats(ann: dict, frames: list[list[dict]], h: int, w: int, jump_io
                  f"{len(js)} frame(s); lowest {v:.3f} at frame {t}")
     return {"track_lengths": lengths, "track_gap_frames": gaps, "num_masks": len(areas),
             "mean_mask_area_fraction": float(np.mean(areas)) if areas else 0.0,
-            "min_consecutive_iou": min_iou}
+            "min_consecutive_iou": min_iou,
+            "mask_grounded_coverage": grounded_px / (h * w * len(frames)) if frames else 0.0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -905,8 +910,9 @@ def read_vicas_sample(item: dict, *, fs=None, decode_frames: bool = True,
     digest = Digest().update("vicas").update(ann_json)
     for part in fr["blobs"] if fr["blobs"] is not None else fr["sizes"]:
         digest.update(part if isinstance(part, bytes) else list(part))
-    stats = _stats(ann, _temporal_stats(ann, masks, h, w, jump_iou, ctx), referrals, cap_gpt,
-                   cap_en)
+    grounded = frozenset(cap_gpt.track_ids()) | frozenset(cap_en.track_ids())
+    stats = _stats(ann, _temporal_stats(ann, masks, h, w, jump_iou, ctx, grounded), referrals,
+                   cap_gpt, cap_en)
     segs = ann["segmentations"]
     return {
         "sample_id": item["sample_id"],
