@@ -38,8 +38,8 @@ def test_plan_and_status_on_fresh_root(tmp_path, capsys):
     assert states["tokens"][0] == "to-run" and "upstream" in states["tokens"][1]
     assert main(["status", str(DEMO), "--storage", root, "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
-    assert [s["stage"] for s in st["stages"]] == ["images", "tokenizer", "tokens", "generator",
-                                                  "eval"]
+    assert [s["stage"] for s in st["stages"]] == ["pancap", "vicas", "images", "tokenizer",
+                                                  "tokens", "generator", "eval"]
     assert st["tracking_uri"] == f"sqlite:///{tmp_path / 'root'}/mlflow.db"
 
 

@@ -27,7 +27,7 @@ def base():
 
 def test_demo_validates_with_defaults_filled():
     dag = load_dag(DEMO, storage="/tmp/somewhere")
-    assert dag.order == ["images", "tokenizer", "tokens", "generator", "eval"]
+    assert dag.order == ["pancap", "vicas", "images", "tokenizer", "tokens", "generator", "eval"]
     assert dag.spec.storage == "/tmp/somewhere"
     resolved = dag.resolved()
     assert resolved["stages"]["tokens"]["with"]["flip"] is True

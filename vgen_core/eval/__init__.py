@@ -1,4 +1,13 @@
-"""Evaluation metrics. `recon` holds tokenizer reconstruction and codebook statistics."""
+"""Evaluation metrics.
+
+* ``recon``: PSNR, codebook usage and entropy, bit balance (tokenizers);
+* ``fid`` + ``extractors``: streaming feature statistics, FID / sFID / IS / precision-recall, the
+  standard FID InceptionV3 (local weights) and a tiny built-in extractor; every result names its
+  extractor and results of different extractors are never compared;
+* ``panoptic_quality``: PQ/SQ/RQ as panopticapi computes them (PanCap);
+* ``track_map``: ViCaS LG-VIS track mAP as the official scorer computes it;
+* ``plots``: histograms for MLflow.
+"""
 
 from vgen_core.eval.recon import bit_balance, codebook_usage, psnr
 

@@ -1,7 +1,11 @@
 """Tokenizers: images -> discrete or continuous tokens, and back.
 
-`lfq` holds the MaskBit lookup-free-quantization (bit token) tokenizer; `io` holds the generic
-safetensors export/load used by every model family.
+`lfq` holds the MaskBit lookup-free-quantization (bit token) tokenizer; `titok` TiTok and
+TA-TiTok (1D tokens, VQ or KL); `deltatok` DeltaTok (one continuous delta token per frame pair
+over a frozen ViT feature extractor); `fsq` BAR's binary-FSQ bit tokenizer; `kl_vae` the
+SD/MAR KL autoencoder whose latents are cached; `io` the safetensors export/load shared by every family
+(``load_pretrained`` builds any registered family from its ``config.json``). Each module also
+loads the official released checkpoints through a documented key mapping (safetensors only).
 """
 
 from vgen_core.tokenizers.io import (

@@ -36,6 +36,12 @@ _RESERVED_KEYS = ("family", "format_version", "weights_digest")
 _FAMILIES: dict[str, str | type[nn.Module]] = {
     "lfq": "vgen_core.tokenizers.lfq:LFQTokenizer",
     "maskgit": "vgen_core.generators.masked:MaskGIT",
+    "titok": "vgen_core.tokenizers.titok:TiTok",
+    "tatitok": "vgen_core.tokenizers.titok:TATiTok",
+    "deltatok": "vgen_core.tokenizers.deltatok:DeltaTok",
+    "vfm_vit": "vgen_core.tokenizers.deltatok:FrozenViT",
+    "bar_fsq": "vgen_core.tokenizers.fsq:BinaryFSQTokenizer",
+    "kl_vae": "vgen_core.tokenizers.kl_vae:AutoencoderKL",
 }
 
 
