@@ -306,10 +306,7 @@ class MapStage(Stage):
             if pending_rows:
                 rows = pa.concat_tables(pending_rows)
                 if rows.num_rows:
-                    if self.write_mode == "upsert":
-                        store.upsert(out_name, rows, keys=["sample_id"], commit_metadata=meta)
-                    else:
-                        store.append(out_name, rows, commit_metadata=meta)
+                    self._write(out_name, rows, meta)
                 counts.processed += rows.num_rows
             if pending_q:
                 now = dt.datetime.now(dt.timezone.utc)
@@ -356,6 +353,23 @@ class MapStage(Stage):
     def _conform(self, rows: pa.Table) -> pa.Table:
         return rows.select(self.output_schema.names).cast(self.output_schema)
 
+    def _write(self, name: str, rows: pa.Table, meta: dict[str, str]) -> None:
+        """One atomic commit. Upsert mode MERGEs only rows whose sample_id the table may already
+        hold; a chunk of new samples is a plain append (a MERGE rewrites files: much slower)."""
+        store = self.ctx.store
+        if self.write_mode != "upsert":
+            store.append(name, rows, commit_metadata=meta)
+            return
+        known = self.known_ids()
+        if known is not None and not pc.any(pc.is_in(rows["sample_id"], value_set=known)).as_py():
+            store.append(name, rows, commit_metadata=meta)
+        else:
+            store.upsert(name, rows, keys=["sample_id"], commit_metadata=meta)
+
+    def known_ids(self) -> pa.Array | None:
+        """sample_ids the output table held when this run was planned (None: unknown)."""
+        return None
+
     def filter_results(self, rows: pa.Table) -> tuple[pa.Table, int]:
         """Driver-side hook before commit: drop rows that need no write (returns the count)."""
         return rows, 0
@@ -396,6 +410,11 @@ class SourceStage(MapStage):
         self._removed = (sorted(set(self._existing["sample_id"].to_pylist()) - set(ids))
                          if self._existing is not None else [])
         return Work(total=len(ids), skipped=0, items=items.drop_columns(["sample_ids"]))
+
+    def known_ids(self) -> pa.Array | None:
+        existing = getattr(self, "_existing", None)
+        return existing["sample_id"].combine_chunks() if existing is not None else \
+            pa.array([], pa.string())
 
     def filter_results(self, rows: pa.Table) -> tuple[pa.Table, int]:
         if getattr(self, "_existing", None) is None or not rows.num_rows:
