@@ -21,12 +21,12 @@ sparsity and cost: README.md in this folder.
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 from torch import Tensor
 
 from . import reference
+from .._dispatch import choose_backend
 from .reference import (
     GratSpec,
     grat_attention_reference,
@@ -45,9 +45,6 @@ __all__ = [
     "group_permutation",
 ]
 
-_MODES = ("auto", "reference", "triton")
-
-
 def _triton_module() -> ModuleType | None:
     try:
         from . import triton as triton_impl
@@ -58,19 +55,7 @@ def _triton_module() -> ModuleType | None:
 
 def _backend(x: Tensor) -> str:
     """'triton' or 'reference' for tensor x under VGEN_KERNELS."""
-    mode = os.environ.get("VGEN_KERNELS", "auto").strip().lower() or "auto"
-    if mode not in _MODES:
-        raise ValueError(
-            f"VGEN_KERNELS={mode!r} is not a kernel mode; known: {', '.join(_MODES)} "
-            "(unset it for auto: Triton on CUDA, the reference elsewhere)."
-        )
-    if mode == "reference":
-        return "reference"
-    if mode == "triton":
-        if _triton_module() is None:
-            raise ImportError("VGEN_KERNELS=triton but triton does not import; pip install triton.")
-        return "triton"
-    return "triton" if x.is_cuda and _triton_module() is not None else "reference"
+    return choose_backend(x, _triton_module)
 
 
 def grat_attention(

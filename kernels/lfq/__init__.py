@@ -19,19 +19,16 @@ Maths, memory layout and bytes moved: README.md in this folder.
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
 from . import reference
+from .._dispatch import choose_backend
 from .reference import LFQQuantized
 
 __all__ = ["LFQQuantized", "lfq_quantize", "unpack_to_signs"]
-
-_MODES = ("auto", "reference", "triton")
-
 
 def _triton_module() -> ModuleType | None:
     try:
@@ -43,24 +40,7 @@ def _triton_module() -> ModuleType | None:
 
 def _backend(x: Tensor) -> ModuleType:
     """The module (reference or triton) that handles tensor x under VGEN_KERNELS."""
-    mode = os.environ.get("VGEN_KERNELS", "auto").strip().lower() or "auto"
-    if mode not in _MODES:
-        raise ValueError(
-            f"VGEN_KERNELS={mode!r} is not a kernel mode; known: {', '.join(_MODES)} "
-            "(unset it for auto: Triton on CUDA, the reference elsewhere)."
-        )
-    if mode == "reference":
-        return reference
-    if mode == "triton":
-        impl = _triton_module()
-        if impl is None:
-            raise ImportError("VGEN_KERNELS=triton but triton does not import; pip install triton.")
-        return impl
-    if x.is_cuda:
-        impl = _triton_module()
-        if impl is not None:
-            return impl
-    return reference
+    return _triton_module() if choose_backend(x, _triton_module) == "triton" else reference
 
 
 def lfq_quantize(z_BNK: Tensor, temperature: float = 0.01) -> LFQQuantized:

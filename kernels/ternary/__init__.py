@@ -10,13 +10,13 @@ the packed layout are in ``README.md`` and ``reference.py``.
 from __future__ import annotations
 
 import fnmatch
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
+from .._dispatch import choose_backend
 from .reference import (
     EPS,
     dequantize_ternary,
@@ -43,7 +43,6 @@ __all__ = [
     "unpack_ternary",
 ]
 
-_BACKENDS = ("auto", "reference", "triton")
 
 
 def _triton_available() -> bool:
@@ -56,16 +55,7 @@ def _triton_available() -> bool:
 
 def ternary_backend(x: torch.Tensor) -> str:
     """``"triton"`` or ``"reference"``: what :func:`ternary_matmul` runs for this input."""
-    choice = os.environ.get("VGEN_KERNELS", "auto").strip().lower() or "auto"
-    if choice not in _BACKENDS:
-        raise ValueError(f"VGEN_KERNELS={choice!r} is not a kernel mode; known: "
-                         f"{', '.join(_BACKENDS)} (unset it for auto: Triton on CUDA, the "
-                         f"reference elsewhere)")
-    if choice == "auto":
-        return "triton" if x.is_cuda and _triton_available() else "reference"
-    if choice == "triton" and not _triton_available():
-        raise ImportError("VGEN_KERNELS=triton but triton does not import; pip install triton")
-    return choice
+    return choose_backend(x, lambda: True if _triton_available() else None)
 
 
 def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int,
