@@ -45,6 +45,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from ._vit import Block as _Block
+
 from vgen_core.tokenizers.io import register_family
 from vgen_core.tokenizers.kl_vae import load_mapped_state_dict, read_state_dict
 from vgen_core.tokenizers.lfq import bits_to_indices, indices_to_bits, pack_bits, unpack_bits
@@ -298,45 +300,6 @@ class _SigLIP2Encoder(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Decoder: official SigLIP2Decoder (BAR module names)
 # --------------------------------------------------------------------------------------------------
-
-
-class _Attention(nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width, bias=True)
-        self.proj = nn.Linear(width, width)
-
-    def forward(self, x_BNW: Tensor) -> Tensor:
-        B, N, W = x_BNW.shape
-        qkv = self.qkv(x_BNW).reshape(B, N, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        return self.proj(out.transpose(1, 2).reshape(B, N, W))
-
-
-class _Mlp(nn.Module):
-    """timm `Mlp` names: fc1 -> GELU (erf) -> fc2."""
-
-    def __init__(self, width: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class _Block(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(width)
-        self.attn = _Attention(width, heads)
-        self.norm2 = nn.LayerNorm(width)
-        self.mlp = _Mlp(width, int(width * mlp_ratio))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
 
 
 class _Unpatchify(nn.Module):
