@@ -45,7 +45,7 @@ from vgen_core.tokenizers.kl_vae import (
     split_moments,
 )
 from vgen_core.tokenizers.lfq import LFQConfig, lfq_config
-from vgen_core.tokenizers.maskbit_keys import load_official_maskbit, unmappable_keys
+from vgen_core.tokenizers.maskbit_keys import load_official_maskbit, nin_shortcut_keys
 from vgen_core.tokenizers.maskbit_keys import official_key_map as maskbit_key_map
 
 
@@ -668,8 +668,10 @@ class _MaskBitConvVQModel(nn.Module):
         self.quantize = _MBQuantize(K)
 
 
-_SMALL_MB = dict(hidden=32, ch_mult=(1, 1, 1), nrb=1, K=6)
-_SMALL_LFQ = LFQConfig(hidden=32, ch_mult=(1, 1, 1), num_res_blocks=1, token_bits=6, norm_groups=32)
+# Widths 32 -> 32 -> 64 -> 32: the encoder and the decoder each have one widening and one narrowing
+# block with an official `nin_shortcut`, and a second block per stage without one.
+_SMALL_MB = dict(hidden=32, ch_mult=(1, 2, 1), nrb=2, K=6)
+_SMALL_LFQ = LFQConfig(hidden=32, ch_mult=(1, 2, 1), num_res_blocks=2, token_bits=6, norm_groups=32)
 
 
 @pytest.mark.parametrize("legacy", [False, True])
@@ -677,6 +679,12 @@ def test_maskbit_official_weights_load_and_match_numerically(tmp_path, legacy):
     torch.manual_seed(0)
     official = _MaskBitConvVQModel(**_SMALL_MB, legacy=legacy).eval()
     state = {k: v.detach().clone() for k, v in official.state_dict().items()}
+    dec_levels = (0, 1) if legacy else (1, 2)  # up[i] holds level i (legacy) or L-1-i
+    assert nin_shortcut_keys(state) == [
+        "encoder.down.1.res_blocks.0.nin_shortcut.weight",  # 32 -> 64
+        "encoder.down.2.res_blocks.0.nin_shortcut.weight",  # 64 -> 32
+        *(f"decoder.up.{i}.res_blocks.0.nin_shortcut.weight" for i in dec_levels),
+    ]
     save_file(state, str(tmp_path / "maskbit.safetensors"))
     model = load_official_maskbit(tmp_path / "maskbit.safetensors", _SMALL_LFQ)
     assert not model.training
@@ -685,6 +693,10 @@ def test_maskbit_official_weights_load_and_match_numerically(tmp_path, legacy):
     assert set(key_map.values()) == set(ours) and len(key_map) == len(state) - 2
     for src, dst in key_map.items():  # round trip back to the official names
         assert torch.equal(ours[dst], state[src])
+    assert sorted(key_map[k] for k in nin_shortcut_keys(state)) == [
+        "decoder.4.0.nin_shortcut.weight", "decoder.6.0.nin_shortcut.weight",
+        "encoder.3.0.nin_shortcut.weight", "encoder.5.0.nin_shortcut.weight",
+    ]
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
         z_ref = official.encoder(x)
@@ -695,31 +707,36 @@ def test_maskbit_official_weights_load_and_match_numerically(tmp_path, legacy):
         assert torch.equal(model.encode(x)[2], (bits * official.quantize.bits_to_indices).sum(-1))
 
 
-def test_maskbit_release_names_map_except_the_documented_shortcut_gap():
+def test_maskbit_release_layout_maps_and_loads_completely():
     with torch.device("meta"):
         official = _MaskBitConvVQModel(K=12)
         ours = _our_shapes(lfq_config("maskbit-k12").build())
     shapes = _our_shapes(official)
-    gap = unmappable_keys(shapes)
-    assert gap == [
+    nin = nin_shortcut_keys(shapes)
+    assert nin == [
         "encoder.down.2.res_blocks.0.nin_shortcut.weight",
         "encoder.down.4.res_blocks.0.nin_shortcut.weight",
         "decoder.up.1.res_blocks.0.nin_shortcut.weight",
         "decoder.up.3.res_blocks.0.nin_shortcut.weight",
     ]
-    assert [shapes[k][:2] for k in gap] == [(256, 256), (512, 512), (256, 256), (128, 128)]
+    assert [shapes[k] for k in nin] == [(c, c, 1, 1) for c in (256, 512, 256, 128)]
     key_map = maskbit_key_map(shapes)
+    assert len(key_map) == len(shapes) - 2  # everything but the two quantizer buffers
+    assert sorted(key_map.values()) == sorted(ours)  # a bijection onto our parameters
     assert all(shapes[src] == ours[dst] for src, dst in key_map.items())
-    unmapped_ours = sorted(set(ours) - set(key_map.values()))
-    assert unmapped_ours == sorted(
-        ["encoder.5.0.shortcut.weight", "encoder.9.0.shortcut.weight",
-         "decoder.4.0.shortcut.weight", "decoder.8.0.shortcut.weight"]
-    )
-    assert ours["encoder.5.0.shortcut.weight"] == (256, 128, 1, 1)  # (out, in): different function
-    state = {k: torch.zeros(s) for k, s in shapes.items()}
-    msg = r"'encoder\.down\.2\.res_blocks\.0\.nin_shortcut\.weight' \(256, 256, 1, 1\).*output"
-    with pytest.raises(ValueError, match=msg):
-        load_official_maskbit(state, "maskbit-k12")
+    assert [key_map[k] for k in nin] == [
+        "encoder.5.0.nin_shortcut.weight", "encoder.9.0.nin_shortcut.weight",
+        "decoder.4.0.nin_shortcut.weight", "decoder.8.0.nin_shortcut.weight",
+    ]
+    # the full released layout loads (no refusal), every tensor landing where the map says
+    gen = torch.Generator().manual_seed(0)
+    state = {k: torch.zeros(s) for k, s in shapes.items() if not k.startswith("quantize.")}
+    for k in nin:
+        state[k] = torch.randn(shapes[k], generator=gen)
+    model = load_official_maskbit(state, "maskbit-k12")
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[key_map[k]], state[k]) for k in nin)
+    assert loaded["encoder.5.0.conv1.weight"].abs().sum() == 0
 
 
 def test_maskbit_load_errors():
@@ -729,11 +746,17 @@ def test_maskbit_load_errors():
         load_official_maskbit(state, _SMALL_LFQ.model_copy(update={"norm_groups": 16}))
     with pytest.raises(ValueError, match="bits_to_indices"):
         load_official_maskbit(state, _SMALL_LFQ.model_copy(update={"token_bits": 7}))
+    msg = r"'encoder\.down\.1\.res_blocks\.0\.nin_shortcut\.weight' \(64, 64, 1, 1\).*'input'"
+    with pytest.raises(ValueError, match=msg):
+        load_official_maskbit(state, _SMALL_LFQ.model_copy(update={"shortcut": "input"}))
     bad = dict(state)
     bad["encoder.conv_out.weight"] = torch.zeros(6, 16, 1, 1)
     msg = r"'encoder\.conv_out\.weight'.*\(6, 16, 1, 1\).*\(6, 32, 1, 1\)"
     with pytest.raises(ValueError, match=msg):
         load_official_maskbit(bad, _SMALL_LFQ)
+    missing = {k: v for k, v in state.items() if "nin_shortcut" not in k}
+    with pytest.raises(ValueError, match=r"'encoder\.3\.0\.nin_shortcut\.weight' has no source"):
+        load_official_maskbit(missing, _SMALL_LFQ)
     with pytest.raises(ValueError, match="pickle"):
         load_official_maskbit("maskbit_tokenizer_12bit.bin", "maskbit-k12")
 

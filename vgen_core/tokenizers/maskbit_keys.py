@@ -6,10 +6,11 @@ ConvDecoderLegacy, ResidualStage, DownsamplingStage, UpsamplingStage, ResidualBl
 `modeling/quantizer/lookup_free.py` (buffers `bits_to_indices`, `codebook`). The released MaskBit
 tokenizers are built with `ConvVQModel(config, legacy=False)` (demo_utils.get_tokenizer).
 
-With L = len(ch_mult) levels (l = level, j = block), official -> here:
+Every key of the released layout maps by a rename. With L = len(ch_mult) levels (l = level,
+j = block), official -> here:
 
     encoder.conv_in.weight                          encoder.0.weight
-    encoder.down.l.res_blocks.j.{norm1,conv1,norm2,conv2}.*
+    encoder.down.l.res_blocks.j.{norm1,conv1,norm2,conv2,nin_shortcut}.*
                                                     encoder.(1+2l).j.{...}.*
     encoder.down.l.down_conv.{weight,bias}          encoder.(2+2l).conv.*        (l < L-1)
     encoder.mid.res_blocks.j.*                      encoder.(2L).j.*
@@ -24,18 +25,16 @@ With L = len(ch_mult) levels (l = level, j = block), official -> here:
     quantize.bits_to_indices, quantize.codebook     dropped (implicit codebook; checked to be
                                                     the LSB-first one)
 
-The gap that cannot be mapped: the channel-changing residual shortcut. The official
-`ResidualBlock` with in != out owns `nin_shortcut` = bias-free 1x1 conv of shape (out, out, 1, 1)
-and applies it to the block OUTPUT (`residual = nin_shortcut(hidden_states)` after conv2, so the
-block returns h + W h and drops its input). `lfq._ResBlock` owns `shortcut` of shape
-(out, in, 1, 1) applied to the block INPUT (x W + h). Neither the shapes nor the function agree,
-so those weights are not mapped (`unmappable_keys`) and `load_official_maskbit` refuses any
-checkpoint that has them: with ch_mult (1,1,2,2,4) that is every released MaskBit tokenizer
-(4 keys: encoder down.2 and down.4 block 0, decoder level-3 and level-1 block 0). Loading them
-needs an official-compatible shortcut mode in `lfq._ResBlock` (conv (out, out) on the output);
-everything else already matches: bias-free conv_in and block convs, biased down/up/out convs,
-GroupNorm(32, eps 1e-6), TF-SAME stride-2 padding (right/bottom), nearest x2 upsampling.
-Also required: `norm_groups == 32` (the official GroupNorm is always 32 groups).
+The channel-changing residual blocks (first block of a level whose width changes; with ch_mult
+(1,1,2,2,4) encoder down.2/down.4 and decoder up.3/up.1, block 0) own `nin_shortcut`, a bias-free
+(out, out, 1, 1) conv that the official `ResidualBlock` applies to the block OUTPUT (h + W h).
+`LFQConfig(shortcut="official")`, the default and the value of every `maskbit-k*` size, builds the
+same module under the same name, so those 4 weights load like the rest. A config with
+`shortcut="input"` (an (out, in) conv on the block input: a different function) is refused for a
+checkpoint that has `nin_shortcut` weights. Everything else matches as well: bias-free conv_in and
+block convs, biased down/up/out convs, GroupNorm(32, eps 1e-6), TF-SAME stride-2 padding
+(right/bottom), nearest x2 upsampling. Required: `norm_groups == 32` (the official GroupNorm is
+always 32 groups).
 
 Official checkpoints are `pytorch_model.bin` pickles; convert once to safetensors (see
 `vgen_core.tokenizers.kl_vae.read_state_dict`), then load with `load_official_maskbit`.
@@ -54,7 +53,7 @@ from torch import Tensor
 from vgen_core.tokenizers.kl_vae import load_mapped_state_dict, read_state_dict
 from vgen_core.tokenizers.lfq import LFQConfig, LFQTokenizer, lfq_config
 
-__all__ = ["load_official_maskbit", "official_key_map", "unmappable_keys"]
+__all__ = ["load_official_maskbit", "nin_shortcut_keys", "official_key_map"]
 
 _QUANTIZER_BUFFERS = ("quantize.bits_to_indices", "quantize.codebook")
 _RE_ENC_DOWN = re.compile(r"^encoder\.down\.(\d+)\.(res_blocks\.(\d+)\..+|down_conv\..+)$")
@@ -81,17 +80,17 @@ def _is_legacy(keys: list[str], n_levels: int) -> bool:
     return without == [0] and n_levels > 1
 
 
-def unmappable_keys(state_dict: Mapping[str, Any]) -> list[str]:
-    """Official `nin_shortcut` weights, which `LFQTokenizer` cannot express (module docstring)."""
+def nin_shortcut_keys(state_dict: Mapping[str, Any]) -> list[str]:
+    """Official channel-changing shortcut weights (need `LFQConfig.shortcut == "official"`)."""
     return [k for k in state_dict if k.endswith(".nin_shortcut.weight")]
 
 
 def official_key_map(
     state_dict: Mapping[str, Any], legacy_decoder: bool | None = None
 ) -> dict[str, str]:
-    """Official MaskBit key -> `LFQTokenizer` key, for every key lfq.py can express.
+    """Official MaskBit key -> `LFQTokenizer` key (for `LFQConfig(shortcut="official")`).
 
-    Leaves out `unmappable_keys` and the quantizer buffers. `legacy_decoder=None` detects
+    Leaves out only the quantizer buffers. `legacy_decoder=None` detects
     ConvDecoder vs ConvDecoderLegacy numbering from the keys. Keys not recognised map to
     themselves, so a loader reports them as unexpected.
     """
@@ -100,7 +99,7 @@ def official_key_map(
     legacy = _is_legacy(keys, L) if legacy_decoder is None else legacy_decoder
     out: dict[str, str] = {}
     for k in keys:
-        if k in _QUANTIZER_BUFFERS or k.endswith(".nin_shortcut.weight"):
+        if k in _QUANTIZER_BUFFERS:
             continue
         out[k] = _map_key(k, L, legacy)
     return out
@@ -136,22 +135,21 @@ def load_official_maskbit(
     """Build `size` (an `LFQ_SIZES` name or a config) and load an official MaskBit state dict.
 
     `source` is a `.safetensors` path or a state dict with the official names. Returns the model in
-    eval mode. Raises ValueError when the checkpoint holds `nin_shortcut` weights (the documented
-    gap), when `norm_groups != 32`, when the implicit-codebook buffers are not the LSB-first
-    codebook of `token_bits` bits, or naming the first key whose shape does not fit.
+    eval mode. Raises ValueError when the checkpoint holds `nin_shortcut` weights and the config has
+    `shortcut="input"`, when `norm_groups != 32`, when the implicit-codebook buffers are not the
+    LSB-first codebook of `token_bits` bits, or naming the first key whose shape does not fit.
     """
     config = size if isinstance(size, LFQConfig) else lfq_config(size)
     label = size if isinstance(size, str) else "custom config"
     what = f"maskbit_keys.load_official_maskbit({label})"
     state = read_state_dict(source, what=what)
-    gap = unmappable_keys(state)
-    if gap:
+    nin = nin_shortcut_keys(state)
+    if nin and config.shortcut != "official":
         raise ValueError(
-            f"{what}: {len(gap)} official residual-shortcut weights cannot be loaded into "
-            f"LFQTokenizer, first '{gap[0]}' {tuple(state[gap[0]].shape)}: MaskBit applies this "
-            "bias-free (out, out) 1x1 conv to the block output, lfq._ResBlock applies an "
-            "(out, in) conv to the block input. See maskbit_keys' module docstring; loading "
-            "needs an official-compatible shortcut mode in lfq.py."
+            f"{what}: the checkpoint has {len(nin)} official residual-shortcut weights, first "
+            f"'{nin[0]}' {tuple(state[nin[0]].shape)}, which MaskBit applies to the block output; "
+            f"the config has shortcut={config.shortcut!r} (an (out, in) conv on the block input). "
+            "Use shortcut='official'."
         )
     if config.norm_groups != 32:
         raise ValueError(
