@@ -124,7 +124,6 @@ class Runner:
         pending = list(self.dag.order)
         running: dict[Future, str] = {}
         used_cpus = 0.0
-        lock = threading.Lock()
         with ThreadPoolExecutor(max_workers=max(1, len(pending))) as pool:
             while pending or running:
                 started = False
@@ -157,10 +156,7 @@ class Runner:
                 for fut in finished:
                     name = running.pop(fut)
                     used_cpus -= self._cpu_demand(name)
-                    outcome, fp = fut.result()
-                    with lock:
-                        outcomes[name] = outcome
-                        fps[name] = fp
+                    outcomes[name], fps[name] = fut.result()
         summary = RunSummary(self.dag.name, self.store.root, self.tracking_uri,
                              self.tracker.run_id, {n: outcomes[n] for n in self.dag.order},
                              time.time() - t0)
