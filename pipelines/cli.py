@@ -3,6 +3,7 @@
     vgen run DAG.yaml [--storage ROOT] [--tracking-uri URI] [--address RAY]
     vgen plan DAG.yaml [--format text|json|mermaid]
     vgen status DAG.yaml [--json]
+    vgen gc DAG.yaml [--dry-run]
     vgen ui [--storage ROOT | --tracking-uri URI] [--port 5000]
 
 ``--storage`` (env VGEN_STORAGE) overrides the DAG's storage root, so one DAG runs against several
@@ -56,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="state, output tables (URI@version) and counts per stage")
     _common(p)
     p.add_argument("--json", action="store_true", help="machine-readable output for scripts/CI")
+
+    p = sub.add_parser("gc", help="delete side-table rows no current curated version references",
+                       description="For every side table (tokens, latents) the DAG wrote, delete "
+                       "the rows whose (sample_id, content_digest) is not in the latest version "
+                       "of the curated table it was made from. Older table versions stay "
+                       "readable until Delta's vacuum.")
+    _common(p)
+    p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
 
     p = sub.add_parser("ui", help="serve the MLflow UI for a storage root on 127.0.0.1")
     p.add_argument("--storage", default=os.environ.get("VGEN_STORAGE", "./.vgen-demo"),
@@ -164,6 +173,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from pipelines.dag.gc import gc_dag
+
+    dag, store, _ = _load(args)
+    results = gc_dag(dag, store, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    for r in results:
+        print(f"{store.uri(r.table)}: {verb} {r.stale} stale rows (source {r.source}); "
+              f"version {r.version}")
+    if not results:
+        print("no side tables recorded for this DAG yet")
+    return EXIT_OK
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from vgen_core.data import TableStore
     from vgen_core.tracking import default_tracking_uri
@@ -180,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     from vgen_core.data import StorageError
 
     args = build_parser().parse_args(argv)
-    handler = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "ui": cmd_ui}[args.command]
+    handler = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "gc": cmd_gc,
+               "ui": cmd_ui}[args.command]
     try:
         return handler(args)
     except DagError as e:

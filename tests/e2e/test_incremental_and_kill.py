@@ -89,6 +89,14 @@ def test_changed_image_recomputes_only_its_samples(setup):
     changed = sorted(s for s in after if after[s] != before[s])
     assert changed == [f"images/coffee-c{k}" for k in range(CROPS)]
 
+    # the 4 old-digest token rows are unreachable now: `vgen gc` deletes exactly those
+    g = subprocess.run(vgen_cmd() + ["gc", str(dag), "--storage", str(storage)], env=env,
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert g.returncode == 0, g.stderr
+    assert f"deleted {CROPS} stale rows" in g.stdout
+    tokens = TableStore(str(storage)).read("inc/tokens")
+    assert tokens.num_rows == N and len(set(tokens["sample_id"].to_pylist())) == N
+
 
 def test_undecodable_image_is_quarantined_within_budget(setup):
     dag, images, storage, env = setup

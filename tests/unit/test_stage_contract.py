@@ -84,6 +84,17 @@ def test_incremental_quarantine_and_chunks(tmp_path):
     assert r.counts.processed == 11
     assert store.read("t/double").num_rows == 9 + 2 + 11
 
+    # gc: only the row of s/4's old digest is unreachable; both fingerprints' current rows stay
+    from pipelines.dag.gc import gc_side_table
+
+    assert gc_side_table(store, "t/double", "t/src", dry_run=True).stale == 1
+    res = gc_side_table(store, "t/double", "t/src")
+    assert res.stale == 1
+    rows = store.read("t/double").to_pylist()
+    assert len(rows) == 9 + 1 + 11
+    assert {r["doubled"] for r in rows if r["sample_id"] == "s/4"} == {800}
+    assert gc_side_table(store, "t/double", "t/src").stale == 0
+
 
 def test_error_budget(tmp_path):
     store = TableStore(str(tmp_path))
