@@ -31,11 +31,12 @@ class StagePlan:
     todo: int | None = None  # samples to compute (per-sample stages, when known)
     total: int | None = None
     outputs: dict[str, OutputRef] = field(default_factory=dict)  # recorded, when up-to-date
+    breakdown: dict[str, int] = field(default_factory=dict)  # new / changed / stale_tokenizer
 
     def to_json(self) -> dict[str, Any]:
         return {"stage": self.stage, "kind": self.kind, "state": self.state,
                 "reason": self.reason, "fingerprint": self.fingerprint,
-                "todo": self.todo, "total": self.total,
+                "todo": self.todo, "total": self.total, "breakdown": self.breakdown,
                 "outputs": {k: v.to_json() for k, v in self.outputs.items()}}
 
 
@@ -90,8 +91,11 @@ def plan_stage(dag: Dag, name: str, store: Any, inputs: dict[str, dict[str, Outp
         work = stage.plan_work()
         plan.total = work.total
         plan.todo = work.todo_count if work.items is None else None
+        plan.breakdown = dict(work.breakdown)
         if plan.todo is not None:
-            plan.reason += f" ({plan.todo} of {work.total} samples to compute)"
+            parts = ", ".join(f"{v} {k.replace('_', '-')}" for k, v in work.breakdown.items() if v)
+            plan.reason += (f" ({plan.todo} of {work.total} samples to compute"
+                            + (f": {parts}" if parts else "") + ")")
     return plan, stage
 
 

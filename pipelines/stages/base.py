@@ -142,6 +142,8 @@ class Work:
     table_uri: str | None = None
     table_version: int | None = None
     todo: pa.Table | None = None
+    #: why the to-do samples are to do: new / changed (digest) / stale (other fingerprint)
+    breakdown: dict[str, int] = field(default_factory=dict)
 
     @property
     def todo_count(self) -> int:
@@ -223,7 +225,22 @@ class MapStage(Stage):
         todo = current.join(done, keys=["sample_id", "content_digest"], join_type="left anti") \
             if done.num_rows else current
         return Work(total=current.num_rows, skipped=current.num_rows - todo.num_rows,
-                    table_name=ref.name, table_uri=ref.uri, table_version=ref.version, todo=todo)
+                    table_name=ref.name, table_uri=ref.uri, table_version=ref.version, todo=todo,
+                    breakdown=self._breakdown(todo))
+
+    def _breakdown(self, todo: pa.Table) -> dict[str, int]:
+        """Split the to-do samples: ``new`` (sample_id never processed), ``changed`` (processed,
+        but not at this digest), ``stale_tokenizer`` (this digest done by another fingerprint)."""
+        store, name = self.ctx.store, self.table_name()
+        if not todo.num_rows or not store.exists(name):
+            return {"new": todo.num_rows, "changed": 0, "stale_tokenizer": 0}
+        cols = ["sample_id", "content_digest"]
+        seen = store.read(name, columns=cols).group_by(cols).aggregate([])
+        other_fp = todo.join(seen, keys=cols, join_type="left semi").num_rows
+        rest = todo.join(seen, keys=cols, join_type="left anti")
+        ids = seen.select(["sample_id"]).group_by(["sample_id"]).aggregate([])
+        changed = rest.join(ids, keys=["sample_id"], join_type="left semi").num_rows
+        return {"new": rest.num_rows - changed, "changed": changed, "stale_tokenizer": other_fp}
 
     def samples_input(self) -> OutputRef:
         """The upstream 'samples' table this stage maps over (exactly one upstream has one)."""

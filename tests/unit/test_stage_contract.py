@@ -75,6 +75,14 @@ def test_incremental_quarantine_and_chunks(tmp_path):
 
     # one changed sample and one new one: only those two computed
     ref = make_input(store, {"s/4": 400, "s/10": 10})
+    ctx = StageContext(dag="t", stage="double", store=store, row_fingerprint="fp1",
+                       inputs={"src": {"samples": ref}})
+    assert Double(DoubleConfig(), ctx).plan_work().breakdown == {
+        "new": 1, "changed": 1, "stale_tokenizer": 0}
+    ctx.row_fingerprint = "fp2"
+    assert Double(DoubleConfig(), ctx).plan_work().breakdown == {
+        # 8 unchanged samples only fp1 made; s/3 (quarantined, never written) and s/10 are new
+        "new": 2, "changed": 1, "stale_tokenizer": 8}
     r = run(store, ref, fail_on=["s/3"])
     assert (r.counts.processed, r.counts.skipped) == (2, 9)
     assert Double.calls == 2
