@@ -132,6 +132,15 @@ class TrainTokenizer(JobStage):
     output_key = "tokenizer"
     config: TrainTokenizerConfig
 
+    def row_fingerprint_parts(self) -> dict[str, Any]:
+        """The resolved model config (registry defaults included) and the training code."""
+        from vgen_core.training import get_task
+        from vgen_core.training.loop import LOOP_VERSION
+
+        task = get_task(self.config.model)
+        return {"model_config": task.config(self.config.size, self.config.overrides),
+                "loop_version": LOOP_VERSION}
+
     def dataset(self):
         import ray.data
 

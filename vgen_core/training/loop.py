@@ -15,7 +15,10 @@ from typing import Any, Callable, Iterator
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["TrainConfig", "deepspeed_config", "lr_at", "train_loop"]
+__all__ = ["TrainConfig", "deepspeed_config", "lr_at", "train_loop", "LOOP_VERSION"]
+
+#: Bump when the loop's semantics change (part of every train stage's fingerprint).
+LOOP_VERSION = 1
 
 
 class TrainConfig(BaseModel):

@@ -26,12 +26,21 @@ class Task:
     family: str
     build: Callable[[str, dict[str, Any], dict[str, Any]], nn.Module]
     loss: Callable[[nn.Module, dict[str, torch.Tensor], int], tuple[torch.Tensor, dict]]
+    #: (size, overrides) -> the resolved model config as JSON (for fingerprints: a change of a
+    #: registry default retrains, as a change of the DAG's config does)
+    config: Callable[[str, dict[str, Any]], dict[str, Any]]
 
 
 def _build_lfq(size: str, overrides: dict[str, Any], data: dict[str, Any]) -> nn.Module:
     from vgen_core.tokenizers.lfq import lfq_config
 
     return lfq_config(size, **overrides).build()
+
+
+def _config_lfq(size: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    from vgen_core.tokenizers.lfq import lfq_config
+
+    return lfq_config(size, **overrides).model_dump(mode="json")
 
 
 def _loss_lfq(model: nn.Module, batch: dict[str, torch.Tensor], step: int):
@@ -50,6 +59,12 @@ def _build_maskgit(size: str, overrides: dict[str, Any], data: dict[str, Any]) -
     return maskgit_config(size, **{**fields, **overrides}).build()
 
 
+def _config_maskgit(size: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    from vgen_core.generators.masked import maskgit_config
+
+    return maskgit_config(size, **overrides).model_dump(mode="json")
+
+
 def _loss_maskgit(model: nn.Module, batch: dict[str, torch.Tensor], step: int):
     from vgen_core.generators.masked import masked_token_loss
 
@@ -58,8 +73,8 @@ def _loss_maskgit(model: nn.Module, batch: dict[str, torch.Tensor], step: int):
 
 
 TASKS: dict[str, Task] = {
-    "lfq": Task("lfq", _build_lfq, _loss_lfq),
-    "maskgit": Task("maskgit", _build_maskgit, _loss_maskgit),
+    "lfq": Task("lfq", _build_lfq, _loss_lfq, _config_lfq),
+    "maskgit": Task("maskgit", _build_maskgit, _loss_maskgit, _config_maskgit),
 }
 
 
