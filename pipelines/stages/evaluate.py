@@ -8,6 +8,10 @@ Metrics (written to MLflow and to the results table ``<dag>/<stage>``):
 * ``codebook/*``: usage (unique ids / codebook size), entropy and perplexity of the dataset's
   tokens, and ``bits/balance_min``/``max``: the extreme per-bit frequencies of ones;
 * ``samples/codebook_usage``: the same usage for ``num_samples`` generated token grids;
+* ``recon/rfid`` and ``samples/fid``: Fréchet distances (reconstructions vs originals, samples vs
+  originals) from streaming, mergeable feature statistics; the extractor (the built-in
+  ``tiny-conv-seed0-v1``, or the standard InceptionV3 from a local weights file) is recorded in
+  the results table's ``extractor`` column, so numbers of different extractors are never mixed;
 * image grids: originals over reconstructions, and decoded generator samples (fixed seed and
   labels, so runs compare side by side).
 """
@@ -32,6 +36,10 @@ from .tokenize import fetch_model_dir, preprocess
 
 class EvaluateTokenizerConfig(StageConfig):
     resolution: int = Field(32, ge=8)
+    extractor: str = Field("tiny-conv", pattern="^(tiny-conv|inception)$",
+                           description="feature extractor for rFID / FID")
+    inception_weights: str | None = Field(
+        None, description="local pt_inception-2015-12-05 weights (extractor: inception)")
     num_samples: int = Field(16, ge=0, description="generator samples to draw (0 = none)")
     sample_steps: int = Field(8, ge=1)
     guidance_scale: float = Field(2.0, ge=0)
@@ -39,14 +47,27 @@ class EvaluateTokenizerConfig(StageConfig):
     grid_size: int = Field(8, ge=1)
 
 
+def build_extractor(cfg: EvaluateTokenizerConfig):
+    """The configured feature extractor (its ``name`` goes with every FID it produces)."""
+    from vgen_core.eval.extractors import InceptionV3FID, TinyConvExtractor
+
+    if cfg.extractor == "inception":
+        if not cfg.inception_weights:
+            raise StageError("with.extractor is 'inception' but with.inception_weights is not "
+                             "set: give the local path of pt_inception-2015-12-05-6726825d.pth")
+        return InceptionV3FID(cfg.inception_weights)
+    return TinyConvExtractor(seed=0)
+
+
 class _ReconActor:
-    def __init__(self, tokenizer_uri: str, resolution: int):
+    def __init__(self, tokenizer_uri: str, cfg: EvaluateTokenizerConfig):
         from vgen_core.tokenizers.io import load_pretrained
 
         self._tmp = tempfile.TemporaryDirectory()
         self.model = load_pretrained(fetch_model_dir(tokenizer_uri, self._tmp.name),
                                      expected_family="lfq").eval()
-        self.resolution = resolution
+        self.resolution = cfg.resolution
+        self.extractor = build_extractor(cfg)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         import torch
@@ -63,8 +84,12 @@ class _ReconActor:
             rec = self.model.decode(q).clamp(-1, 1)
         x01, r01 = (x + 1) / 2, (rec + 1) / 2
         per_image = psnr(r01, x01, data_range=1.0, reduction="none")
+        with torch.inference_mode():
+            f_orig = self.extractor(x01.clamp(0, 1)).pool_BD.double().numpy()
+            f_rec = self.extractor(r01.clamp(0, 1)).pool_BD.double().numpy()
         return {"sample_id": np.asarray(batch["sample_id"].to_pylist(), dtype=object),
-                "psnr": per_image.numpy().astype(np.float64)}
+                "psnr": per_image.numpy().astype(np.float64),
+                "feat_orig": f_orig, "feat_rec": f_rec}
 
 
 class EvaluateTokenizer(JobStage):
@@ -108,16 +133,25 @@ class EvaluateTokenizer(JobStage):
         ds = ray.data.read_delta(source.uri, version=source.version,
                                  columns=["sample_id", "image_png"],
                                  storage_options=store.storage_options or None)
-        ds = ds.map_batches(_ReconActor, fn_constructor_args=(tok_ref.uri, cfg.resolution),
+        ds = ds.map_batches(_ReconActor, fn_constructor_args=(tok_ref.uri, cfg),
                             batch_format="pyarrow", batch_size=32,
                             compute=ray.data.ActorPoolStrategy(
                                 min_size=1, max_size=pool_size(self.ctx.resources, self.ctx.cluster)),
                             num_cpus=actor_cpus(self.ctx.resources, self.ctx.cluster))
+        from vgen_core.eval.fid import FeatureStats
+
+        extractor = build_extractor(cfg)
+        stats_orig = FeatureStats(extractor.dims, extractor.name)
+        stats_rec = FeatureStats(extractor.dims, extractor.name)
         psnr_sum, n = 0.0, 0
         for b in ds.iter_batches(batch_format="numpy", batch_size=None):
             psnr_sum += float(np.sum(b["psnr"]))
             n += len(b["psnr"])
+            stats_orig.update(np.asarray(b["feat_orig"]))
+            stats_rec.update(np.asarray(b["feat_rec"]))
         metrics["recon/psnr"] = psnr_sum / max(n, 1)
+        # rFID: reconstructions vs originals, same extractor (named in the results table)
+        metrics["recon/rfid"] = stats_orig.frechet_distance(stats_rec)
 
         bits = int(tok_table["token_bits"][0].as_py())
         idx = np.concatenate([np.asarray(r, dtype=np.int64)
@@ -164,15 +198,20 @@ class EvaluateTokenizer(JobStage):
                 metrics["samples/codebook_usage"] = float(s_usage["usage_fraction"])
                 with torch.inference_mode():
                     imgs = _to_uint8(tok.decode_indices(toks.view(-1, h, w)))
+                    feats = extractor(torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous())
                 tracker.log_image("samples_grid", image_grid(imgs, nrow=cfg.grid_size))
                 n_samples = cfg.num_samples
+                if n_samples >= 2:  # FID against the curated images (tiny n: a trend, no more)
+                    stats_gen = FeatureStats(extractor.dims, extractor.name)
+                    stats_gen.update(feats.pool_BD.double().numpy())
+                    metrics["samples/fid"] = stats_orig.frechet_distance(stats_gen)
 
         now = dt.datetime.now(dt.timezone.utc)
         rows = [{"stage": self.ctx.stage, "fingerprint": self.ctx.row_fingerprint, "metric": k,
                  "value": float(v), "num_samples": n_samples if k.startswith("samples/") else
                  (n if k.startswith("recon/") else tok_table.num_rows),
-                 "extractor": None, "details": json.dumps({"tokens": tokens.uri,
-                                                           "version": tokens.version}),
+                 "extractor": extractor.name if "fid" in k else None,
+                 "details": json.dumps({"tokens": tokens.uri, "version": tokens.version}),
                  "recorded_at": now} for k, v in metrics.items()]
         name = self.table_name()
         version = store.append(name, pa.Table.from_pylist(rows, schema=EVAL_RESULTS),

@@ -73,6 +73,10 @@ def test_demo_runs_then_skips_then_recomputes_changed(demo_env):
     assert 10.0 < results["recon/psnr"] < 60.0
     assert 0.0 < results["codebook/usage_fraction"] <= 1.0
     assert results["samples/codebook_usage"] > 0.0
+    assert results["recon/rfid"] >= 0.0 and results["samples/fid"] > results["recon/rfid"]
+    extractors = {r["metric"]: r["extractor"] for r in store.read("demo/eval").to_pylist()}
+    assert extractors["recon/rfid"] == extractors["samples/fid"] == "tiny-conv-seed0-v1"
+    assert extractors["recon/psnr"] is None
 
     # MLflow: one DAG run, nested stage runs, rank-0 loss curves, table lineage
     from mlflow.tracking import MlflowClient
