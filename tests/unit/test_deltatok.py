@@ -30,13 +30,6 @@ from vgen_core.tokenizers.deltatok import (
 )
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _tiny(**overrides) -> DeltaTok:
     torch.manual_seed(0)

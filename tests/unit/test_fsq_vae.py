@@ -49,14 +49,6 @@ from vgen_core.tokenizers.maskbit_keys import load_official_maskbit, nin_shortcu
 from vgen_core.tokenizers.maskbit_keys import official_key_map as maskbit_key_map
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train faster and more reproducibly on one intra-op thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _patterns(n: int, size: int) -> torch.Tensor:
     """n fixed RGB patterns in [-0.9, 0.9]: (n, 3, size, size)."""

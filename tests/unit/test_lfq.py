@@ -33,14 +33,6 @@ from vgen_core.tokenizers import (
 from vgen_core.tokenizers.lfq import _AvgEntropyChunked, _avg_entropy_dense, _ResBlock
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train faster and more reproducibly on one intra-op thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _dense_entropies(z_NK: torch.Tensor, T: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Textbook definition: softmax(2 z.c / T) over the explicit {-1,+1}^K codebook."""

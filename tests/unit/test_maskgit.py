@@ -20,13 +20,6 @@ from vgen_core.generators import (
 from vgen_core.tokenizers import load_pretrained, save_pretrained, weights_digest
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _tiny(**overrides):
     torch.manual_seed(0)

@@ -37,13 +37,6 @@ from vgen_core.tokenizers.titok import (
 TINY = ["tiny", "tiny-vae", "tiny-legacy", "tatitok-tiny", "tatitok-tiny-vae"]
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _text(cfg: TiTokConfig, batch: int, device: str | None = None) -> torch.Tensor | None:
     if not isinstance(cfg, TATiTokConfig):
