@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from ._vit import Block as _Block
 
 from vgen_core.tokenizers.io import register_family
-from vgen_core.tokenizers.kl_vae import load_mapped_state_dict, read_state_dict
+from vgen_core.tokenizers.io import load_mapped_state_dict, read_state_dict
 from vgen_core.tokenizers.lfq import bits_to_indices, indices_to_bits, pack_bits, unpack_bits
 
 __all__ = [
@@ -520,7 +520,7 @@ def load_official_bar_fsq(
     """Build `size` and load a full official BAR_FSQ state dict (safetensors path or dict).
 
     The official `pytorch_model.bin` is a pickle: convert it once (see
-    `kl_vae.read_state_dict`). A checkpoint trained without CLIP alignment has no
+    `io.read_state_dict`). A checkpoint trained without CLIP alignment has no
     `decoder.clip_projector.*`: pass a config with `clip_align=False`. Returns the model in eval
     mode.
     """

@@ -19,12 +19,13 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = ["load_pretrained", "register_family", "save_pretrained", "weights_digest"]
 
@@ -162,3 +163,79 @@ def load_pretrained(
             "the files were modified or mixed from two exports."
         )
     return model.to(device).eval()
+
+
+# Released (official) checkpoints ----------------------------------------------------------
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def read_state_dict(source: str | Path | Mapping[str, Tensor], *, what: str) -> dict[str, Tensor]:
+    """A state dict given directly, or read from a `.safetensors` file (never unpickled).
+
+    Pickle checkpoints (.ckpt/.bin/.pt/.pth) are refused. Convert one once, in an environment you
+    trust, e.g. for a LDM/SD `.ckpt` (weights under "state_dict") or a MAR `kl16.ckpt` ("model"):
+
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = sd.get("state_dict", sd.get("model", sd))
+        safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, out_path)
+    """
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = Path(source)
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise ValueError(
+            f"{what}: {path} is a pickle checkpoint, which is never unpickled here. Convert it "
+            "once to safetensors in a trusted environment (torch.load(path, map_location='cpu', "
+            "weights_only=True) then safetensors.torch.save_file); see read_state_dict's docstring."
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} not found.")
+    return load_file(str(path), device="cpu")
+
+
+def load_mapped_state_dict(
+    model: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    key_map: Mapping[str, str],
+    *,
+    what: str,
+    reshape_to_target: bool = False,
+) -> nn.Module:
+    """Copy `state_dict[src]` into `model`'s `key_map[src]` for every src in `key_map`; strict.
+
+    Raises ValueError naming the first checkpoint key whose shape does not fit (both shapes),
+    else the first model key nothing maps to, else the first mapped key the model lacks.
+    With `reshape_to_target`, a tensor with the same number of elements and equal leading dims
+    (a Linear (D, D) weight for a 1x1 Conv (D, D, 1, 1)) is reshaped to the target shape.
+    """
+    own = model.state_dict()
+    converted: dict[str, Tensor] = {}
+    for src, dst in key_map.items():
+        tensor = state_dict[src]
+        if dst in own and tuple(tensor.shape) != tuple(own[dst].shape):
+            target = own[dst].shape
+            fits = tensor.ndim >= 2 and tuple(target[: tensor.ndim]) == tuple(tensor.shape)
+            if not (reshape_to_target and fits and tensor.numel() == own[dst].numel()):
+                raise ValueError(
+                    f"{what}: checkpoint key '{src}' (-> '{dst}') has shape "
+                    f"{tuple(tensor.shape)} but the model expects {tuple(target)}; the checkpoint "
+                    "does not match this size/config."
+                )
+            tensor = tensor.reshape(target)
+        converted[dst] = tensor
+    missing = [k for k in own if k not in converted]
+    if missing:
+        raise ValueError(
+            f"{what}: model key '{missing[0]}' has no source in the checkpoint "
+            f"({len(missing)} missing in total); the checkpoint does not match this size/config."
+        )
+    unexpected = [(s, d) for s, d in key_map.items() if d not in own]
+    if unexpected:
+        s, d = unexpected[0]
+        raise ValueError(
+            f"{what}: checkpoint key '{s}' (-> '{d}') has no counterpart in the model "
+            f"({len(unexpected)} such keys); the checkpoint does not match this size/config."
+        )
+    model.load_state_dict(converted, strict=True)
+    return model

@@ -37,7 +37,7 @@ block convs, biased down/up/out convs, GroupNorm(32, eps 1e-6), TF-SAME stride-2
 always 32 groups).
 
 Official checkpoints are `pytorch_model.bin` pickles; convert once to safetensors (see
-`vgen_core.tokenizers.kl_vae.read_state_dict`), then load with `load_official_maskbit`.
+`vgen_core.tokenizers.io.read_state_dict`), then load with `load_official_maskbit`.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vgen_core.tokenizers.kl_vae import load_mapped_state_dict, read_state_dict
+from vgen_core.tokenizers.io import load_mapped_state_dict, read_state_dict
 from vgen_core.tokenizers.lfq import LFQConfig, LFQTokenizer, lfq_config
 
 __all__ = ["load_official_maskbit", "nin_shortcut_keys", "official_key_map"]
