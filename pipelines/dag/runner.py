@@ -109,7 +109,9 @@ class Runner:
         t0 = time.time()
         self.store.check_writable()
         cluster = {"CPU": float(os.cpu_count() or 2), "GPU": 0.0}
-        if self.executor == "ray" and not self._all_up_to_date():
+        plans = self._plan_all()
+        noop = plans is not None and all(p.state == UP_TO_DATE for p in plans)
+        if self.executor == "ray" and not noop:
             connect_ray(self.address)
             from .ray_exec import cluster_resources
 
@@ -118,6 +120,36 @@ class Runner:
         self.tracker.log_params(self.dag.resolved())
         self.tracker.set_tags({"vgen.dag": self.dag.name, "vgen.storage": self.store.root,
                                "vgen.dag_file": self.dag.source})
+        if noop:  # the plan just made is the answer: nothing to schedule, nothing re-read
+            outcomes = {}
+            for p in plans:
+                print(f"[{p.stage}] up-to-date: skipped ({p.reason})", file=self.stream,
+                      flush=True)
+                outcomes[p.stage] = StageOutcome(p.stage, p.kind, "skipped", p.reason,
+                                                 outputs=p.outputs)
+        else:
+            outcomes = self._schedule()
+        summary = RunSummary(self.dag.name, self.store.root, self.tracking_uri,
+                             self.tracker.run_id, {n: outcomes[n] for n in self.dag.order},
+                             time.time() - t0)
+        self.tracker.log_metrics({"dag.seconds": summary.seconds,
+                                  "dag.stages_ran": sum(o.action == "ran" for o in outcomes.values()),
+                                  "dag.stages_skipped": sum(o.action == "skipped"
+                                                            for o in outcomes.values())})
+        self.tracker.finish("FINISHED" if summary.ok else "FAILED")
+        return summary
+
+    def _plan_all(self) -> list | None:
+        """The whole DAG's plan (None if planning failed: each stage then reports its own error
+        when it is planned again right before it runs)."""
+        try:
+            return plan_dag(self.dag, self.store, self.state)
+        except Exception:
+            return None
+
+    def _schedule(self) -> dict[str, StageOutcome]:
+        """Run stages as their upstream stages finish (see the module docstring)."""
+        cluster = self.cluster
         last, done = self.state.latest(self.dag.name)
         outcomes: dict[str, StageOutcome] = {}
         fps: dict[str, str] = {}
@@ -157,22 +189,7 @@ class Runner:
                     name = running.pop(fut)
                     used_cpus -= self._cpu_demand(name)
                     outcomes[name], fps[name] = fut.result()
-        summary = RunSummary(self.dag.name, self.store.root, self.tracking_uri,
-                             self.tracker.run_id, {n: outcomes[n] for n in self.dag.order},
-                             time.time() - t0)
-        self.tracker.log_metrics({"dag.seconds": summary.seconds,
-                                  "dag.stages_ran": sum(o.action == "ran" for o in outcomes.values()),
-                                  "dag.stages_skipped": sum(o.action == "skipped"
-                                                            for o in outcomes.values())})
-        self.tracker.finish("FINISHED" if summary.ok else "FAILED")
-        return summary
-
-    def _all_up_to_date(self) -> bool:
-        """True when the plan says every stage will be skipped: a no-op run needs no Ray."""
-        try:
-            return all(p.state == UP_TO_DATE for p in plan_dag(self.dag, self.store, self.state))
-        except Exception:  # planning problems surface when the stage itself is planned
-            return False
+        return outcomes
 
     def _cpu_demand(self, name: str) -> float:
         res = self.dag.stage(name).resources

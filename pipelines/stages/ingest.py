@@ -47,6 +47,12 @@ class IngestImages(SourceStage):
 
     # -- listing --------------------------------------------------------------------------
     def _listing(self) -> list[dict[str, Any]]:
+        """The source files, listed once per stage instance (fingerprint and work share it)."""
+        if not hasattr(self, "_cached_listing"):
+            self._cached_listing = self._list_source()
+        return self._cached_listing
+
+    def _list_source(self) -> list[dict[str, Any]]:
         root = self.config.root
         if root.startswith("skimage://"):
             import skimage
