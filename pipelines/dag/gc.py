@@ -1,9 +1,11 @@
 """``vgen gc``: remove side-table rows that no current curated version references.
 
-A side table (tokens, latents) keeps rows of every tokenizer fingerprint; rows whose
-(sample_id, content_digest) is not in the *latest* version of the curated table they were made
-from (their stage's recorded ``source``) can never be served again and are deleted, in chunks of
-at most ``chunk`` keys per Delta commit. Rows of other fingerprints whose digest is current stay.
+A stage's side tables (tokens, latents) are one Delta table per tokenizer fingerprint
+(``<dag>/<stage>/<fp16>``). In each of them, rows whose (sample_id, content_digest) is not in the
+*latest* version of the curated table they were made from (the stage's recorded ``source``) can
+never be served again and are deleted, in chunks of at most ``chunk`` keys per Delta commit.
+Tables of older fingerprints are cleaned the same way but kept (a run may still select them);
+old Delta versions stay readable until the table is vacuumed.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ def gc_dag(dag: Any, store: Any, *, dry_run: bool = False) -> list[GcResult]:
     for name in dag.order:
         outs = (done.get(name) or {}).get("outputs", {})
         if "source" in outs and "samples" in outs and store.exists(outs["samples"]["name"]):
-            results.append(gc_side_table(store, outs["samples"]["name"], outs["source"]["name"],
-                                         dry_run=dry_run))
+            current = outs["samples"]["name"]
+            siblings = [t for t in store.list_tables(f"{dag.name}/{name}") if t != current]
+            for side in [current, *siblings]:
+                results.append(gc_side_table(store, side, outs["source"]["name"],
+                                             dry_run=dry_run))
     return results

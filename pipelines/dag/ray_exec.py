@@ -93,6 +93,7 @@ class RayDataExecutor:
             ds = ray.data.from_arrow(work.items).repartition(n_blocks)
         else:
             ds = ray.data.read_delta(work.table_uri, version=work.table_version,
+                                     columns=work.columns,
                                      storage_options=stage.ctx.store.storage_options or None)
             # plain tasks, not an actor: they share the CPU kept free for reads
             ds = ds.map_batches(filter_to_keys, fn_args=(work.todo,), batch_format="pyarrow")

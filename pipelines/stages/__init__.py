@@ -7,7 +7,11 @@ ingest.images       ingest.py                             image folder / skimage
 curate.pancap       curate.py                             COCONut-PanCap download -> curated table
 curate.vicas        curate.py                             ViCaS download -> curated table
 train.tokenizer     train.py                              Ray Train + DeepSpeed: an image tokenizer
-tokenize.lfq        tokenize.py                           curated images -> bit-token side table
+tokenize.lfq        tokenize.py                           curated images -> LFQ bit tokens
+tokenize.fsq        tokenize.py                           curated images -> BAR binary-FSQ bits
+tokenize.titok      tokenize.py                           curated images -> TiTok 1D VQ ids
+cache.latents       cache_latents.py                      curated images -> VAE / TiTok-KL moments
+tokenize.deltatok   deltatok.py                           curated videos -> DeltaTok delta tokens
 train.generator     train.py                              Ray Train + DeepSpeed: a token generator
 evaluate.tokenizer  evaluate.py                           reconstruction PSNR, codebook usage, samples
 =================== ===================================== =================================
@@ -24,6 +28,10 @@ KINDS: dict[str, str] = {
     "curate.pancap": "pipelines.stages.curate:CuratePanCap",
     "curate.vicas": "pipelines.stages.curate:CurateViCaS",
     "tokenize.lfq": "pipelines.stages.tokenize:TokenizeLFQ",
+    "tokenize.fsq": "pipelines.stages.tokenize:TokenizeFSQ",
+    "tokenize.titok": "pipelines.stages.tokenize:TokenizeTiTok",
+    "cache.latents": "pipelines.stages.cache_latents:CacheLatents",
+    "tokenize.deltatok": "pipelines.stages.deltatok:TokenizeDeltaTok",
     "train.tokenizer": "pipelines.stages.train:TrainTokenizer",
     "train.generator": "pipelines.stages.train:TrainGenerator",
     "evaluate.tokenizer": "pipelines.stages.evaluate:EvaluateTokenizer",

@@ -144,6 +144,8 @@ class Work:
     todo: pa.Table | None = None
     #: why the to-do samples are to do: new / changed (digest) / stale (other fingerprint)
     breakdown: dict[str, int] = field(default_factory=dict)
+    #: input columns the stage reads (None: all); projected at the Delta scan
+    columns: list[str] | None = None
 
     @property
     def todo_count(self) -> int:
@@ -215,6 +217,23 @@ class MapStage(Stage):
     write_mode: ClassVar[str] = "append"
     needs_range = (1, 1)
 
+    def table_name(self, suffix: str = "") -> str:
+        """Side tables (append mode) get one Delta table per row fingerprint,
+        ``<dag>/<stage>/<fingerprint[:16]>``: another tokenizer (weights, preprocessing, code)
+        writes a new table and the old one stays readable. Curated tables and the quarantine
+        table are ``<dag>/<stage>[suffix]``."""
+        if self.write_mode == "append" and not suffix:
+            return f"{self.ctx.dag}/{self.ctx.stage}/{self.ctx.row_fingerprint[:16]}"
+        return super().table_name(suffix)
+
+    def sibling_tables(self) -> list[str]:
+        """This stage's side tables made by other fingerprints (oldest names first)."""
+        if self.write_mode != "append":
+            return []
+        mine = self.table_name()
+        return [t for t in self.ctx.store.list_tables(f"{self.ctx.dag}/{self.ctx.stage}")
+                if t != mine]
+
     # driver side ---------------------------------------------------------------------------
     def plan_work(self) -> Work:
         """Default: the upstream 'samples' table minus what this fingerprint already did."""
@@ -226,16 +245,23 @@ class MapStage(Stage):
             if done.num_rows else current
         return Work(total=current.num_rows, skipped=current.num_rows - todo.num_rows,
                     table_name=ref.name, table_uri=ref.uri, table_version=ref.version, todo=todo,
-                    breakdown=self._breakdown(todo))
+                    breakdown=self._breakdown(todo), columns=self.input_columns())
+
+    def input_columns(self) -> list[str] | None:
+        """Columns of the upstream table ``process_batch`` needs (None: all of them)."""
+        return None
 
     def _breakdown(self, todo: pa.Table) -> dict[str, int]:
         """Split the to-do samples: ``new`` (sample_id never processed), ``changed`` (processed,
         but not at this digest), ``stale_tokenizer`` (this digest done by another fingerprint)."""
-        store, name = self.ctx.store, self.table_name()
-        if not todo.num_rows or not store.exists(name):
+        store = self.ctx.store
+        names = [n for n in [self.table_name(), *self.sibling_tables()] if store.exists(n)]
+        if not todo.num_rows or not names:
             return {"new": todo.num_rows, "changed": 0, "stale_tokenizer": 0}
         cols = ["sample_id", "content_digest"]
-        seen = store.read(name, columns=cols).group_by(cols).aggregate([])
+        seen = pa.concat_tables([
+            store.read(n, columns=cols).cast(pa.schema([pa.field(c, pa.string()) for c in cols]))
+            for n in names]).group_by(cols).aggregate([])
         other_fp = todo.join(seen, keys=cols, join_type="left semi").num_rows
         rest = todo.join(seen, keys=cols, join_type="left anti")
         ids = seen.select(["sample_id"]).group_by(["sample_id"]).aggregate([])
@@ -465,7 +491,7 @@ def iter_work_batches(store: Any, work: Work, size: int) -> Iterable[pa.Table]:
     if work.items is not None:
         table = work.items
     else:
-        table = store.read(work.table_name, version=work.table_version)
+        table = store.read(work.table_name, version=work.table_version, columns=work.columns)
         table = filter_to_keys(table, work.todo)
     for batch in table.to_batches(max_chunksize=size):
         yield pa.Table.from_batches([batch])

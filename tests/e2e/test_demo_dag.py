@@ -66,7 +66,8 @@ def test_demo_runs_then_skips_then_recomputes_changed(demo_env):
     assert st["pancap"]["counts"] == counts(6)  # the sample:// datasets, in the real layouts
     assert st["vicas"]["counts"] == counts(3)
     store = TableStore(str(storage))
-    tokens = store.read("demo/tokens")
+    (side,) = store.list_tables("demo/tokens")
+    tokens = store.read(side)
     assert tokens.num_rows == N and len(set(tokens["sample_id"].to_pylist())) == N
     assert tokens.schema.field("indices").type.value_type.bit_width == 32
     results = {r["metric"]: r["value"] for r in store.read("demo/eval").to_pylist()}

@@ -94,7 +94,8 @@ def test_changed_image_recomputes_only_its_samples(setup):
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert g.returncode == 0, g.stderr
     assert f"deleted {CROPS} stale rows" in g.stdout
-    tokens = TableStore(str(storage)).read("inc/tokens")
+    (side,) = TableStore(str(storage)).list_tables("inc/tokens")  # one tokenizer fingerprint
+    tokens = TableStore(str(storage)).read(side)
     assert tokens.num_rows == N and len(set(tokens["sample_id"].to_pylist())) == N
 
 
@@ -124,11 +125,11 @@ def test_sigkill_mid_stage_then_resume_exactly_once(setup):
     proc = subprocess.Popen(vgen_cmd() + ["run", str(dag), "--storage", str(storage)], env=env,
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    log = storage / "tables" / "inc" / "tokens" / "_delta_log"
+    side_dir = storage / "tables" / "inc" / "tokens"  # <fingerprint[:16]>/_delta_log inside
     deadline = time.time() + 300
     killed_at = None
     while time.time() < deadline and proc.poll() is None:
-        commits = sorted(log.glob("*.json")) if log.exists() else []
+        commits = sorted(side_dir.glob("*/_delta_log/*.json"))
         if len(commits) >= 2:  # created + at least one chunk committed
             os.killpg(proc.pid, signal.SIGKILL)
             killed_at = len(commits)
@@ -137,13 +138,14 @@ def test_sigkill_mid_stage_then_resume_exactly_once(setup):
     proc.wait(timeout=60)
     assert killed_at is not None, "the run finished before it could be killed"
     store = TableStore(str(storage))
-    partial = store.read("inc/tokens").num_rows
+    (side,) = store.list_tables("inc/tokens")
+    partial = store.read(side).num_rows
     assert 0 < partial < N, partial
 
     p = run(dag, storage, env)
     assert p.returncode == 0
     assert "[tokens] partial" in p.stderr
-    rows = store.read("inc/tokens")
+    rows = store.read(side)
     ids = rows["sample_id"].to_pylist()
     assert len(ids) == N and len(set(ids)) == N
     st = counts(dag, storage, env)

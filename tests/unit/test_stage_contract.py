@@ -58,13 +58,13 @@ def test_incremental_quarantine_and_chunks(tmp_path):
     ref = make_input(store, {f"s/{i}": i for i in range(10)})
     r = run(store, ref, fail_on=["s/3"])
     assert (r.counts.processed, r.counts.skipped, r.counts.quarantined) == (9, 0, 1)
-    out = {row["sample_id"]: row["doubled"] for row in store.read("t/double").to_pylist()}
+    out = {row["sample_id"]: row["doubled"] for row in store.read("t/double/fp1").to_pylist()}
     assert out == {f"s/{i}": 2 * i for i in range(10) if i != 3}
     (q,) = store.read("t/double__quarantine").to_pylist()
     assert q["sample_id"] == "s/3" and q["check"] == "exception"
     assert "ValueError: cannot double s/3" in q["reason"]
     # 10 samples, chunk 3: several commits (atomic chunks), not one per sample nor one in all
-    ops = [v for v in store.versions("t/double") if v["operation"] != "CREATE TABLE"]
+    ops = [v for v in store.versions("t/double/fp1") if v["operation"] != "CREATE TABLE"]
     assert 2 <= len(ops) <= 4
 
     # re-run, same fingerprint: nothing recomputed (the quarantined sample is done too)
@@ -87,21 +87,26 @@ def test_incremental_quarantine_and_chunks(tmp_path):
     assert (r.counts.processed, r.counts.skipped) == (2, 9)
     assert Double.calls == 2
 
-    # another fingerprint (e.g. new tokenizer weights): everything again, side by side
+    # another fingerprint (e.g. new tokenizer weights): everything again, into a new side table;
+    # the old one stays readable as it was
+    v1 = store.version("t/double/fp1")
     r = run(store, ref, fp="fp2")
     assert r.counts.processed == 11
-    assert store.read("t/double").num_rows == 9 + 2 + 11
+    assert store.list_tables("t/double") == ["t/double/fp1", "t/double/fp2"]
+    assert store.read("t/double/fp2").num_rows == 11
+    assert store.read("t/double/fp1").num_rows == 9 + 2 and store.version("t/double/fp1") == v1
 
-    # gc: only the row of s/4's old digest is unreachable; both fingerprints' current rows stay
+    # gc: only the row of s/4's old digest is unreachable; current rows stay
     from pipelines.dag.gc import gc_side_table
 
-    assert gc_side_table(store, "t/double", "t/src", dry_run=True).stale == 1
-    res = gc_side_table(store, "t/double", "t/src")
+    assert gc_side_table(store, "t/double/fp1", "t/src", dry_run=True).stale == 1
+    res = gc_side_table(store, "t/double/fp1", "t/src")
     assert res.stale == 1
-    rows = store.read("t/double").to_pylist()
-    assert len(rows) == 9 + 1 + 11
+    rows = store.read("t/double/fp1").to_pylist()
+    assert len(rows) == 9 + 1
     assert {r["doubled"] for r in rows if r["sample_id"] == "s/4"} == {800}
-    assert gc_side_table(store, "t/double", "t/src").stale == 0
+    assert gc_side_table(store, "t/double/fp1", "t/src").stale == 0
+    assert gc_side_table(store, "t/double/fp2", "t/src").stale == 0
 
 
 def test_error_budget(tmp_path):

@@ -19,6 +19,9 @@ __all__ = [
     "SCHEMA_VERSION",
     "IMAGE_SAMPLES",
     "BIT_TOKENS",
+    "ID_TOKENS",
+    "LATENTS",
+    "DELTA_TOKENS",
     "QUARANTINE",
     "STAGE_RUNS",
     "EVAL_RESULTS",
@@ -68,6 +71,62 @@ BIT_TOKENS = with_schema_meta(
         pa.field("bits_packed", pa.binary(), nullable=False),
         # Baked augmentation: tokens of the horizontally flipped image (null when not baked).
         pa.field("indices_flip", pa.list_(pa.int32()), nullable=True),
+    ],
+)
+
+#: 1D token ids (TiTok / TA-TiTok VQ): a side table keyed by (sample_id, content_digest,
+#: fingerprint). ids are int32 (codebooks up to 2**31; never float16, which is exact only to
+#: 2048). ``caption`` is carried for text-conditioned generators (MaskGen) and TA-TiTok decoding.
+ID_TOKENS = with_schema_meta(
+    "id_tokens",
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("content_digest", pa.string(), nullable=False),
+        pa.field("fingerprint", pa.string(), nullable=False),
+        pa.field("label", pa.int32(), nullable=False),
+        pa.field("caption", pa.string(), nullable=True),
+        pa.field("num_tokens", pa.int16(), nullable=False),
+        pa.field("codebook_size", pa.int32(), nullable=False),
+        pa.field("indices", pa.list_(pa.int32()), nullable=False),
+        # Baked augmentation: ids of the horizontally flipped image (null when not baked).
+        pa.field("indices_flip", pa.list_(pa.int32()), nullable=True),
+    ],
+)
+
+#: Cached continuous latents (KL-VAE moments, TA-TiTok KL posteriors): the posterior
+#: ``mean || logvar`` stacked on the channel axis, float32, C-order flattened, with its
+#: ``shape`` [2Z, h, w] (or [2C, 1, K] for 1D tokens). Training samples the posterior and
+#: multiplies by ``scale_factor`` (MAR/xAR/DeepFlow convention, methods.md 1.6-1.7).
+LATENTS = with_schema_meta(
+    "latents",
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("content_digest", pa.string(), nullable=False),
+        pa.field("fingerprint", pa.string(), nullable=False),
+        pa.field("label", pa.int32(), nullable=False),
+        pa.field("caption", pa.string(), nullable=True),
+        pa.field("shape", pa.list_(pa.int32()), nullable=False),
+        pa.field("scale_factor", pa.float32(), nullable=False),
+        pa.field("moments", pa.list_(pa.float32()), nullable=False),
+        pa.field("moments_flip", pa.list_(pa.float32()), nullable=True),
+    ],
+)
+
+#: Delta tokens (DeltaTok over frozen VFM features): one row per video; ``delta`` holds
+#: (T-1) x D float32 continuous tokens, token t describing frame_indices[t] -> [t+1]
+#: (teacher-forced, as the official ``tokenize_offline``), flattened C-order.
+DELTA_TOKENS = with_schema_meta(
+    "delta_tokens",
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("content_digest", pa.string(), nullable=False),
+        pa.field("fingerprint", pa.string(), nullable=False),
+        pa.field("caption", pa.string(), nullable=True),
+        pa.field("num_steps", pa.int32(), nullable=False),  # T - 1
+        pa.field("dim", pa.int32(), nullable=False),  # D
+        pa.field("frame_indices", pa.list_(pa.int32()), nullable=False),  # T frames of the video
+        pa.field("timestamps", pa.list_(pa.float32()), nullable=False),  # seconds, T values
+        pa.field("delta", pa.list_(pa.float32()), nullable=False),
     ],
 )
 
@@ -242,6 +301,6 @@ VICAS_SAMPLES = with_schema_meta(
 
 SCHEMAS: dict[str, pa.Schema] = {
     s.metadata[b"vgen.schema"].decode(): s
-    for s in (IMAGE_SAMPLES, BIT_TOKENS, QUARANTINE, STAGE_RUNS, EVAL_RESULTS, PANCAP_SAMPLES,
+    for s in (IMAGE_SAMPLES, BIT_TOKENS, ID_TOKENS, LATENTS, DELTA_TOKENS, QUARANTINE, STAGE_RUNS, EVAL_RESULTS, PANCAP_SAMPLES,
               VICAS_SAMPLES)
 }

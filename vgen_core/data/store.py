@@ -387,6 +387,24 @@ class TableStore:
         except (DeltaError, OSError) as e:
             raise StorageError(f"cannot check table {name!r} at {uri}: {e}") from e
 
+    def list_tables(self, prefix: str) -> list[str]:
+        """Names of the Delta tables directly under ``<prefix>/`` (one level), sorted."""
+        base = f"{self.root}/tables/{self._check_name(prefix)}"
+        fs = self.fs
+        path = base.split("://", 1)[1] if "://" in base else base
+        try:
+            entries = fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return []
+        names = []
+        for e in entries:
+            if e.get("type") != "directory":
+                continue
+            child = e["name"].rstrip("/").rsplit("/", 1)[-1]
+            if fs.exists(f"{e['name'].rstrip('/')}/_delta_log"):
+                names.append(f"{prefix}/{child}")
+        return sorted(names)
+
     def version(self, name: str) -> int | None:
         """Latest version of the table, or None when it does not exist."""
         uri = self.uri(name)
