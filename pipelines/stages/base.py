@@ -251,6 +251,11 @@ class MapStage(Stage):
         """Columns of the upstream table ``process_batch`` needs (None: all of them)."""
         return None
 
+    def commit_metadata(self) -> dict[str, str]:
+        """Extra key/values recorded on every commit of the output (e.g. the preprocessing a
+        side table's rows were made with, which readers check against what they need)."""
+        return {}
+
     def _breakdown(self, todo: pa.Table) -> dict[str, int]:
         """Split the to-do samples: ``new`` (sample_id never processed), ``changed`` (processed,
         but not at this digest), ``stale_tokenizer`` (this digest done by another fingerprint)."""
@@ -334,12 +339,13 @@ class MapStage(Stage):
         executor = executor or InProcessExecutor()
         store, ctx = self.ctx.store, self.ctx
         out_name, q_name = self.table_name(), self.table_name("__quarantine")
-        store.create(out_name, self.output_schema)
+        extra = self.commit_metadata()
+        store.create(out_name, self.output_schema, description=json_dumps(extra) if extra else None)
         store.create(q_name, QUARANTINE)
         work = self.plan_work()
         counts = Counts(skipped=work.skipped)
         meta = {"vgen.stage": ctx.stage, "vgen.fingerprint": ctx.row_fingerprint,
-                "vgen.schema_version": str(SCHEMA_VERSION)}
+                "vgen.schema_version": str(SCHEMA_VERSION), **self.commit_metadata()}
         if ctx.progress:
             ctx.progress(counts, work.total)
         pending_rows: list[pa.Table] = []

@@ -4,8 +4,12 @@ image table, several deterministic random crops per image.
 Config ``root`` is a local folder, an ``s3://`` prefix, or ``skimage://`` for the built-in
 photographs. Each source image becomes ``crops_per_image`` samples with ids
 ``<dataset>/<stem>-c<k>``; the crop box depends only on (seed, stem, k), so ids and pixels are the
-same on every run and every number of workers. The class label is the image's index in the
-sorted listing. A file that does not decode is quarantined with the decoder's message.
+same on every run and every number of workers. Labels (``labels: auto``): when every image sits
+in a class sub-folder (the ImageFolder / ImageNet layout ``root/<class>/<image>``) the label is
+the class folder's index among the sorted class folders, so adding or deleting an image never
+relabels the others; for a flat folder (and skimage://) it is the image's index in the sorted
+listing. ``labels: none`` gives -1 everywhere. A file that does not decode is quarantined with
+the decoder's message.
 """
 
 from __future__ import annotations
@@ -36,11 +40,12 @@ class IngestImagesConfig(StageConfig):
     min_scale: float = Field(0.35, gt=0, le=1)
     max_scale: float = Field(0.9, gt=0, le=1)
     seed: int = 0
+    labels: str = Field("auto", pattern="^(auto|folder|index|none)$")
 
 
 class IngestImages(SourceStage):
     kind = "ingest.images"
-    version = 1
+    version = 2
     Config = IngestImagesConfig
     output_schema = IMAGE_SAMPLES
     config: IngestImagesConfig
@@ -70,7 +75,11 @@ class IngestImages(SourceStage):
                 continue
             stem = path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
             stamp = f"{info.get('size')}-{info.get('mtime') or info.get('LastModified') or info.get('ETag')}"
-            items.append({"path": _full_path(root, path), "stem": stem, "stamp": stamp})
+            rel = path[len(base.rstrip("/")) + 1:] if path.startswith(base.rstrip("/") + "/") \
+                else path.rsplit("/", 1)[-1]
+            folder = rel.rsplit("/", 1)[0].split("/")[0] if "/" in rel else None
+            items.append({"path": _full_path(root, path), "stem": stem, "stamp": stamp,
+                          "folder": folder})
         if not items:
             raise FileNotFoundError(
                 f"stage '{self.ctx.stage}': no images ({', '.join(IMAGE_EXTENSIONS)}) under "
@@ -87,10 +96,24 @@ class IngestImages(SourceStage):
         return pa.table({
             "path": [i["path"] for i in listing],
             "stem": [i["stem"] for i in listing],
-            "label": list(range(len(listing))),
+            "label": self._labels(listing),
             "sample_ids": [[make_sample_id(self.config.dataset, f"{i['stem']}-c{k}") for k in crops]
                            for i in listing],
         })
+
+    def _labels(self, listing: list[dict[str, Any]]) -> list[int]:
+        mode = self.config.labels
+        folders = [i.get("folder") for i in listing]
+        if mode == "none":
+            return [-1] * len(listing)
+        if mode == "folder" or (mode == "auto" and all(folders)):
+            if not all(folders):
+                flat = next(i["path"] for i in listing if not i.get("folder"))
+                raise ValueError(f"stage '{self.ctx.stage}': labels: folder needs every image "
+                                 f"in a class sub-folder of with.root; {flat} is not")
+            classes = {c: k for k, c in enumerate(sorted(set(folders)))}
+            return [classes[f] for f in folders]
+        return list(range(len(listing)))
 
     # -- per worker -----------------------------------------------------------------------
     def process_batch(self, batch: pa.Table) -> BatchResult:

@@ -268,6 +268,30 @@ class ImageTokenizeStage(MapStage):
         self.resolution = res
         self.model = model.to(self.device).eval()
 
+    def declared_resolution(self) -> int | None:
+        """The crop size rows are made at, known on the driver (config, else the model's)."""
+        if self.config.resolution:
+            return self.config.resolution
+        ref = self.tokenizer_ref()
+        if ref is not None:
+            import json
+
+            from vgen_core.data.fsio import filesystem_for
+
+            fs, path = filesystem_for(ref.uri)
+            cfg = json.loads(fs.cat_file(f"{path.rstrip('/')}/config.json"))
+            return cfg.get("image_size")
+        return getattr(self.model_config(), "image_size", None)
+
+    def commit_metadata(self) -> dict[str, str]:
+        import json
+
+        return {"vgen.preprocess": json.dumps({
+            "kind": self.kind, "family": self.family_name,
+            "resolution": self.declared_resolution(), "crop": "center", "resize": "bicubic",
+            "baked": ["hflip"] if self.config.flip else [], "pixel_range": self.pixel_range},
+            sort_keys=True)}
+
     # -- data -----------------------------------------------------------------------------
     def input_columns(self) -> list[str] | None:
         ref = self.samples_input()

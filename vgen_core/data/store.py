@@ -405,6 +405,11 @@ class TableStore:
                 names.append(f"{prefix}/{child}")
         return sorted(names)
 
+    def description(self, name: str) -> str | None:
+        """The table's description (set at creation; vgen side tables keep their preprocessing
+        JSON there, which outlives the commit log)."""
+        return self._open(name).metadata().description
+
     def version(self, name: str) -> int | None:
         """Latest version of the table, or None when it does not exist."""
         uri = self.uri(name)
