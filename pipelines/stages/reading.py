@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict
 from .base import OutputRef, StageError, filter_to_keys
 
 __all__ = ["Transform", "IncompatibleSideTable", "side_table_info", "check_transform",
-           "current_rows", "training_dataset", "FLIP_COLUMNS"]
+           "current_rows", "training_dataset", "FLIP_COLUMNS", "data_facts", "image_batch",
+           "token_batch", "latent_batch", "delta_batch"]
 
 #: the column holding each side-table schema's baked horizontal flip
 FLIP_COLUMNS = {"bit_tokens": "indices_flip", "id_tokens": "indices_flip",
@@ -125,3 +126,120 @@ def training_dataset(store: Any, samples: OutputRef, side: OutputRef,
     ds = ray.data.read_delta(side.uri, version=side.version, columns=columns,
                              storage_options=store.storage_options or None)
     return ds.map_batches(current_rows, fn_args=(keys, side.digest), batch_format="pyarrow")
+
+
+# ---------------------------------------------------------------------------------------------
+# Side-table rows -> training batches (numpy; Ray Train turns them into tensors)
+# ---------------------------------------------------------------------------------------------
+
+
+def data_facts(store: Any, side: OutputRef, where: str) -> dict[str, Any]:
+    """What a model must know about the side table's data (copied into its config)."""
+    import numpy as np
+
+    schema = store.schema(side.name)
+    names = schema.names
+    cols = [c for c in ("fingerprint", "label", "token_bits", "grid_h", "grid_w", "num_tokens",
+                        "codebook_size", "shape", "scale_factor", "dim", "num_steps") if c in names]
+    t = store.read(side.name, version=side.version, columns=cols)
+    if side.digest:
+        t = t.filter(pc.equal(t["fingerprint"], side.digest))
+    if t.num_rows == 0:
+        raise IncompatibleSideTable(f"{where}: side table {side.uri}@v{side.version} has no rows "
+                                    f"of fingerprint {side.digest}")
+
+    def one(col: str) -> Any:
+        vals = pc.unique(t[col]).to_pylist() if col != "shape" else \
+            sorted({tuple(v) for v in t[col].to_pylist()})
+        if len(vals) != 1:
+            raise IncompatibleSideTable(f"{where}: mixed {col} {vals[:5]} in {side.uri}")
+        return vals[0]
+
+    facts: dict[str, Any] = {"num_rows": t.num_rows}
+    if "label" in names:
+        facts["num_classes"] = max(int(pc.max(t["label"]).as_py()) + 1, 1)
+    if "token_bits" in names:
+        k = int(one("token_bits"))
+        facts.update(token_bits=k, codebook_size=1 << k,
+                     seq_len=int(one("grid_h")) * int(one("grid_w")))
+    elif "num_tokens" in names:
+        facts.update(seq_len=int(one("num_tokens")), codebook_size=int(one("codebook_size")))
+    elif "shape" in names:
+        shape = list(one("shape"))
+        facts.update(shape=shape, in_channels=shape[0] // 2, scale_factor=float(one("scale_factor")))
+        if len(shape) == 3 and shape[1] == shape[2]:
+            facts.update(input_size=shape[1], latent_size=shape[1])
+    elif "dim" in names:
+        facts.update(token_dim=int(one("dim")), min_steps=int(np.min(t["num_steps"])))
+    return facts
+
+
+def image_batch(batch: pa.Table, resolution: int | None = None) -> dict[str, Any]:
+    """Curated image rows (``image_png`` or PanCap ``image``) -> ``image`` uint8 (B, R, R, 3)."""
+    import numpy as np
+
+    from .tokenize import IMAGE_COLUMNS, _pick, decode_image, preprocess
+
+    col = _pick(batch.schema.names, IMAGE_COLUMNS)
+    images = [decode_image(b) for b in batch[col].to_pylist()]
+    if resolution:
+        images = [preprocess(im, resolution) for im in images]
+    out = {"image": np.stack(images)}
+    out["label"] = (np.asarray(batch["label"], dtype=np.int64) if "label" in batch.schema.names
+                    else np.full(len(images), -1, np.int64)).clip(min=0)
+    return out
+
+
+def token_batch(batch: pa.Table, with_text: bool = False) -> dict[str, Any]:
+    """bit/id token rows -> ``tokens`` (+ ``tokens_flip`` when baked) int64, ``label``."""
+    import numpy as np
+
+    out = {"tokens": np.asarray(batch["indices"].to_pylist(), dtype=np.int64),
+           "label": np.asarray(batch["label"], dtype=np.int64).clip(min=0)}
+    flips = batch["indices_flip"].to_pylist()
+    if any(f is not None for f in flips):
+        out["tokens_flip"] = np.asarray([f if f is not None else t for f, t in
+                                         zip(flips, out["tokens"].tolist())], dtype=np.int64)
+    if with_text:
+        from vgen_core.generators.text import encode_text
+
+        caps = batch["caption"].to_pylist() if "caption" in batch.schema.names else \
+            [""] * batch.num_rows
+        out["text_ids"] = encode_text([c or "" for c in caps]).numpy()
+    return out
+
+
+def latent_batch(batch: pa.Table) -> dict[str, Any]:
+    """latent rows -> ``moments`` float32 (B, *shape) (+ ``moments_flip``), ``label``."""
+    import numpy as np
+
+    shapes = batch["shape"].to_pylist()
+    out = {"moments": np.stack([np.asarray(m, np.float32).reshape(s) for m, s in
+                                zip(batch["moments"].to_pylist(), shapes)]),
+           "label": np.asarray(batch["label"], dtype=np.int64).clip(min=0)}
+    flips = batch["moments_flip"].to_pylist()
+    if any(f is not None for f in flips):
+        out["moments_flip"] = np.stack([np.asarray(f if f is not None else m, np.float32)
+                                        .reshape(s) for f, m, s in
+                                        zip(flips, batch["moments"].to_pylist(), shapes)])
+    return out
+
+
+def delta_batch(batch: pa.Table, window: int, seed: int | None = None) -> dict[str, Any]:
+    """delta-token rows -> a random window of ``window`` steps per video: ``delta`` float32
+    (B, W, D) and ``timestamps`` (B, W) (the time of the frame each delta leads to)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    deltas, times = [], []
+    for d, n, dim, ts in zip(batch["delta"].to_pylist(), batch["num_steps"].to_pylist(),
+                             batch["dim"].to_pylist(), batch["timestamps"].to_pylist()):
+        if n < window:
+            continue
+        s = int(rng.integers(0, n - window + 1))
+        deltas.append(np.asarray(d, np.float32).reshape(n, dim)[s:s + window])
+        times.append(np.asarray(ts[1:], np.float32)[s:s + window])
+    if not deltas:
+        return {"delta": np.zeros((0, window, 1), np.float32),
+                "timestamps": np.zeros((0, window), np.float32)}
+    return {"delta": np.stack(deltas), "timestamps": np.stack(times)}

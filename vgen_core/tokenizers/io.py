@@ -43,6 +43,15 @@ _FAMILIES: dict[str, str | type[nn.Module]] = {
     "vfm_vit": "vgen_core.tokenizers.deltatok:FrozenViT",
     "bar_fsq": "vgen_core.tokenizers.fsq:BinaryFSQTokenizer",
     "kl_vae": "vgen_core.tokenizers.kl_vae:AutoencoderKL",
+    "rar": "vgen_core.generators.rar:RAR",
+    "bar": "vgen_core.generators.bar:BAR",
+    "maskgen_vq": "vgen_core.generators.maskgen:MaskGen",
+    "maskbit": "vgen_core.generators.maskbit:MaskBit",
+    "byte_clip_text": "vgen_core.generators.text:TextEncoder",
+    "deltaworld": "vgen_core.generators.deltaworld:DeltaWorld",
+    "deepflow": "vgen_core.generators.deepflow:DeepFlow",
+    "xar": "vgen_core.generators.xar:XAR",
+    "flowtok": "vgen_core.generators.flowtok:FlowTok",
 }
 
 

@@ -1,0 +1,531 @@
+"""xAR: next-cell autoregression with per-cell flow matching and noisy context learning.
+
+Spec: methods.md §2.7, §1.6 (MAR KL-16 latents 16x16x16, x0.2325), §3. Reference:
+OliverRensu/xAR `models/xar.py` (xAR, Block, Attention, clusterify/unclusterify, forward,
+sample_tokens, xar_base/large/huge) and `models/sampler.py` (euler_maruyama_sampler).
+
+    latent (B, C, 16, 16) --split_cells (clusters=4)--> 4 cells of 8x8 = 64 tokens, cell-major
+    every cell k gets its own t_k ~ logit-normal(0, 1):  x_k <- (1 - t_k) x_k + t_k eps_k
+    Linear(C -> D) + learned pos -> RMSNorm -> encoder blocks -> RMSNorm
+        -> Linear + learned pos -> decoder blocks -> RMSNorm -> Linear(D -> C) = v
+    loss = MSE(v, eps - x) over all cells (noisy context: no cell is clean in training).
+
+Blocks: RMSNorm (no weight) -> adaLN (scale, shift, gate from class + time of the token's own cell,
+Linear not zero-initialised, as in the official code) -> attention with 2D RoPE and the
+block-causal mask (a token of cell i attends to all tokens of cells <= i) -> SwiGLU (hidden
+int(4 D * 2/3)). The time embedding sees floor(1000 t), as in the official forward.
+
+RoPE (config `rope`, default on): each token rotates by its (row, col) on the latent grid (EVA-02
+VisionRotaryEmbeddingFast layout: half the head dims for the row, half for the column). The
+official `models/rope.py` was not readable from here; its positions may differ, so official
+checkpoints are not claimed to load.
+
+Sampling (`sample`): cells in order; cell k runs Euler-Maruyama over sde_time_grid(n_k) with
+n_k falling linearly from num_steps (first cell) to min_steps (last cell) as in `sample_tokens`
+(flow_upper_steps / flow_lower_steps); finished cells enter a KV cache clean, at t = 0; the
+guidance scale rises linearly from 1 (first cell) to cfg (last cell).
+
+Shape legend: B batch, C latent channels, H = W latent size, K cells, L tokens per cell,
+S = K * L tokens, D hidden width, Hh heads, d head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+
+from vgen_core.generators.flow import (
+    TimestepEmbedder,
+    euler_maruyama_sample,
+    flow_path,
+    flow_target,
+    latents_from_moments,
+    logit_normal_t,
+    sde_time_grid,
+)
+
+__all__ = [
+    "XAR",
+    "XARConfig",
+    "XAR_SIZES",
+    "block_causal_mask",
+    "cell_cfg_scale",
+    "cell_num_steps",
+    "merge_cells",
+    "sample",
+    "split_cells",
+    "xar_config",
+    "xar_loss",
+]
+
+
+class XARConfig(BaseModel):
+    """xAR config; `build()` makes the model. Defaults = xAR-B on MAR KL-16 latents."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    latent_size: int = Field(16, ge=1)
+    in_channels: int = Field(16, ge=1)
+    clusters: int = Field(4, ge=1)  # a perfect square: cells per side = sqrt(clusters)
+    hidden: int = Field(768, ge=1)
+    encoder_depth: int = Field(8, ge=1)
+    decoder_depth: int = Field(8, ge=1)
+    heads: int = Field(12, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0.0)
+    num_classes: int = Field(1000, ge=1)
+    rope: bool = True
+    rope_theta: float = Field(10000.0, gt=0.0)
+    # loss
+    class_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    t_mean: float = 0.0
+    t_std: float = Field(1.0, gt=0.0)
+    scale_factor: float = Field(0.2325, gt=0.0)  # applied when a batch carries `moments`
+
+    @model_validator(mode="after")
+    def _check(self) -> "XARConfig":
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}.")
+        g = math.isqrt(self.clusters)
+        if g * g != self.clusters or self.latent_size % g:
+            raise ValueError(
+                f"clusters={self.clusters} must be a square g*g with latent_size="
+                f"{self.latent_size} divisible by g (e.g. 4 -> 2x2 cells)."
+            )
+        if self.rope and (self.hidden // self.heads) % 4:
+            raise ValueError(
+                f"2D RoPE needs head dim {self.hidden // self.heads} divisible by 4; change "
+                "hidden/heads or set rope=False."
+            )
+        return self
+
+    @property
+    def cells_per_side(self) -> int:
+        return math.isqrt(self.clusters)
+
+    @property
+    def cell_len(self) -> int:
+        return (self.latent_size // self.cells_per_side) ** 2
+
+    @property
+    def seq_len(self) -> int:
+        return self.latent_size**2
+
+    def build(self) -> "XAR":
+        return XAR(self)
+
+
+_TINY = dict(
+    latent_size=8, in_channels=4, hidden=32, encoder_depth=1, decoder_depth=1, heads=2,
+    num_classes=10,
+)  # fmt: skip
+
+XAR_SIZES: dict[str, XARConfig] = {
+    # CPU-test size: 4x8x8 latents, 4 cells of 4x4 tokens.
+    "tiny": XARConfig(**_TINY),
+    # xar_base: 768, 8 + 8 blocks, 12 heads (~172M).
+    "B": XARConfig(hidden=768, encoder_depth=8, decoder_depth=8, heads=12),
+    # xar_large: 1024, 16 + 16 blocks, 16 heads.
+    "L": XARConfig(hidden=1024, encoder_depth=16, decoder_depth=16, heads=16),
+    # xar_huge: 1280, 20 + 20 blocks, 16 heads.
+    "H": XARConfig(hidden=1280, encoder_depth=20, decoder_depth=20, heads=16),
+}
+
+
+def xar_config(size: str, **overrides: Any) -> XARConfig:
+    """Config for a registered size, with field overrides (e.g. latent_size, in_channels)."""
+    if size not in XAR_SIZES:
+        raise ValueError(f"xAR size '{size}' not found; known: {', '.join(XAR_SIZES)}.")
+    return XARConfig.model_validate({**XAR_SIZES[size].model_dump(), **overrides})
+
+
+# --------------------------------------------------------------------------------------------------
+# Cells and masks
+# --------------------------------------------------------------------------------------------------
+
+
+def split_cells(x_BCHW: Tensor, clusters: int) -> Tensor:
+    """(B, C, H, W) -> (B, K, L, C): K = clusters cells (g x g grid, raster order), each cell's
+    p x p tokens in raster order (official `clusterify`, einsum nchpwq->nhwpqc)."""
+    B, C, H, W = x_BCHW.shape
+    g = math.isqrt(clusters)
+    if g * g != clusters or H != W or H % g:
+        raise ValueError(f"split_cells: {tuple(x_BCHW.shape)} cannot be cut into {clusters} cells.")
+    p = H // g
+    x = x_BCHW.reshape(B, C, g, p, g, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(B, clusters, p * p, C)
+
+
+def merge_cells(x_BKLC: Tensor) -> Tensor:
+    """Inverse of `split_cells`: (B, K, L, C) -> (B, C, H, W) (official `unclusterify`)."""
+    B, K, L, C = x_BKLC.shape
+    g, p = math.isqrt(K), math.isqrt(L)
+    x = x_BKLC.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(B, C, g * p, g * p)
+
+
+def block_causal_mask(clusters: int, cell_len: int, device: torch.device | None = None) -> Tensor:
+    """(S, S) bool, True = may attend: token of cell i sees every token of cells <= i."""
+    cell_S = torch.arange(clusters * cell_len, device=device) // cell_len
+    return cell_S[:, None] >= cell_S[None, :]
+
+
+def _cell_coords(latent_size: int, clusters: int) -> Tensor:
+    """(S, 2) (row, col) of each token in cell-major order."""
+    rows, cols = torch.meshgrid(
+        torch.arange(latent_size), torch.arange(latent_size), indexing="ij"
+    )
+    grid = torch.stack([rows, cols]).float()[None]  # (1, 2, H, W)
+    return split_cells(grid, clusters)[0, :, :, :].reshape(-1, 2)
+
+
+def _rope_tables(coords_S2: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin (S, d): dims [0, d/2) rotate with the row, [d/2, d) with the column; each frequency
+    repeated for an interleaved pair (EVA-02 VisionRotaryEmbeddingFast, dim = d/2)."""
+    half = head_dim // 2
+    freqs = 1.0 / theta ** (torch.arange(0, half, 2).float() / half)  # (d/4,)
+    ang_row = (coords_S2[:, :1] * freqs).repeat_interleave(2, dim=-1)
+    ang_col = (coords_S2[:, 1:] * freqs).repeat_interleave(2, dim=-1)
+    ang = torch.cat([ang_row, ang_col], dim=-1)
+    return ang.cos(), ang.sin()
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([-x2, x1], dim=-1).flatten(-2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+
+
+def _rms_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+class _RMSNorm(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _rms_norm(x) * self.weight
+
+
+class _SwiGLU(nn.Module):
+    """timm SwiGLU: fc2(silu(fc1_g(x)) * fc1_x(x))."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1_g = nn.Linear(dim, hidden)
+        self.fc1_x = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.silu(self.fc1_g(x)) * self.fc1_x(x))
+
+
+KV = tuple[Tensor, Tensor]
+
+
+class _Block(nn.Module):
+    """RMSNorm / adaLN / RoPE attention / SwiGLU block; attention may prepend cached K/V."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = _SwiGLU(dim, int(dim * mlp_ratio * 2 / 3))
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(
+        self,
+        x_BSD: Tensor,
+        c_BSD: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        mask_SS: Tensor | None,
+        past: KV | None = None,
+    ) -> tuple[Tensor, KV]:
+        """Returns the block output and this call's (k, v) (B, Hh, S, d), RoPE applied."""
+        B, S, D = x_BSD.shape
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(c_BSD).chunk(6, dim=-1)
+        h = _rms_norm(x_BSD) * (1 + scale1) + shift1
+        q, k, v = self.qkv(h).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            cos, sin = rope
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+        new_kv = (k, v)
+        if past is not None:
+            k = torch.cat([past[0][:B], k], dim=2)
+            v = torch.cat([past[1][:B], v], dim=2)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_SS)
+        x_BSD = x_BSD + self.proj(a.transpose(1, 2).reshape(B, S, D)) * gamma1
+        x_BSD = x_BSD + self.mlp(_rms_norm(x_BSD) * (1 + scale2) + shift2) * gamma2
+        return x_BSD, new_kv
+
+
+class XAR(nn.Module):
+    """Encoder-decoder transformer over cell-major latent tokens with block-causal attention.
+
+    Labels in [0, num_classes) or `null_class_id` (= num_classes) for the unconditional branch.
+    """
+
+    family: ClassVar[str] = "xar"
+    config_class: ClassVar[type[BaseModel]] = XARConfig
+
+    def __init__(self, config: XARConfig) -> None:
+        super().__init__()
+        self.config = config
+        D, S, C = config.hidden, config.seq_len, config.in_channels
+        self.class_emb = nn.Embedding(config.num_classes + 1, D)
+        self.time_embed = TimestepEmbedder(D)
+        self.z_proj = nn.Linear(C, D)
+        self.z_proj_ln = _RMSNorm(D)
+        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, S, D))
+        self.encoder_blocks = nn.ModuleList(
+            [_Block(D, config.heads, config.mlp_ratio) for _ in range(config.encoder_depth)]
+        )
+        self.encoder_norm = _RMSNorm(D)
+        self.decoder_embed = nn.Linear(D, D)
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, S, D))
+        self.decoder_blocks = nn.ModuleList(
+            [_Block(D, config.heads, config.mlp_ratio) for _ in range(config.decoder_depth)]
+        )
+        self.decoder_norm = _RMSNorm(D)
+        self.pred = nn.Linear(D, C)
+        self.register_buffer(
+            "mask", block_causal_mask(config.clusters, config.cell_len), persistent=False
+        )
+        cos, sin = _rope_tables(
+            _cell_coords(config.latent_size, config.clusters), D // config.heads, config.rope_theta
+        )
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.class_emb.weight, std=0.02)
+        nn.init.normal_(self.encoder_pos_embed_learned, std=0.02)
+        nn.init.normal_(self.decoder_pos_embed_learned, std=0.02)
+
+    @property
+    def null_class_id(self) -> int:
+        return self.config.num_classes
+
+    def _condition(self, labels_B: Tensor, t_BK: Tensor, cells: slice) -> Tensor:
+        """(B, S', D): class + time embedding of each token's own cell, for the cells in `cells`."""
+        B, K = t_BK.shape
+        t_emb = self.time_embed((t_BK * 1000).long().flatten()).view(B, K, -1)
+        c_BKD = t_emb + self.class_emb(labels_B)[:, None]
+        L = self.config.cell_len
+        return c_BKD.repeat_interleave(L, dim=1)[:, cells.start * L : cells.stop * L]
+
+    def _run(
+        self,
+        x_BSC: Tensor,
+        c_BSD: Tensor,
+        tokens: slice,
+        mask: Tensor | None,
+        cache: list[KV] | None,
+    ) -> tuple[Tensor, list[KV]]:
+        """Encoder + decoder over the token positions `tokens`; returns v and each layer's K/V."""
+        rope = (self.rope_cos[tokens], self.rope_sin[tokens]) if self.config.rope else None
+        new_cache: list[KV] = []
+        layers = [*self.encoder_blocks, *self.decoder_blocks]
+        past = cache or [None] * len(layers)
+        x = self.z_proj_ln(self.z_proj(x_BSC) + self.encoder_pos_embed_learned[:, tokens])
+        for i, blk in enumerate(layers):
+            if i == len(self.encoder_blocks):
+                x = self.decoder_embed(self.encoder_norm(x))
+                x = x + self.decoder_pos_embed_learned[:, tokens]
+            x, kv = blk(x, c_BSD, rope, mask, past[i])
+            new_cache.append(kv)
+        return self.pred(self.decoder_norm(x)), new_cache
+
+    def forward(self, x_BSC: Tensor, t_BK: Tensor, labels_B: Tensor) -> Tensor:
+        """Velocity for every token of the full cell-major sequence.
+
+        Args:
+            x_BSC: (B, S, C) noisy tokens in cell-major order (`split_cells(...).flatten(1, 2)`).
+            t_BK: (B, K) time of each cell (0 = clean context).
+            labels_B: (B,) int64.
+        Returns:
+            v (B, S, C); under the block-causal mask, cell i's output depends on cells <= i only.
+        """
+        cfg = self.config
+        if x_BSC.shape[1:] != (cfg.seq_len, cfg.in_channels):
+            raise ValueError(
+                f"xAR expects tokens (B, {cfg.seq_len}, {cfg.in_channels}), got "
+                f"{tuple(x_BSC.shape)}."
+            )
+        if t_BK.shape != (x_BSC.shape[0], cfg.clusters):
+            raise ValueError(f"t must be (B, {cfg.clusters}), got {tuple(t_BK.shape)}.")
+        c = self._condition(labels_B, t_BK, slice(0, cfg.clusters))
+        v, _ = self._run(x_BSC, c, slice(0, cfg.seq_len), self.mask, None)
+        return v
+
+    def forward_cell(
+        self,
+        x_BLC: Tensor,
+        t_B: Tensor,
+        labels_B: Tensor,
+        cell: int,
+        cache: list[KV] | None,
+    ) -> tuple[Tensor, list[KV]]:
+        """One cell given the cached K/V of cells < `cell` (None for cell 0).
+
+        Equal to `forward` on [clean cached cells at t = 0, this cell at t] restricted to this
+        cell. The cache may hold more rows than x (the CFG-doubled batch); the first B rows are
+        used. Returns (v (B, L, C), cache extended by this cell's K/V) — extend the cache only
+        with a cell that is final (clean, t = 0).
+        """
+        L = self.config.cell_len
+        t_BK = t_B[:, None]
+        c = self._condition(labels_B, t_BK, slice(0, 1))
+        v, kv = self._run(x_BLC, c, slice(cell * L, (cell + 1) * L), None, cache)
+        if cache is None:
+            return v, kv
+        B = x_BLC.shape[0]
+        merged = [
+            (torch.cat([pk[:B], k], dim=2), torch.cat([pv[:B], vv], dim=2))
+            for (pk, pv), (k, vv) in zip(cache, kv)
+        ]
+        return v, merged
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss, sampler
+# --------------------------------------------------------------------------------------------------
+
+
+def xar_loss(
+    model: XAR,
+    batch: dict[str, Tensor],
+    step: int = 0,
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """xAR training loss (official `xAR.forward`): per-cell logit-normal t, MSE on eps - x.
+
+    Batch keys: `latents` float (B, C, H, W), already sampled and scaled, or `moments`
+    (B, 2C, H, W) = mean || logvar (sampled here, times config.scale_factor); `label` int64 (B,).
+    `step` is unused (the trainer's loss signature). Labels -> null with probability
+    class_dropout. Returns the loss and detached metrics 'loss', 'loss_cell{k}'.
+    """
+    cfg = model.config
+    if "latents" in batch:
+        x = batch["latents"].float()
+    elif "moments" in batch:
+        x = latents_from_moments(batch["moments"].float(), cfg.scale_factor, generator)
+    else:
+        raise KeyError(f"batch needs 'latents' or 'moments'; got keys {sorted(batch)}.")
+    B, K, dev = x.shape[0], cfg.clusters, x.device
+    x_BKLC = split_cells(x, K)
+    t_BK = logit_normal_t(B * K, mean=cfg.t_mean, std=cfg.t_std, generator=generator, device=dev)
+    t_BK = t_BK.view(B, K)
+    noise = torch.randn(x_BKLC.shape, generator=generator, device=dev, dtype=x.dtype)
+    drop = torch.rand(B, generator=generator, device=dev) < cfg.class_dropout
+    labels = torch.where(drop, model.null_class_id, batch["label"].long())
+    xt_BKLC = flow_path(x_BKLC.flatten(0, 1), noise.flatten(0, 1), t_BK.flatten()).view_as(x_BKLC)
+    v = model(xt_BKLC.flatten(1, 2), t_BK, labels).view_as(x_BKLC)
+    err_BK = ((v.float() - flow_target(x_BKLC, noise)) ** 2).mean(dim=(2, 3))
+    loss = err_BK.mean()
+    metrics = {"loss": loss.detach()}
+    metrics.update({f"loss_cell{k}": err_BK[:, k].mean().detach() for k in range(K)})
+    return loss, metrics
+
+
+def cell_num_steps(cell: int, clusters: int, num_steps: int, min_steps: int) -> int:
+    """Sampling steps for `cell`: int((K-1-k)/(K-1) * (num_steps - min_steps) + min_steps).
+
+    Official `sample_tokens` (flow_upper_steps, flow_lower_steps): the first cell gets num_steps,
+    the last min_steps. A single cell gets num_steps.
+    """
+    if clusters == 1:
+        return num_steps
+    upper = clusters - 1
+    return int((upper - cell) / upper * (num_steps - min_steps) + min_steps)
+
+
+def cell_cfg_scale(cell: int, clusters: int, cfg: float) -> float:
+    """Guidance for `cell`: (cfg - 1) * k / (K - 1) + 1 (1 on the first cell, cfg on the last)."""
+    if clusters == 1:
+        return cfg
+    return (cfg - 1.0) * cell / (clusters - 1.0) + 1.0
+
+
+@torch.no_grad()
+def sample(
+    model: XAR,
+    labels_B: Tensor,
+    *,
+    num_steps: int = 40,
+    min_steps: int = 10,
+    cfg: float = 2.7,
+    t_min: float = 0.04,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Tensor:
+    """Generate latents cell by cell (official `sample_tokens`).
+
+    Cell k: noise (B, L, C) -> Euler-Maruyama over sde_time_grid(cell_num_steps(k), t_min) with
+    guidance cell_cfg_scale(k) (null class in the second half); earlier cells are context at t = 0.
+    With `use_cache` (default) their K/V come from a cache filled once per finished cell; with
+    `use_cache=False` the clean prefix is recomputed through `forward` at every step (slower, same
+    result up to float rounding). Defaults: xAR-B (README `--num_steps 40 --cfg 2.7`; L/H use 50
+    and 2.3/2.2); that `--num_steps` is the first cell's count is our reading of `sample_tokens`.
+
+    Args:
+        labels_B: (B,) int64 labels (null_class_id for unconditional samples).
+        generator: on the labels' device; draws the initial and SDE noise.
+    Returns:
+        latents (B, C, H, W) in the scaled latent space (divide by scale_factor to decode).
+    """
+    conf = model.config
+    K, L, C = conf.clusters, conf.cell_len, conf.in_channels
+    was_training = model.training
+    model.eval()
+    B, dev = labels_B.shape[0], labels_B.device
+    guided = cfg != 1.0
+    null_B = torch.full_like(labels_B, model.null_class_id)
+    all_labels = torch.cat([labels_B, null_B]) if guided else labels_B
+    cells: list[Tensor] = []
+    cache: list[KV] | None = None
+    try:
+        for k in range(K):
+            # reads `cache` / `cells` as they stand while cell k is sampled (filled after each cell)
+            def velocity(x_NLC: Tensor, t_N: Tensor, k: int = k) -> Tensor:
+                N = x_NLC.shape[0]
+                labels = labels_B if N == B else all_labels
+                if use_cache:
+                    return model.forward_cell(x_NLC, t_N, labels, k, cache)[0]
+                prefix = [c.repeat(N // B, 1, 1) for c in cells]
+                pad = x_NLC.new_zeros(N, (K - k - 1) * L, C)
+                seq = torch.cat([*prefix, x_NLC, pad], dim=1)
+                t_NK = torch.zeros(N, K, device=dev, dtype=t_N.dtype)
+                t_NK[:, k] = t_N
+                t_NK[:, k + 1 :] = 1.0
+                return model(seq, t_NK, labels)[:, k * L : (k + 1) * L]
+
+            noise = torch.randn(B, L, C, generator=generator, device=dev)
+            grid = sde_time_grid(cell_num_steps(k, K, num_steps, min_steps), t_min)
+            z = euler_maruyama_sample(
+                velocity, noise, grid, cfg_scale=cell_cfg_scale(k, K, cfg), generator=generator
+            )
+            cells.append(z)
+            if use_cache and k < K - 1:
+                z_all = z.repeat(all_labels.shape[0] // B, 1, 1)
+                zeros = torch.zeros(z_all.shape[0], device=dev)
+                _, cache = model.forward_cell(z_all, zeros, all_labels, k, cache)
+    finally:
+        model.train(was_training)
+    return merge_cells(torch.stack(cells, dim=1))
