@@ -158,9 +158,10 @@ _T = "vgen_core.tokenizers"
 TASKS: dict[str, Task] = {
     # tokenizers (trained on curated image tables)
     "lfq": Task("lfq", f"{_T}.lfq:lfq_config", _loss_lfq, "images", kind="tokenizer"),
-    "titok": Task("titok", f"{_T}.titok:titok_config", _loss_titok, "images", kind="tokenizer"),
+    "titok": Task("titok", f"{_T}.titok:titok_config", _loss_titok, "images", ("image_size",),
+                  kind="tokenizer"),
     "bar_fsq": Task("bar_fsq", f"{_T}.fsq:bar_fsq_config", _loss_bar_fsq, "images",
-                    kind="tokenizer"),
+                    ("image_size",), kind="tokenizer"),
     "kl_vae": Task("kl_vae", f"{_T}.kl_vae:kl_vae_config", _loss_kl_vae, "images",
                    kind="tokenizer"),
     # masked-token family

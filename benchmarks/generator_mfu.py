@@ -1,0 +1,112 @@
+"""Model FLOPs utilisation of the generators' training step at a given size (plain PyTorch step,
+the compute inside one Ray Train worker; the stage's own overhead is benchmarks/train_overhead.py).
+
+    python benchmarks/generator_mfu.py --device cuda --models maskgit:B rar:B maskbit:L \
+        --batch 64 --peak-tflops 989      # H100 SXM dense bf16
+    python benchmarks/generator_mfu.py --device cpu --models maskgit:tiny --batch 8
+
+Per model: build at the size, bf16 autocast on CUDA (fp32 on CPU), AdamW, a few warm-up steps,
+then timed optimizer steps with synchronisation. Training FLOPs per step = 6 x (parameters that
+see every token) x tokens per step (+ the attention score/value products, 12 x layers x width x
+sequence^2 per sample), the convention of the PaLM/MFU papers. MFU = achieved FLOP/s / peak.
+Prints one line per model and the ratio achieved/peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def make_batch(family: str, model, batch: int, device):
+    cfg = model.config
+    g = torch.Generator(device="cpu").manual_seed(0)
+    if family in ("maskgit", "rar"):
+        L = cfg.seq_len
+        return {"tokens": torch.randint(0, cfg.codebook_size, (batch, L), generator=g),
+                "label": torch.randint(0, cfg.num_classes, (batch,), generator=g)}, L
+    if family in ("maskbit", "bar"):
+        L = cfg.seq_len
+        return {"tokens": torch.randint(0, 1 << cfg.token_bits, (batch, L), generator=g),
+                "label": torch.randint(0, cfg.num_classes, (batch,), generator=g)}, L
+    if family in ("deepflow",):
+        s = cfg.input_size
+        return {"latents": torch.randn(batch, cfg.in_channels, s, s, generator=g),
+                "label": torch.randint(0, cfg.num_classes, (batch,), generator=g)}, \
+            (s // cfg.patch_size) ** 2
+    if family == "xar":
+        s = cfg.latent_size
+        return {"latents": torch.randn(batch, cfg.in_channels, s, s, generator=g),
+                "label": torch.randint(0, cfg.num_classes, (batch,), generator=g)}, s * s
+    raise SystemExit(f"no batch recipe for {family}")
+
+
+def attention_flops(model, seq: int) -> float:
+    cfg = model.config
+    depth = getattr(cfg, "depth", None) or (getattr(cfg, "encoder_depth", 0)
+                                            + getattr(cfg, "decoder_depth", 0))
+    return 12.0 * depth * cfg.hidden * seq * seq
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--models", nargs="+", default=["maskgit:B", "rar:B"])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="dense bf16 peak of the device (H100 SXM 989, H200 989)")
+    args = ap.parse_args()
+    from vgen_core.training.tasks import get_task
+
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    for spec in args.models:
+        family, size = spec.split(":")
+        task = get_task(family)
+        torch.manual_seed(0)
+        model = task.build(size, {}, {}).to(device).train()
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        emb = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        batch, seq = make_batch(family, model, args.batch, device)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else \
+            torch.autocast("cpu", enabled=False)
+
+        def step(i: int) -> float:
+            with amp:
+                loss, _ = task.loss(model, batch, i)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(loss.detach())
+
+        for i in range(args.warmup):
+            step(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for i in range(args.steps):
+            last = step(args.warmup + i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / args.steps
+        flops = 6.0 * (params - emb) * args.batch * seq + 3 * attention_flops(model, seq) * args.batch
+        achieved = flops / dt / 1e12
+        mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        print(f"{spec:<14} params {params / 1e6:7.1f}M  batch {args.batch} x {seq} tokens  "
+              f"{1 / dt:6.2f} steps/s  {args.batch * seq / dt:10.0f} tokens/s  "
+              f"{achieved:7.1f} TFLOP/s  MFU {achieved / args.peak_tflops:.3f}  "
+              f"peak mem {mem:.1f} GiB  loss {last:.3f}")
+        del model, opt
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
