@@ -5,10 +5,17 @@
     vgen status DAG.yaml [--json]
     vgen gc DAG.yaml [--dry-run]
     vgen ui [--storage ROOT | --tracking-uri URI] [--port 5000]
+    vgen plan DAG.yaml --cluster --address http://HEAD:8265   # pool sizes on that cluster
+    vgen submit DAG.yaml --address http://HEAD:8265 [--storage s3://...] [--wait]
+    vgen status --job ID --address http://HEAD:8265 [--json]
+    vgen logs ID --address http://HEAD:8265 [--follow]
+    vgen stop ID --address http://HEAD:8265
 
 ``--storage`` (env VGEN_STORAGE) overrides the DAG's storage root, so one DAG runs against several
 roots; ``--tracking-uri`` (env MLFLOW_TRACKING_URI) likewise for MLflow. Exit codes: 0 success,
-1 a stage failed, 2 invalid DAG/config or unusable storage (nothing was computed).
+1 a stage failed, 2 invalid DAG/config or unusable storage (nothing was computed). The cluster
+commands (see :mod:`pipelines.submit`): 0 ok or the job is pending/running/succeeded, 1 the job
+failed or was stopped, 2 nothing could be done (unreachable cluster, unknown job, bad arguments).
 """
 
 from __future__ import annotations
@@ -23,14 +30,21 @@ from typing import Any
 EXIT_OK, EXIT_STAGE_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dag", help="path to the DAG YAML (see pipelines/configs/demo.yaml)")
+def _common(p: argparse.ArgumentParser, dag_optional: bool = False) -> None:
+    p.add_argument("dag", nargs="?" if dag_optional else None,
+                   help="path to the DAG YAML (see pipelines/configs/demo.yaml)")
     p.add_argument("--storage", default=os.environ.get("VGEN_STORAGE"),
                    help="storage root (local path or s3://bucket/prefix); overrides the DAG's "
                         "'storage:' (env VGEN_STORAGE)")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow tracking URI; default: sqlite:///<storage>/mlflow.db "
                         "(env MLFLOW_TRACKING_URI)")
+
+
+def _address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None,
+                   help="the Ray cluster: its head's dashboard URL http://HEAD:8265 (default: env "
+                        "RAY_API_SERVER_ADDRESS, then RAY_ADDRESS)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,10 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--format", choices=["text", "json", "mermaid"], default="text",
                    help="text table, JSON, or a Mermaid flowchart of the DAG with stage states")
+    p.add_argument("--cluster", action="store_true",
+                   help="also say what each stage gets on the cluster at --address (its CPUs, "
+                        "GPUs and the actor-pool / train-worker sizes the runner would use)")
+    _address(p)
 
-    p = sub.add_parser("status", help="state, output tables (URI@version) and counts per stage")
-    _common(p)
+    p = sub.add_parser("status", help="state, output tables (URI@version) and counts per stage; "
+                       "or, with --job, the state of a submitted job")
+    _common(p, dag_optional=True)
     p.add_argument("--json", action="store_true", help="machine-readable output for scripts/CI")
+    p.add_argument("--job", metavar="ID", help="a job id printed by `vgen submit`: show its "
+                   "status on the cluster at --address instead of a DAG's")
+    _address(p)
 
     p = sub.add_parser("gc", help="delete side-table rows no current curated version references",
                        description="For every side table (tokens, latents) the DAG wrote, delete "
@@ -65,6 +87,39 @@ def build_parser() -> argparse.ArgumentParser:
                        "readable until Delta's vacuum.")
     _common(p)
     p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
+
+    p = sub.add_parser("submit", help="run a DAG on a Ray cluster as a Ray job (Jobs API)",
+                       description="Validate the DAG here, then submit `vgen run DAG ...` to the "
+                       "cluster's Jobs API with a runtime_env built from this project (code as "
+                       "working_dir or py_modules; dependencies come from the cluster image). "
+                       "Prints the job id. See pipelines/submit.py and infra/README.md.")
+    _common(p)
+    _address(p)
+    p.add_argument("--wait", action="store_true",
+                   help="stream the job's logs until it ends; exit 0 if it succeeded, else 1")
+    p.add_argument("--code", choices=["auto", "project", "modules", "image"], default="auto",
+                   help="what code travels with the job: the project root as working_dir, its "
+                        "packages as py_modules, or none (the image's vgen); auto: project when "
+                        "the DAG is inside the project, else modules")
+    p.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
+                   help="an env var for the job (KEY alone copies this machine's value); "
+                        "repeatable. Keep credentials on the cluster, not here")
+    p.add_argument("--runtime-env", metavar="FILE",
+                   help="a runtime_env YAML to start from (e.g. infra/runtime_env.yaml)")
+    p.add_argument("--submission-id", help="job id to use (default vgen-<dag>-<time>-<random>)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the entrypoint and runtime_env as JSON; submit nothing")
+
+    p = sub.add_parser("logs", help="print (or --follow) the logs of a submitted job")
+    p.add_argument("job", metavar="ID", help="job id printed by `vgen submit`")
+    _address(p)
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="keep streaming until the job ends; exit 0 if it succeeded, else 1")
+
+    p = sub.add_parser("stop", help="stop a submitted job")
+    p.add_argument("job", metavar="ID", help="job id printed by `vgen submit`")
+    _address(p)
+    p.add_argument("--wait", action="store_true", help="return once the job has stopped")
 
     p = sub.add_parser("ui", help="serve the MLflow UI for a storage root on 127.0.0.1")
     p.add_argument("--storage", default=os.environ.get("VGEN_STORAGE", "./.vgen-demo"),
@@ -126,16 +181,32 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pipelines.dag.state import StageState
 
     dag, store, _ = _load(args)
+    cluster = alloc = None
+    if args.cluster:
+        from pipelines.submit import cluster_resources, stage_allocations
+
+        cluster = cluster_resources(args.address)
+        alloc = stage_allocations(dag, cluster)
     plans = plan_dag(dag, store, StageState(store))
     if args.format == "json":
-        print(json.dumps({"dag": dag.name, "storage": store.root,
-                          "stages": [p.to_json() for p in plans]}, indent=2))
+        out: dict[str, Any] = {"dag": dag.name, "storage": store.root,
+                               "stages": [p.to_json() for p in plans]}
+        if cluster is not None:
+            out["cluster"] = cluster
+            for s in out["stages"]:
+                s["cluster"] = alloc[s["stage"]]
+        print(json.dumps(out, indent=2))
     elif args.format == "mermaid":
         print(to_mermaid(dag, plans))
     else:
         print(f"DAG '{dag.name}' on {store.root}")
+        if cluster is not None:
+            print(f"cluster {cluster['address']}: {cluster['nodes']} node(s), "
+                  f"{cluster['CPU']:g} CPUs, {cluster['GPU']:g} GPUs")
         for p in plans:
             print(f"  {p.stage:<14} {p.kind:<20} {p.state:<11} {p.reason}")
+            if alloc is not None:
+                print(f"  {'':<14} on the cluster: {alloc[p.stage]['text']}")
     return EXIT_OK
 
 
@@ -143,6 +214,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     from pipelines.dag.planner import plan_dag
     from pipelines.dag.state import StageState
 
+    if args.job:
+        return _job_status(args)
+    if not args.dag:
+        print("vgen status: give a DAG file, or --job ID (with --address) for a submitted job",
+              file=sys.stderr)
+        return EXIT_USAGE
     dag, store, tracking = _load(args)
     state = StageState(store)
     plans = plan_dag(dag, store, state)
@@ -173,6 +250,82 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _job_status(args: argparse.Namespace) -> int:
+    from pipelines.submit import Jobs, describe_job, exit_code_for
+
+    jobs = Jobs(args.address)
+    d = describe_job(jobs.info(args.job))
+    if args.json:
+        print(json.dumps({"address": jobs.address, **d}, indent=2))
+    else:
+        print(f"job {args.job} on {jobs.address}: {d['status']}")
+        for key in ("message", "entrypoint", "start_time", "end_time", "seconds"):
+            if d[key] is not None:
+                print(f"  {key + ':':<12} {d[key]}")
+        for k, v in d["metadata"].items():
+            print(f"  {k + ':':<12} {v}")
+    return exit_code_for(d["status"])
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipelines.submit import Jobs, build_submission, exit_code_for
+
+    try:
+        plan = build_submission(args.dag, storage=args.storage, tracking_uri=args.tracking_uri,
+                                code=args.code, env=args.env, runtime_env_file=args.runtime_env,
+                                submission_id=args.submission_id)
+    except ValueError as e:
+        if type(e) is not ValueError:  # DagError: reported by main()
+            raise
+        print(f"vgen submit: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.dry_run:
+            print(json.dumps(plan.to_json(), indent=2))
+            return EXIT_OK
+        for note in plan.notes:
+            print(f"vgen submit: note: {note}", file=sys.stderr)
+        jobs = Jobs(args.address)
+        job_id = jobs.submit(plan)
+    finally:
+        plan.cleanup()
+    print(job_id, flush=True)
+    print(f"submitted job {job_id} to {jobs.address}: {plan.entrypoint}\n"
+          f"  follow: vgen logs {job_id} --address {jobs.address} --follow\n"
+          f"  status: vgen status --job {job_id} --address {jobs.address}\n"
+          f"  stop:   vgen stop {job_id} --address {jobs.address}", file=sys.stderr, flush=True)
+    if not args.wait:
+        return EXIT_OK
+    status = jobs.follow(job_id)
+    print(f"job {job_id}: {status}", file=sys.stderr)
+    return exit_code_for(status)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from pipelines.submit import Jobs, exit_code_for
+
+    jobs = Jobs(args.address)
+    if args.follow:
+        status = jobs.follow(args.job)
+        print(f"job {args.job}: {status}", file=sys.stderr)
+        return exit_code_for(status)
+    sys.stdout.write(jobs.logs(args.job))
+    return EXIT_OK
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from pipelines.submit import Jobs
+
+    jobs = Jobs(args.address)
+    if jobs.stop(args.job):
+        print(f"job {args.job}: stop requested")
+        if args.wait:
+            print(f"job {args.job}: {jobs.wait(args.job)}")
+    else:
+        print(f"job {args.job} had already ended: {jobs.status(args.job)}")
+    return EXIT_OK
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     from pipelines.dag.gc import gc_dag
 
@@ -200,11 +353,13 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from pipelines.dag.spec import DagError
+    from pipelines.submit import ClusterError
     from vgen_core.data import StorageError
 
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "gc": cmd_gc,
-               "ui": cmd_ui}[args.command]
+               "ui": cmd_ui, "submit": cmd_submit, "logs": cmd_logs,
+               "stop": cmd_stop}[args.command]
     try:
         return handler(args)
     except DagError as e:
@@ -213,6 +368,15 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as e:
         print(f"vgen: storage error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except ClusterError as e:
+        print(f"vgen: cluster error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        if args.command not in ("submit", "logs"):
+            raise
+        print("vgen: stopped following; the job keeps running on the cluster (vgen stop ID to "
+              "stop it)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
