@@ -10,6 +10,7 @@
     vgen status --job ID --address http://HEAD:8265 [--json]
     vgen logs ID --address http://HEAD:8265 [--follow]
     vgen stop ID --address http://HEAD:8265
+    vgen report RUN_ID [RUN_ID ...] [--storage ROOT | --tracking-uri URI] [--out report.html]
 
 ``--storage`` (env VGEN_STORAGE) overrides the DAG's storage root, so one DAG runs against several
 roots; ``--tracking-uri`` (env MLFLOW_TRACKING_URI) likewise for MLflow. Exit codes: 0 success,
@@ -127,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--host", default="127.0.0.1")
+
+    from pipelines.report import add_report_parser
+
+    add_report_parser(sub)
     return parser
 
 
@@ -351,6 +356,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pipelines.report import cmd_report
+
+    return cmd_report(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipelines.dag.spec import DagError
     from pipelines.submit import ClusterError
@@ -359,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "gc": cmd_gc,
                "ui": cmd_ui, "submit": cmd_submit, "logs": cmd_logs,
-               "stop": cmd_stop}[args.command]
+               "stop": cmd_stop, "report": _cmd_report}[args.command]
     try:
         return handler(args)
     except DagError as e:

@@ -40,8 +40,9 @@ GRAD_TOL = {  # dtype: (rtol, atol)
     torch.bfloat16: (1.6e-2, 1e-2),
 }
 # On a GPU, tl.exp compiles to the hardware exp2 approximation (a few ulp), which the fp32
-# gradient (a difference of two such terms) amplifies relative to small results: measured on an
-# H100, max |diff| 2.4e-6, max relative 3.3e-4 at near-zero entries.
+# gradient (a difference of two such terms, scaled by 1/T) amplifies relative to small results:
+# measured on an H100, max |diff| 2.4e-6 (relative 3.3e-4 at near-zero entries) at T=0.5 and one
+# element of 49k off by 3.2e-5 at T=0.01. The absolute tolerance scales with 1/T.
 GRAD_TOL_GPU = {**GRAD_TOL, torch.float32: (5e-4, 1e-5), torch.float64: (5e-4, 1e-5)}
 PROB_TOL = (1e-5, 1e-6)  # bit_probs are fp32 sigmoid of the exactly upcast z, for every dtype
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
@@ -168,7 +169,8 @@ def interp(tmp_path_factory) -> dict:
     return {"inputs": inputs, "results": torch.load(d / "out.pt")}
 
 
-def _assert_matches_reference(got: dict, inp: dict, dtype: torch.dtype, gpu: bool = False) -> None:
+def _assert_matches_reference(got: dict, inp: dict, dtype: torch.dtype, gpu: bool = False,
+                              temperature: float = 0.5) -> None:
     want = _run(ref, inp)
     assert torch.equal(got["signs"], want["signs"]) and got["signs"].dtype == dtype
     assert torch.equal(got["indices"], want["indices"])
@@ -176,6 +178,8 @@ def _assert_matches_reference(got: dict, inp: dict, dtype: torch.dtype, gpu: boo
     torch.testing.assert_close(got["bit_probs"], want["bit_probs"], rtol=PROB_TOL[0],
                                atol=PROB_TOL[1])
     rtol, atol = (GRAD_TOL_GPU if gpu else GRAD_TOL)[dtype]
+    if gpu:
+        atol *= max(1.0, 0.1 / temperature)
     torch.testing.assert_close(got["grad"], want["grad"], rtol=rtol, atol=atol)
 
 
@@ -337,7 +341,7 @@ def test_gpu_triton_matches_reference(case: Case):
     inp = {k: v.cuda() if isinstance(v, torch.Tensor) else v
            for k, v in _case_inputs(case, seed=7).items()}
     got = _run(tk, inp)
-    _assert_matches_reference(got, inp, case.dtype, gpu=True)
+    _assert_matches_reference(got, inp, case.dtype, gpu=True, temperature=case.temperature)
     packed = got["packed"]
     assert torch.equal(tk.unpack_to_signs(packed, case.K, case.dtype), got["signs"].contiguous())
     assert lfq._backend(packed).__name__ == "kernels.lfq.triton"
