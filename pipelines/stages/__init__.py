@@ -14,6 +14,7 @@ cache.latents       cache_latents.py                      curated images -> VAE 
 tokenize.deltatok   deltatok.py                           curated videos -> DeltaTok delta tokens
 train.generator     train.py                              Ray Train + DeepSpeed: a token generator
 evaluate.tokenizer  evaluate.py                           reconstruction PSNR, codebook usage, samples
+evaluate.generation evaluate_generation.py                sample + decode: FID, sFID, IS, prec./recall
 =================== ===================================== =================================
 
 The contract every kind follows is in :mod:`pipelines.stages.base`.
@@ -35,6 +36,7 @@ KINDS: dict[str, str] = {
     "train.tokenizer": "pipelines.stages.train:TrainTokenizer",
     "train.generator": "pipelines.stages.train:TrainGenerator",
     "evaluate.tokenizer": "pipelines.stages.evaluate:EvaluateTokenizer",
+    "evaluate.generation": "pipelines.stages.evaluate_generation:EvaluateGeneration",
 }
 
 

@@ -383,7 +383,6 @@ class _BitTokens(ImageTokenizeStage):
             "indices_flip": ([r for r in out_flip["indices"].reshape(B, -1).astype(np.int32)]
                              if out_flip is not None else [None] * B),
         }
-        rows.pop("caption")
         return pa.table(rows, schema=BIT_TOKENS), []
 
 
@@ -391,7 +390,7 @@ class TokenizeLFQ(_BitTokens):
     """MaskBit LFQ: sign bits per position of a conv encoder's grid; index = sum bit_k 2^k."""
 
     kind = "tokenize.lfq"
-    version = 2
+    version = 3
     families = ("lfq",)
 
     def native_resolution(self, model) -> int | None:
@@ -406,7 +405,7 @@ class TokenizeFSQ(_BitTokens):
     """BAR binary FSQ: one K-bit token per ViT patch (raster order)."""
 
     kind = "tokenize.fsq"
-    version = 1
+    version = 2
     families = ("bar_fsq",)
 
     def encode(self, x):

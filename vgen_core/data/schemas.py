@@ -25,6 +25,7 @@ __all__ = [
     "QUARANTINE",
     "STAGE_RUNS",
     "EVAL_RESULTS",
+    "REFERENCE_STATS",
     "PANCAP_SAMPLES",
     "VICAS_SAMPLES",
     "SCHEMAS",
@@ -64,6 +65,7 @@ BIT_TOKENS = with_schema_meta(
         pa.field("content_digest", pa.string(), nullable=False),
         pa.field("fingerprint", pa.string(), nullable=False),
         pa.field("label", pa.int32(), nullable=False),
+        pa.field("caption", pa.string(), nullable=True),  # carried for text-conditioned models
         pa.field("grid_h", pa.int16(), nullable=False),
         pa.field("grid_w", pa.int16(), nullable=False),
         pa.field("token_bits", pa.int16(), nullable=False),
@@ -175,6 +177,35 @@ EVAL_RESULTS = with_schema_meta(
         pa.field("extractor", pa.string(), nullable=True),
         pa.field("details", pa.string(), nullable=True),  # JSON
         pa.field("recorded_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ],
+)
+
+#: Cached reference statistics for generation metrics (``_vgen/reference_stats``; see
+#: :mod:`vgen_core.eval.reference`). Key: (source_uri, source_version, extractor, resolution);
+#: ``source_version`` is the curated Delta version, -1 for a file (an ADM ``.npz``);
+#: ``resolution`` the crop size images were preprocessed to (0: as stored). ``mu``/``sigma``
+#: (and the sFID ``mu_s``/``sigma_s``) are little-endian float64, C-order; ``features`` a
+#: deterministic subset of pool features (float32, (num_features, dims)) for precision/recall.
+REFERENCE_STATS = with_schema_meta(
+    "reference_stats",
+    [
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("source_version", pa.int64(), nullable=False),
+        pa.field("extractor", pa.string(), nullable=False),
+        pa.field("resolution", pa.int32(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),  # delta | adm_npz
+        pa.field("source_digest", pa.string(), nullable=True),  # what the source held
+        pa.field("count", pa.int64(), nullable=True),  # null: moments without a count (ADM)
+        pa.field("dims", pa.int32(), nullable=False),
+        pa.field("mu", pa.binary(), nullable=False),
+        pa.field("sigma", pa.binary(), nullable=False),
+        pa.field("spatial_dims", pa.int32(), nullable=True),
+        pa.field("mu_s", pa.binary(), nullable=True),
+        pa.field("sigma_s", pa.binary(), nullable=True),
+        pa.field("num_features", pa.int64(), nullable=False),
+        pa.field("features", pa.binary(), nullable=True),
+        pa.field("details", pa.string(), nullable=True),  # JSON
+        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
     ],
 )
 
@@ -301,6 +332,7 @@ VICAS_SAMPLES = with_schema_meta(
 
 SCHEMAS: dict[str, pa.Schema] = {
     s.metadata[b"vgen.schema"].decode(): s
-    for s in (IMAGE_SAMPLES, BIT_TOKENS, ID_TOKENS, LATENTS, DELTA_TOKENS, QUARANTINE, STAGE_RUNS, EVAL_RESULTS, PANCAP_SAMPLES,
+    for s in (IMAGE_SAMPLES, BIT_TOKENS, ID_TOKENS, LATENTS, DELTA_TOKENS, QUARANTINE, STAGE_RUNS,
+              EVAL_RESULTS, REFERENCE_STATS, PANCAP_SAMPLES,
               VICAS_SAMPLES)
 }

@@ -4,6 +4,8 @@
 * ``fid`` + ``extractors``: streaming feature statistics, FID / sFID / IS / precision-recall, the
   standard FID InceptionV3 (local weights) and a tiny built-in extractor; every result names its
   extractor and results of different extractors are never compared;
+* ``reference``: reference statistics (curated table versions, ADM ``.npz`` batches), their
+  Delta cache ``_vgen/reference_stats`` and the comparability flag; ADM's five numbers at once;
 * ``panoptic_quality``: PQ/SQ/RQ as panopticapi computes them (PanCap);
 * ``track_map``: ViCaS LG-VIS track mAP as the official scorer computes it;
 * ``plots``: histograms for MLflow.

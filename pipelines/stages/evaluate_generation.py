@@ -1,0 +1,769 @@
+"""``evaluate.generation``: sample a trained generator, decode, and score it as the ADM suite does.
+
+Needs (``needs:``): the ``train.generator`` stage, the tokenize / ``cache.latents`` stage whose
+side table the generator trained on, and optionally the ``train.tokenizer`` stage behind it::
+
+    eval: {uses: evaluate.generation, needs: [maskgit, tokens], with: {num_samples: 50000}}
+
+**The decoder.** Generated tokens/latents are decoded by exactly the tokenizer that made the
+training tokens. It is rebuilt from the tokenize stage's own recorded config: the runner's state
+table (``_vgen/stage_runs``) holds, for every completed stage, the parts its row fingerprint was
+hashed from (kind, version, config, weights digest); the record whose hash equals the side
+table's fingerprint is the one that made these rows, so the tokenize kind's own ``load_model``
+rebuilds the same model (an upstream ``train.tokenizer`` export, a ``weights:`` file, or
+``size`` + ``init_seed``). The weights digest is checked against the record before anything is
+sampled; a changed weights file or a lost record is an error that says what to re-run. A
+``train.tokenizer`` export is taken from this stage's inputs when listed in ``needs``, else from
+that stage's recorded outputs.
+
+**Sampling.** Class-conditional generators get class-balanced labels (round-robin, so every
+prefix is balanced; ``per_class: 50`` with 1000 classes is ADM's 50k), MaskGen gets the side
+table's captions (current rows, sorted by ``sample_id``, cycled). Samples are cut into shards of
+``shard_size``; shard ``i`` draws with seed ``seed + i`` (ADM's ``42 + rank``, with the shard as
+the rank), so the images do not depend on how many actors ran. Shards run on a Ray actor pool
+sized like per-sample stages (:func:`pipelines.dag.ray_exec.pool_size`: one actor on 2 cores;
+GPU actors when ``resources.gpus``); each actor loads generator, decoder and extractor once,
+samples, decodes, and returns features only (plus the few images of the grid). Without a
+running Ray (unit tests) the same actor class runs in-process.
+
+**Metrics** (results table ``<dag>/<stage>``, one row per metric, the extractor named on every
+feature-based row; MLflow metrics on the stage run): ``fid`` and ``sfid`` from streaming
+:class:`~vgen_core.eval.fid.FeatureStats`, ``is``/``is_std`` from the extractor's logits,
+``precision``/``recall`` (k = ``pr_k``) against a deterministic subset of reference points, and
+``codebook_usage`` of the generated tokens. The extractor is InceptionV3 (the FID port) when
+``extractor_weights`` names its local weights file, else the built-in tiny conv net, whose
+numbers only compare with themselves.
+
+**Reference statistics** come from the curated table version the tokens were made from, images
+center-cropped to the tokenizer's resolution, cached in ``_vgen/reference_stats`` by (curated
+uri, version, extractor, resolution) so another evaluation of the same version does not
+re-extract (:mod:`vgen_core.eval.reference`); or from an ADM reference batch
+(``reference_npz:``, local or s3://), whose moments are used only with the InceptionV3 port
+(results then say ``comparable_to_published: true``).
+
+**Incremental.** The row fingerprint covers the generator digest, the tokenizer (export digest,
+or the tokenize fingerprint that covers its weights), the sampling config, the reference and the
+extractor (name and weights digest): an unchanged evaluation is skipped by the runner.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import inspect
+import io
+import json
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field
+
+from vgen_core.data.schemas import EVAL_RESULTS
+
+from .base import JobStage, OutputRef, StageConfig, StageContext, StageError, StageResult
+
+__all__ = ["EvaluateGenerationConfig", "EvaluateGeneration", "GENERATORS", "load_decoder",
+           "decode_to_uint8"]
+
+
+class EvaluateGenerationConfig(StageConfig):
+    num_samples: int = Field(50000, ge=2, description="images to generate (ADM: 50000)")
+    per_class: int | None = Field(None, ge=1, description="images per class (ADM: 50); sets "
+                                  "num_samples = per_class x the generator's classes")
+    seed: int = Field(42, description="shard i samples with seed + i (ADM: 42 + rank)")
+    shard_size: int = Field(64, ge=1, description="samples per shard: one seed, one actor call")
+    sampler: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the "
+                                    "family's `sample` (steps, guidance_scale, ...); unset ones "
+                                    "keep the papers' defaults")
+    extractor_weights: str | None = Field(None, description="local (or s3://) FID InceptionV3 "
+                                          "weights (pt_inception-2015-12-05-6726825d.pth); unset: "
+                                          "the tiny-conv extractor")
+    inception_preprocess: Literal["tf1", "pytorch-fid"] = Field(
+        "tf1", description="tf1 = the TF graph's resize (ADM reference batches); or pytorch-fid")
+    reference_npz: str | None = Field(None, description="ADM reference batch (.npz with mu/sigma "
+                                      "or arr_0 images), local or s3://; default: the curated "
+                                      "table the tokens were made from")
+    reference_features: int = Field(10000, ge=0, description="reference points kept for "
+                                    "precision/recall (ADM: its 10k reference images)")
+    pr_k: int = Field(3, ge=1, description="k of the k-NN manifolds (ADM: 3)")
+    is_splits: int = Field(10, ge=1, description="Inception Score splits (ADM: 10)")
+    grid_images: int = Field(32, ge=0, description="first samples shown in the MLflow grid")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass(frozen=True)
+class _Family:
+    module: str  # vgen_core.generators.<module>.sample
+    condition: str  # "labels" | "text"
+    output: str  # "tokens" | "latents"
+
+
+#: generator families (config.json ``family``) this stage samples
+GENERATORS: dict[str, _Family] = {
+    "maskgit": _Family("vgen_core.generators.masked", "labels", "tokens"),
+    "rar": _Family("vgen_core.generators.rar", "labels", "tokens"),
+    "bar": _Family("vgen_core.generators.bar", "labels", "tokens"),
+    "maskbit": _Family("vgen_core.generators.maskbit", "labels", "tokens"),
+    "maskgen_vq": _Family("vgen_core.generators.maskgen", "text", "tokens"),
+    "deepflow": _Family("vgen_core.generators.deepflow", "labels", "latents"),
+    "xar": _Family("vgen_core.generators.xar", "labels", "latents"),
+}
+
+#: decoder family -> pixel range of its output ("signed" [-1, 1], "unit" [0, 1])
+_PIXELS = {"lfq": "signed", "bar_fsq": "signed", "kl_vae": "signed", "titok": "unit"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model loading and decoding (run inside the actors)
+# ---------------------------------------------------------------------------------------------
+
+
+def load_decoder(spec: dict[str, Any], store: Any):
+    """The tokenizer described by ``spec`` (see ``EvaluateGeneration.decoder_spec``), built by the
+    tokenize kind's own ``load_model``. Returns (model, tokenize stage instance); keep the stage
+    alive while the model is used (it owns the temporary copy of remote weights)."""
+    from . import get_kind
+
+    kind_cls = get_kind(spec["kind"])
+    cfg = kind_cls.Config.model_validate(spec["config"])
+    inputs = {u: {k: OutputRef.from_json(r) for k, r in outs.items()}
+              for u, outs in spec["inputs"].items()}
+    ctx = StageContext(dag=spec["dag"], stage=spec["stage"], store=store,
+                       row_fingerprint=spec["row_fingerprint"], inputs=inputs)
+    stage = kind_cls(cfg, ctx)
+    return stage.load_model().eval(), stage
+
+
+def decode_to_uint8(tokenizer: Any, out: Any, grid_hw: tuple[int, int] | None) -> np.ndarray:
+    """Generated tokens (B, L) / latents (B, C, h, w) -> uint8 images (B, H, W, 3)."""
+    family = tokenizer.family
+    if family == "lfq":
+        if grid_hw is None:
+            raise ValueError("LFQ decoding needs the token grid (grid_h, grid_w)")
+        x = tokenizer.decode_indices(out.view(-1, *grid_hw))
+    elif family == "bar_fsq":
+        x = tokenizer.decode_indices(out)
+    elif family == "titok" and tokenizer.config.quantize_mode == "vq":
+        x = tokenizer.decode_tokens(out)
+    elif family == "kl_vae":
+        x = tokenizer.decode_latents(out)
+    else:
+        raise ValueError(f"cannot decode generated samples with a '{family}' tokenizer "
+                         f"(decodable: lfq, bar_fsq, titok VQ, kl_vae; TA-TiTok needs CLIP "
+                         "text features this project cannot load)")
+    if _PIXELS[family] == "signed":
+        x = x.float().clamp(-1, 1).add(1).mul(127.5)
+    else:
+        x = x.float().clamp(0, 1).mul(255)
+    return x.round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def build_extractor(spec: dict[str, Any], tmp: str, device: Any):
+    from vgen_core.eval.extractors import InceptionV3FID, TinyConvExtractor
+
+    if spec.get("weights"):
+        from .tokenize import fetch_file
+
+        return InceptionV3FID(fetch_file(spec["weights"], tmp), preprocess=spec["preprocess"],
+                              device=device)
+    return TinyConvExtractor(seed=0, device=device)
+
+
+def _device(want: str):
+    import torch
+
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _f32(a: Any) -> list[bytes]:
+    a = np.ascontiguousarray(a, dtype="<f4")
+    return [r.tobytes() for r in a]
+
+
+def _unpack(col: pa.ChunkedArray | pa.Array, dims: int | None = None) -> np.ndarray:
+    rows = [np.frombuffer(b, dtype="<f4") for b in col.to_pylist()]
+    if not rows:
+        return np.zeros((0, dims or 0), np.float32)
+    return np.stack(rows)
+
+
+class _SampleActor:
+    """One per actor: loads generator, decoder and extractor once; a call runs whole shards."""
+
+    def __init__(self, plan: dict[str, Any], store: Any):
+        import torch
+
+        from vgen_core.tokenizers.io import load_pretrained
+
+        from .tokenize import fetch_model_dir
+
+        self.plan, self.device = plan, _device(plan["device"])
+        self._tmp = tempfile.TemporaryDirectory()
+        self.generator = load_pretrained(fetch_model_dir(plan["generator_uri"],
+                                                         f"{self._tmp.name}/gen")).to(self.device)
+        self.decoder, self._tok_stage = load_decoder(plan["decoder"], store)
+        self.decoder = self.decoder.to(self.device).eval()
+        self.extractor = build_extractor(plan["extractor"], self._tmp.name, self.device)
+        fam = GENERATORS[plan["family"]]
+        self.sample_fn = importlib.import_module(fam.module).sample
+        self.condition, self.output = fam.condition, fam.output
+        self.grid_hw = tuple(plan["grid_hw"]) if plan.get("grid_hw") else None
+        torch.set_grad_enabled(False)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.concat_tables([self.run_shard(s) for s in batch.to_pylist()])
+
+    def run_shard(self, shard: dict[str, Any]) -> pa.Table:
+        import torch
+
+        g = torch.Generator(device=self.device).manual_seed(self.plan["seed"] + shard["shard"])
+        if self.condition == "text":
+            from vgen_core.generators.text import encode_text
+
+            cond = encode_text(list(shard["captions"])).to(self.device)
+        else:
+            cond = torch.tensor(shard["labels"], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            out = self.sample_fn(self.generator, cond, generator=g, **self.plan["sampler"])
+            images = decode_to_uint8(self.decoder, out, self.grid_hw)
+            f = self.extractor(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+        n, start = len(images), int(shard["start"])
+        index = np.arange(start, start + n)
+        pngs = [_png(im) if i < self.plan["grid_images"] else b"" for i, im in zip(index, images)]
+        tokens = ([np.ascontiguousarray(t, dtype="<i4").tobytes()
+                   for t in out.reshape(n, -1).cpu().numpy()]
+                  if self.output == "tokens" else [b""] * n)
+        return pa.table({
+            "index": pa.array(index, pa.int64()),
+            "pool": pa.array(_f32(f.pool_BD.cpu()), pa.binary()),
+            "logits": pa.array(_f32(f.logits_BK.cpu()) if f.logits_BK is not None else [b""] * n,
+                               pa.binary()),
+            "spatial": pa.array(_f32(f.spatial_BS.cpu()) if f.spatial_BS is not None
+                                else [b""] * n, pa.binary()),
+            "tokens": pa.array(tokens, pa.binary()),
+            "png": pa.array(pngs, pa.binary()),
+        })
+
+
+class _ReferenceActor:
+    """Features of curated images, center-cropped to ``resolution`` (the tokenizer's input)."""
+
+    def __init__(self, extractor: dict[str, Any], resolution: int, column: str, device: str):
+        import torch
+
+        self._tmp = tempfile.TemporaryDirectory()
+        self.device = _device(device)
+        self.extractor = build_extractor(extractor, self._tmp.name, self.device)
+        self.resolution, self.column = resolution, column
+        torch.set_grad_enabled(False)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        from .tokenize import decode_image, preprocess
+
+        keep, imgs = [], []
+        for i, b in enumerate(batch[self.column].to_pylist()):
+            try:  # undecodable samples were quarantined by the tokenize stage: not reference
+                imgs.append(preprocess(decode_image(b), self.resolution))
+                keep.append(i)
+            except ValueError:
+                continue
+        if not imgs:
+            return pa.table({"sample_id": pa.array([], pa.string()),
+                             "pool": pa.array([], pa.binary()),
+                             "spatial": pa.array([], pa.binary())})
+        f = self.extractor(torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous())
+        n = len(imgs)
+        return pa.table({
+            "sample_id": batch["sample_id"].take(keep),
+            "pool": pa.array(_f32(f.pool_BD.cpu()), pa.binary()),
+            "spatial": pa.array(_f32(f.spatial_BS.cpu()) if f.spatial_BS is not None
+                                else [b""] * n, pa.binary()),
+        })
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _file_identity(uri: str) -> str:
+    """Cheap identity of a (local or remote) file: size and modification time / ETag."""
+    from vgen_core.data.fsio import filesystem_for
+
+    fs, path = filesystem_for(uri)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise StageError(f"reference_npz {uri} not found; give a local path or s3:// URI of an "
+                         "ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz)") from None
+    stamp = info.get("ETag") or info.get("LastModified") or info.get("mtime") or info.get("created")
+    return f"size={info.get('size')};stamp={stamp}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+class EvaluateGeneration(JobStage):
+    kind = "evaluate.generation"
+    version = 1
+    Config = EvaluateGenerationConfig
+    needs_range = (2, 3)
+    config: EvaluateGenerationConfig
+
+    # -- inputs ---------------------------------------------------------------------------
+    def _where(self) -> str:
+        return f"stage '{self.ctx.stage}'"
+
+    def _refs(self, key: str) -> list[tuple[str, OutputRef]]:
+        return [(u, outs[key]) for u, outs in self.ctx.inputs.items() if key in outs]
+
+    def generator_ref(self, required: bool = True) -> OutputRef | None:
+        refs = self._refs("generator")
+        if len(refs) != 1 and (required or len(refs) > 1):
+            raise StageError(f"{self._where()}: needs exactly one train.generator stage among "
+                             f"`needs`, found {len(refs)}")
+        return refs[0][1] if refs else None
+
+    def side_input(self, required: bool = True) -> tuple[str, OutputRef, OutputRef] | None:
+        """(tokenize stage name, its side table, the curated table it was made from)."""
+        found = [(u, outs["samples"], outs["source"]) for u, outs in self.ctx.inputs.items()
+                 if "samples" in outs and "source" in outs]
+        if len(found) != 1:
+            if not required and not found:
+                return None
+            raise StageError(f"{self._where()}: needs exactly one tokenize / cache.latents stage "
+                             f"(the one the generator trained on) among `needs`, found "
+                             f"{len(found)}: it gives the tokenizer that decodes samples and the "
+                             "curated table for reference statistics")
+        return found[0]
+
+    def extractor_spec(self) -> dict[str, Any]:
+        cfg = self.config
+        return {"weights": cfg.extractor_weights, "preprocess": cfg.inception_preprocess}
+
+    def extractor_name(self) -> str:
+        if self.config.extractor_weights:
+            return ("inception-v3-fid-tf1" if self.config.inception_preprocess == "tf1"
+                    else "inception-v3-fid-pt")
+        return "tiny-conv-seed0-v1"
+
+    def row_fingerprint_parts(self) -> dict[str, Any]:
+        """Generator digest, tokenizer (export digest / tokenize fingerprint), reference source,
+        extractor name and weights digest. (Sampling config is in the config part.)"""
+        from .tokenize import file_digest
+
+        gen = self.generator_ref(required=False)
+        side = self.side_input(required=False)
+        tok = self._refs("tokenizer")
+        ext: dict[str, Any] = {"name": self.extractor_name()}
+        if self.config.extractor_weights:
+            ext["weights"] = file_digest(self.config.extractor_weights)
+        if self.config.reference_npz:
+            reference = {"npz": self.config.reference_npz,
+                         "file": _file_identity(self.config.reference_npz)}
+        else:
+            reference = {"table": side[2].uri, "version": side[2].version} if side else None
+        return {"generator": gen.digest if gen else None,
+                "tokenizer": tok[0][1].digest if tok else None,
+                "tokens": side[1].digest if side else None,
+                "reference": reference, "extractor": ext}
+
+    # -- the decoder ----------------------------------------------------------------------
+    def decoder_spec(self) -> dict[str, Any]:
+        """How to rebuild the tokenizer that made the side table (see the module docstring)."""
+        from pipelines.dag.fingerprint import digest_parts
+        from pipelines.dag.state import StageState
+
+        up, side, _ = self.side_input()
+        records = StageState(self.ctx.store).records(self.ctx.dag)
+        mine = [r for r in records if r["stage"] == up and r["status"] == "completed"]
+        rec = next((r for r in reversed(mine)
+                    if digest_parts(r["fingerprint_parts"].get("row") or {}) == side.digest), None)
+        if rec is None:
+            raise StageError(f"{self._where()}: the state table has no completed run of stage "
+                             f"'{up}' with fingerprint {side.digest}, so the tokenizer that made "
+                             f"{side.uri} cannot be rebuilt; re-run '{up}' with `vgen run` "
+                             "(it is then up to date and recorded)")
+        row = rec["fingerprint_parts"]["row"]
+        inputs: dict[str, dict[str, Any]] = {}
+        for u, info in (rec["fingerprint_parts"].get("upstream") or {}).items():
+            digest = (info.get("outputs") or {}).get("tokenizer")
+            if digest is not None:
+                inputs[u] = {"tokenizer": self._tokenizer_export(u, info["fingerprint"], digest,
+                                                                 records).to_json()}
+        return {"dag": self.ctx.dag, "stage": up, "kind": row["kind"], "config": row["config"],
+                "row_fingerprint": side.digest, "extra": row.get("extra") or {}, "inputs": inputs}
+
+    def _tokenizer_export(self, stage: str, fingerprint: str, digest: str,
+                          records: list[dict[str, Any]]) -> OutputRef:
+        for _, ref in self._refs("tokenizer"):
+            if ref.digest == digest:
+                return ref
+        for r in reversed(records):
+            out = (r.get("outputs") or {}).get("tokenizer")
+            if (r["stage"] == stage and r["status"] == "completed"
+                    and r["fingerprint"] == fingerprint and out and out.get("digest") == digest):
+                return OutputRef.from_json(out)
+        raise StageError(f"{self._where()}: the tokens were made with the tokenizer trained by "
+                         f"stage '{stage}' (digest {digest[:12]}), whose export is not recorded; "
+                         f"add '{stage}' to this stage's `needs`")
+
+    def _check_decoder(self, spec: dict[str, Any]) -> Any:
+        """The tokenize stage rebuilt on the driver; its weights must be what made the rows."""
+        from . import get_kind
+
+        kind_cls = get_kind(spec["kind"])
+        inputs = {u: {k: OutputRef.from_json(r) for k, r in outs.items()}
+                  for u, outs in spec["inputs"].items()}
+        ctx = StageContext(dag=spec["dag"], stage=spec["stage"], store=self.ctx.store,
+                           row_fingerprint=spec["row_fingerprint"], inputs=inputs)
+        stage = kind_cls(kind_cls.Config.model_validate(spec["config"]), ctx)
+        if stage.row_fingerprint_parts() != spec["extra"]:
+            raise StageError(f"{self._where()}: the tokenizer of stage '{spec['stage']}' is no "
+                             f"longer the one that made its tokens (its weights changed: "
+                             f"{stage.row_fingerprint_parts()} vs {spec['extra']}); re-run "
+                             f"'{spec['stage']}' and the generator trained on it")
+        return stage
+
+    # -- the run --------------------------------------------------------------------------
+    def run(self, executor: Any = None) -> StageResult:
+        import torch
+
+        from vgen_core.eval.fid import FeatureStats
+        from vgen_core.eval.recon import codebook_usage
+        from vgen_core.eval.reference import generation_metrics
+        from vgen_core.tracking import image_grid
+
+        from .reading import data_facts
+
+        store, cfg, tracker, where = self.ctx.store, self.config, self.ctx.tracker, self._where()
+        gen_ref = self.generator_ref()
+        up, side, source = self.side_input()
+        decoder = self.decoder_spec()
+        tok_stage = self._check_decoder(decoder)
+        resolution = tok_stage.declared_resolution()
+        gen_cfg = _model_config(gen_ref.uri)
+        family = gen_cfg.get("family")
+        if family not in GENERATORS:
+            raise StageError(f"{where}: generator family {family!r} has no sampler here; "
+                             f"evaluate.generation samples {', '.join(GENERATORS)}")
+        fam = GENERATORS[family]
+        self._check_sampler(fam, family)
+        facts = data_facts(store, side, where)
+        self._check_fits(gen_cfg, facts, gen_ref, side)
+        n, shards = self._shards(fam, gen_cfg, side, source)
+        ext = self.extractor_spec()
+        ext_name = self.extractor_name()
+
+        ref = self.reference(ext, resolution, source)
+        plan = {"generator_uri": gen_ref.uri, "family": family, "decoder": decoder,
+                "extractor": ext, "sampler": dict(cfg.sampler), "seed": cfg.seed,
+                "grid_images": cfg.grid_images, "device": cfg.device,
+                "grid_hw": _grid_hw(store, side)}
+        pool = spatial = None
+        index, pools, logits, tokens, grid = [], [], [], [], {}
+        for b in self._map(_SampleActor, (plan, store), lambda: _shards_ds(shards),
+                           lambda: (pa.Table.from_pylist([s]) for s in shards), batch_size=1):
+            if not b.num_rows:
+                continue
+            x = _unpack(b["pool"]).astype(np.float64)
+            pool = pool or FeatureStats(x.shape[1], ext_name)
+            pool.update(x)
+            if b["spatial"][0].as_py():
+                s = _unpack(b["spatial"]).astype(np.float64)
+                spatial = spatial or FeatureStats(s.shape[1], ext_name, "spatial")
+                spatial.update(s)
+            index.append(b["index"].to_numpy())
+            pools.append(x.astype(np.float32))
+            if b["logits"][0].as_py():
+                logits.append(_unpack(b["logits"]))
+            tokens.extend(np.frombuffer(t, dtype="<i4") for t in b["tokens"].to_pylist() if t)
+            for i, png in zip(b["index"].to_pylist(), b["png"].to_pylist()):
+                if png:
+                    grid[i] = png
+        order = np.argsort(np.concatenate(index), kind="stable")
+        pool_ND = np.concatenate(pools)[order]
+        logits_NK = np.concatenate(logits)[order] if logits else None
+        metrics, notes = generation_metrics(ref, pool, spatial, pool_ND, logits_NK, k=cfg.pr_k,
+                                            is_splits=cfg.is_splits)
+        if tokens:
+            size = int(facts.get("codebook_size") or 0)
+            usage = codebook_usage(torch.from_numpy(np.concatenate(tokens).astype(np.int64)), size)
+            metrics["codebook_usage"] = float(usage["usage_fraction"])
+
+        lineage = self._lineage(gen_ref, decoder, tok_stage.family_name, side, source)
+        details = {"reference": ref.describe(), "lineage": lineage, "family": family,
+                   "sampler": dict(cfg.sampler), "seed": cfg.seed, "shard_size": cfg.shard_size,
+                   "notes": notes}
+        if grid:
+            from vgen_core.data.sample_images import decode_png
+
+            imgs = np.stack([decode_png(grid[i]) for i in sorted(grid)])
+            tracker.log_image("samples_grid", image_grid(imgs, nrow=8))
+        tracker.log_dict(details, "evaluation.json")
+        tracker.set_tags({
+            "vgen.eval.extractor": ext_name,
+            "vgen.eval.comparable_to_published": str(ref.comparable).lower(),
+            "vgen.eval.reference": (f"{ref.key.source_uri}@v{ref.key.source_version}"
+                                    if ref.key.source_version >= 0 else ref.key.source_uri),
+            "vgen.eval.reference_cached": str(ref.cached).lower(),
+            **{f"vgen.lineage.{k}": v for k, v in _flat(lineage).items()},
+        })
+        return self._write_results(metrics, n, ext_name, details)
+
+    # -- pieces of the run ----------------------------------------------------------------
+    def _check_sampler(self, fam: _Family, family: str) -> None:
+        fn = importlib.import_module(fam.module).sample
+        params = inspect.signature(fn).parameters
+        allowed = [p for p, v in params.items() if v.kind == v.KEYWORD_ONLY and p != "generator"]
+        bad = sorted(set(self.config.sampler) - set(allowed))
+        if bad:
+            raise StageError(f"{self._where()}: with.sampler has {bad}, which the {family} "
+                             f"sampler does not take; it takes {', '.join(allowed)}")
+
+    def _check_fits(self, gen_cfg: dict, facts: dict, gen_ref: OutputRef, side: OutputRef) -> None:
+        for key in ("codebook_size", "seq_len", "token_bits", "in_channels"):
+            if key in gen_cfg and key in facts and int(gen_cfg[key]) != int(facts[key]):
+                raise StageError(f"{self._where()}: the generator {gen_ref.uri} has {key}="
+                                 f"{gen_cfg[key]} but the tokens {side.uri} have {facts[key]}; "
+                                 "list the tokenize stage the generator was trained on in needs")
+
+    def _shards(self, fam: _Family, gen_cfg: dict, side: OutputRef,
+                source: OutputRef) -> tuple[int, list[dict[str, Any]]]:
+        cfg = self.config
+        n = cfg.num_samples
+        labels: list[int] | None = None
+        captions: list[str] | None = None
+        if fam.condition == "labels":
+            classes = int(gen_cfg.get("num_classes") or 1)
+            if cfg.per_class is not None:
+                n = cfg.per_class * classes
+                if "num_samples" in cfg.model_fields_set and cfg.num_samples != n:
+                    raise StageError(f"{self._where()}: num_samples {cfg.num_samples} != per_class "
+                                     f"{cfg.per_class} x {classes} classes; set one of them")
+            labels = (np.arange(n) % classes).tolist()
+        else:
+            captions = self._captions(side, source, n)
+        shards = []
+        for i, start in enumerate(range(0, n, cfg.shard_size)):
+            stop = min(n, start + cfg.shard_size)
+            shards.append({"shard": i, "start": start,
+                           "labels": labels[start:stop] if labels is not None else None,
+                           "captions": captions[start:stop] if captions is not None else None})
+        return n, shards
+
+    def _captions(self, side: OutputRef, source: OutputRef, n: int) -> list[str]:
+        from .base import filter_to_keys
+
+        store = self.ctx.store
+        if "caption" not in store.schema(side.name).names:
+            raise StageError(f"{self._where()}: a text-conditioned generator needs captions, but "
+                             f"{side.uri} has no caption column")
+        t = store.read(side.name, version=side.version,
+                       columns=["sample_id", "content_digest", "fingerprint", "caption"])
+        t = t.filter(pc.equal(t["fingerprint"], side.digest))
+        keys = store.read(source.name, version=source.version,
+                          columns=["sample_id", "content_digest"])
+        rows = sorted((r["sample_id"], r["caption"]) for r in filter_to_keys(t, keys).to_pylist()
+                      if r["caption"])
+        if not rows:
+            raise StageError(f"{self._where()}: no captions in the current rows of {side.uri}")
+        return [rows[i % len(rows)][1] for i in range(n)]
+
+    def _map(self, actor_cls: type, args: tuple, make_ds: Callable[[], Any],
+             local_batches: Callable[[], Iterator[pa.Table]], *,
+             batch_size: int) -> Iterator[pa.Table]:
+        """``actor_cls(*args)`` over the batches: on a Ray actor pool when Ray runs (sized by
+        :func:`~pipelines.dag.ray_exec.pool_size`), else in this process."""
+        import ray
+
+        if not ray.is_initialized():
+            actor = actor_cls(*args)
+            for b in local_batches():
+                yield actor(b)
+            return
+        import ray.data
+
+        from pipelines.dag.ray_exec import actor_cpus, pool_size
+
+        res, cluster = self.ctx.resources, self.ctx.cluster
+        gpus = float(getattr(res, "gpus", 0.0) or 0.0)
+        ds = make_ds().map_batches(
+            actor_cls, fn_constructor_args=args, batch_format="pyarrow", batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool_size(res, cluster)),
+            num_cpus=actor_cpus(res, cluster), num_gpus=gpus or None)
+        yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
+
+    def reference(self, ext: dict[str, Any], resolution: int, source: OutputRef):
+        """Cached reference statistics, computed (and cached) on a miss."""
+        from vgen_core.eval.reference import ReferenceKey, ReferenceStatsCache, keys_digest
+
+        store, cfg, name = self.ctx.store, self.config, self.extractor_name()
+        cache = ReferenceStatsCache(store)
+        if cfg.reference_npz:
+            ident = _file_identity(cfg.reference_npz)
+            key = ReferenceKey(cfg.reference_npz, -1, name, 0)
+            hit = cache.get(key, ident)
+            if hit is not None:
+                return hit
+            ref = self._import_npz(ext, ident)
+            cache.put(ref)
+            return ref
+        keys = store.read(source.name, version=source.version,
+                          columns=["sample_id", "content_digest"])
+        digest = keys_digest(keys)
+        key = ReferenceKey(source.uri, int(source.version), name, int(resolution))
+        hit = cache.get(key, digest)
+        if hit is not None:
+            return hit
+        ref = self._extract_reference(key, ext, source, digest)
+        cache.put(ref)
+        return ref
+
+    def _import_npz(self, ext: dict[str, Any], ident: str):
+        from vgen_core.eval.reference import import_adm_npz
+
+        from .tokenize import fetch_file
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = fetch_file(self.config.reference_npz, tmp)
+            extractor = build_extractor(ext, tmp, _device(self.config.device))
+            try:
+                return import_adm_npz(path, extractor, source_uri=self.config.reference_npz,
+                                      source_digest=ident,
+                                      max_features=self.config.reference_features)
+            except ValueError as e:
+                raise StageError(f"{self._where()}: {e}") from None
+
+    def _extract_reference(self, key: Any, ext: dict[str, Any], source: OutputRef, digest: str):
+        from vgen_core.eval.fid import FeatureStats
+        from vgen_core.eval.reference import FeatureSubset, ReferenceStats
+
+        from .tokenize import IMAGE_COLUMNS, _pick
+
+        store = self.ctx.store
+        col = _pick(store.schema(source.name).names, IMAGE_COLUMNS)
+        if col is None:
+            raise StageError(f"{self._where()}: {source.uri} has no image column "
+                             f"({', '.join(IMAGE_COLUMNS)}) for reference statistics")
+        cols = ["sample_id", col]
+        bs = int(getattr(self.ctx.resources, "batch_size", 16) or 16)
+
+        def make_ds():
+            import ray.data
+
+            return ray.data.read_delta(source.uri, version=source.version, columns=cols,
+                                       storage_options=store.storage_options or None)
+
+        def local():
+            t = store.read(source.name, version=source.version, columns=cols)
+            for rb in t.to_batches(max_chunksize=bs):
+                yield pa.Table.from_batches([rb])
+
+        pool = spatial = None
+        subset = FeatureSubset(self.config.reference_features)
+        args = (ext, key.resolution, col, self.config.device)
+        for b in self._map(_ReferenceActor, args, make_ds, local, batch_size=bs):
+            if not b.num_rows:
+                continue
+            x = _unpack(b["pool"]).astype(np.float64)
+            pool = pool or FeatureStats(x.shape[1], key.extractor)
+            pool.update(x)
+            if b["spatial"][0].as_py():
+                s = _unpack(b["spatial"]).astype(np.float64)
+                spatial = spatial or FeatureStats(s.shape[1], key.extractor, "spatial")
+                spatial.update(s)
+            subset.add(b["sample_id"].to_pylist(), x)
+        if pool is None or pool.count < 2:
+            raise StageError(f"{self._where()}: {source.uri}@v{source.version} has fewer than 2 "
+                             "images; reference statistics need at least 2")
+        return ReferenceStats(key, "delta", pool, spatial, subset.result(), digest, False,
+                              {"preprocess": {"crop": "center", "resize": "bicubic",
+                                              "resolution": key.resolution}})
+
+    def _lineage(self, gen_ref: OutputRef, decoder: dict, tok_family: str, side: OutputRef,
+                 source: OutputRef) -> dict[str, Any]:
+        tok: dict[str, Any] = {"stage": decoder["stage"], "kind": decoder["kind"],
+                               "fingerprint": decoder["row_fingerprint"]}
+        exports = [r for outs in decoder["inputs"].values() for r in outs.values()]
+        if exports:
+            tok.update(uri=exports[0]["uri"], digest=exports[0]["digest"])
+        elif decoder["config"].get("weights"):
+            tok.update(uri=decoder["config"]["weights"],
+                       digest=decoder["extra"].get("weights_file"))
+        else:
+            c = decoder["config"]
+            tok.update(uri=f"seeded:{tok_family}:{c.get('size')}:init_seed={c.get('init_seed')}",
+                       digest=decoder["extra"].get("weights"))
+        return {"generator": {"uri": gen_ref.uri, "digest": gen_ref.digest},
+                "tokenizer": tok,
+                "tokens": {"uri": side.uri, "version": side.version},
+                "curated": {"uri": source.uri, "version": source.version}}
+
+    def _write_results(self, metrics: dict[str, float], n: int, ext_name: str,
+                       details: dict[str, Any]) -> StageResult:
+        store = self.ctx.store
+        now = dt.datetime.now(dt.timezone.utc)
+        ref_json = json.dumps({"reference": details["reference"], "lineage": details["lineage"],
+                               "sampler": details["sampler"], "seed": details["seed"]},
+                              sort_keys=True, default=str)
+        rows = [{"stage": self.ctx.stage, "fingerprint": self.ctx.row_fingerprint, "metric": k,
+                 "value": float(v), "num_samples": n,
+                 "extractor": None if k == "codebook_usage" else ext_name,
+                 "details": ref_json, "recorded_at": now} for k, v in metrics.items()]
+        name = self.table_name()
+        version = store.append(name, pa.Table.from_pylist(rows, schema=EVAL_RESULTS),
+                               commit_metadata={"vgen.stage": self.ctx.stage,
+                                                "vgen.fingerprint": self.ctx.row_fingerprint})
+        return StageResult(outputs={"results": OutputRef("table", name, store.uri(name),
+                                                         version=version)},
+                           metrics=dict(metrics))
+
+
+def _shards_ds(shards: list[dict[str, Any]]):
+    import ray.data
+
+    return ray.data.from_items(shards, override_num_blocks=max(1, len(shards)))
+
+
+def _model_config(uri: str) -> dict[str, Any]:
+    from vgen_core.data.fsio import filesystem_for
+
+    fs, path = filesystem_for(uri)
+    try:
+        return json.loads(fs.cat_file(f"{path.rstrip('/')}/config.json"))
+    except FileNotFoundError:
+        raise StageError(f"no exported model at {uri} (config.json missing); re-run the "
+                         "train.generator stage") from None
+
+
+def _grid_hw(store: Any, side: OutputRef) -> list[int] | None:
+    names = store.schema(side.name).names
+    if "grid_h" not in names:
+        return None
+    t = store.read(side.name, version=side.version, columns=["grid_h", "grid_w", "fingerprint"])
+    t = t.filter(pc.equal(t["fingerprint"], side.digest))
+    return [int(t["grid_h"][0].as_py()), int(t["grid_w"][0].as_py())] if t.num_rows else None
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif v is not None:
+            out[f"{prefix}{k}"] = str(v)
+    return out
