@@ -214,10 +214,14 @@ class _SampleActor:
         self.sample_fn = importlib.import_module(fam.module).sample
         self.condition, self.output = fam.condition, fam.output
         self.grid_hw = tuple(plan["grid_hw"]) if plan.get("grid_hw") else None
-        torch.set_grad_enabled(False)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return pa.concat_tables([self.run_shard(s) for s in batch.to_pylist()])
+        import torch
+
+        # a context, not torch.set_grad_enabled(False): this class also runs in the driver
+        # process (no Ray), where a global switch would leak into everything after it
+        with torch.inference_mode():
+            return pa.concat_tables([self.run_shard(s) for s in batch.to_pylist()])
 
     def run_shard(self, shard: dict[str, Any]) -> pa.Table:
         import torch
@@ -261,9 +265,14 @@ class _ReferenceActor:
         self.device = _device(device)
         self.extractor = build_extractor(extractor, self._tmp.name, self.device)
         self.resolution, self.column = resolution, column
-        torch.set_grad_enabled(False)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        with torch.inference_mode():
+            return self._features(batch)
+
+    def _features(self, batch: pa.Table) -> pa.Table:
         import torch
 
         from .tokenize import decode_image, preprocess
