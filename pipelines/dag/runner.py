@@ -5,6 +5,8 @@
    Ray sized to this machine.
 3. Open one MLflow run for the DAG run (params = the resolved DAG); each stage that runs gets a
    nested run with its counts, metrics and tables (as MLflow dataset inputs with Delta versions).
+   A stage kind with ``resumes_tracking`` (training) that continues an interrupted attempt of the
+   same fingerprint gets that attempt's run back instead, so its step history continues.
 4. Schedule stages as their upstream stages finish. Independent branches run concurrently, each
    in a driver thread, admitted only while the CPUs they declare fit in the cluster, so a DAG on
    a 2-core machine runs branches one after the other instead of starving.
@@ -81,8 +83,8 @@ def connect_ray(address: str | None = None) -> None:
 class _Progress:
     """One line per update per stage on stderr: ``[stage] 40/80 processed, 0 quarantined``."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream, self.lock = stream, threading.Lock()
+    def __init__(self, stream=None):
+        self.stream, self.lock = stream or sys.stderr, threading.Lock()
 
     def __call__(self, stage: str, counts: Counts, total: int) -> None:
         done = counts.processed + counts.skipped + counts.quarantined + counts.filtered
@@ -97,12 +99,12 @@ class _Progress:
 
 class Runner:
     def __init__(self, dag: Dag, store: Any, tracker: Any, tracking_uri: str, *,
-                 address: str | None = None, executor: str = "ray", stream=sys.stderr):
+                 address: str | None = None, executor: str = "ray", stream=None):
         self.dag, self.store, self.tracker = dag, store, tracker
         self.tracking_uri, self.address, self.executor = tracking_uri, address, executor
         self.state = StageState(store)
-        self.stream = stream
-        self.progress = _Progress(stream)
+        self.stream = stream or sys.stderr  # looked up now: a test may have swapped sys.stderr
+        self.progress = _Progress(self.stream)
 
     # ---------------------------------------------------------------------------------
     def run(self) -> RunSummary:
@@ -191,6 +193,34 @@ class Runner:
                     outcomes[name], fps[name] = fut.result()
         return outcomes
 
+    def _stage_tracker(self, name: str, stage: Any, fingerprint: str, last: dict | None) -> Any:
+        """A new nested run for the stage; or, for a stage kind that resumes its work
+        (``resumes_tracking``, e.g. training from its checkpoints) after an attempt of the same
+        fingerprint that did not complete, that attempt's run, so its step history continues."""
+        prev = None
+        if (getattr(stage, "resumes_tracking", False) and last is not None
+                and last["fingerprint"] == fingerprint and last["status"] != "completed"):
+            prev = last.get("mlflow_run_id")
+        resumed = self._reattach(prev) if prev else None
+        if resumed is None:
+            return self.tracker.child(name)
+        print(f"[{name}] continues MLflow run {prev}", file=self.stream, flush=True)
+        resumed.set_tags({"vgen.resumed_in_dag_run": self.tracker.run_id})
+        return resumed
+
+    def _reattach(self, run_id: str) -> Any:
+        """This DAG run's tracker type reopened on an earlier run (None if it cannot be)."""
+        from vgen_core.tracking import MlflowTracker
+
+        t = self.tracker
+        if not isinstance(t, MlflowTracker) or t.offline or run_id.startswith("offline-"):
+            return None
+        try:
+            t.client.get_run(run_id)
+        except Exception:
+            return None
+        return MlflowTracker.attach(t.tracking_uri, run_id, owner=True)
+
     def _cpu_demand(self, name: str) -> float:
         res = self.dag.stage(name).resources
         cpu_total = self.cluster["CPU"]
@@ -214,7 +244,8 @@ class Runner:
             return StageOutcome(name, kind, "skipped", plan.reason, outputs=plan.outputs,
                                 seconds=time.time() - t0), plan.fingerprint
         print(f"[{name}] {plan.state}: {plan.reason}", file=self.stream, flush=True)
-        child = self.tracker.child(name)
+        stage.stage_fingerprint = plan.fingerprint
+        child = self._stage_tracker(name, stage, plan.fingerprint, last)
         stage.ctx.tracker = child
         child.set_tags({"vgen.stage": name, "vgen.kind": kind, "vgen.fingerprint": plan.fingerprint,
                         "vgen.row_fingerprint": plan.row_fingerprint})

@@ -8,11 +8,20 @@ accumulation, clipping from ``train:``). Rank 0 alone writes to the stage's MLfl
 the driver) and exports the weights as safetensors + config under
 ``<storage>/models/<dag>/<stage>/<fingerprint>/``.
 
-Not yet here (training issue): periodic DeepSpeed checkpoints, resume, FailureConfig, EMA.
+Checkpoints and resume: every ``train.checkpoint_every`` steps (and after the last) each rank
+saves its part of a DeepSpeed checkpoint plus its RNG, data position and EMA state
+(:mod:`vgen_core.training.checkpoint`) and reports it to Ray Train, which merges the ranks'
+files under ``<storage>/ray_train/<dag>-<stage>-<fingerprint[:12]>/``. After a worker failure
+``FailureConfig(max_failures)`` restarts the worker group from the latest checkpoint; a re-run of
+the same stage fingerprint (the driver was killed) uses the same Ray Train run name, so Ray Train
+restores it too, and the runner hands it the same MLflow run. A restored worker runs only the
+remaining steps and logs only steps the run does not hold yet. The exported weights (the EMA
+when ``train.ema_decay`` > 0) are registered in MLflow's model registry as ``<dag>.<stage>``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -34,50 +43,50 @@ class TrainTokenizerConfig(StageConfig):
     model: str = Field("lfq", description="model family (vgen_core.training.TASKS)")
     size: str = "tiny"
     overrides: dict[str, Any] = Field(default_factory=dict)
+    loss: dict[str, Any] = Field(default_factory=dict,
+                                 description="keyword options of the family's loss")
+    resolution: int | None = Field(None, ge=8, description="crop size of the training images "
+                                   "(tokenizers; default: the images as curated)")
     train: TrainConfig = Field(default_factory=TrainConfig)
 
 
 class TrainGeneratorConfig(TrainTokenizerConfig):
     model: str = "maskgit"
-    flip: bool = Field(False, description="use the baked flipped tokens for half the samples")
+    flip: bool = Field(False, description="use the baked flipped copy for half the samples")
+    window: int = Field(8, ge=2, description="delta tokens per training sequence (DeltaWorld)")
 
 
-def _decode_images(batch: pa.Table) -> dict[str, np.ndarray]:
-    from vgen_core.data.sample_images import decode_png
-
-    images = [decode_png(b) for b in batch["image_png"].to_pylist()]
-    return {"image": np.stack(images), "label": np.asarray(batch["label"], dtype=np.int64)}
+#: which side-table data a task's ``data`` accepts (bit-token indices are ids of 2**K codes)
+_ACCEPTS = {"id_tokens": ("id_tokens", "bit_tokens"), "bit_tokens": ("bit_tokens",),
+            "latents": ("latents",), "delta_tokens": ("delta_tokens",)}
 
 
-def _token_arrays(batch: pa.Table) -> dict[str, np.ndarray]:
-    out = {"tokens": np.asarray(batch["indices"].to_pylist(), dtype=np.int64),
-           "label": np.asarray(batch["label"], dtype=np.int64)}
-    flips = batch["indices_flip"].to_pylist()
-    out["tokens_flip"] = np.asarray([f if f is not None else t for f, t in
-                                     zip(flips, out["tokens"].tolist())], dtype=np.int64)
-    return out
-
-
-def _current_rows(batch: pa.Table, keys: pa.Table, fingerprint: str) -> pa.Table:
-    """Rows of this tokenizer fingerprint whose digest matches the current curated version."""
-    from .base import filter_to_keys
-
-    return filter_to_keys(batch.filter(pc.equal(batch["fingerprint"], fingerprint)), keys)
+def _side_kind(facts: dict[str, Any]) -> str:
+    if "token_bits" in facts:
+        return "bit_tokens"
+    if "shape" in facts:
+        return "latents"
+    if "token_dim" in facts:
+        return "delta_tokens"
+    return "id_tokens"
 
 
 def _worker_loop(cfg: dict[str, Any]) -> None:
-    """Runs in every Ray Train worker."""
+    """Runs in every Ray Train worker: build, restore the latest checkpoint if Ray Train hands one
+    over (a restart after a failure, or a re-run of the same stage fingerprint), train the
+    remaining steps with periodic checkpoints, export (EMA weights when on) from rank 0."""
     import deepspeed
     import ray.train
     import torch
     from ray.train.torch import get_device
 
-    from vgen_core.tokenizers.io import save_pretrained, weights_digest
     from vgen_core.tracking import MlflowTracker, NullTracker
     from vgen_core.training import deepspeed_config, get_task, train_loop
+    from vgen_core.training.checkpoint import WorkerState, checkpoint_due, log_floor
 
     tcfg = TrainConfig.model_validate(cfg["train"])
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(tcfg.seed + rank)
     device = get_device()
     task = get_task(cfg["model"])
@@ -87,41 +96,197 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt,
                                            config=deepspeed_config(tcfg, device),
                                            dist_init_required=False)
-    shard = ray.train.get_dataset_shard("train")
+    ema = _make_ema(engine, tcfg, rank)
     rng = np.random.default_rng(tcfg.seed + 1000 * rank)
-
-    def batches():
-        while True:
-            n = 0
-            for b in shard.iter_torch_batches(batch_size=tcfg.micro_batch_size, drop_last=True,
-                                              device=device):
-                if cfg.get("flip") and "tokens_flip" in b:
-                    pick = torch.from_numpy(rng.random(len(b["tokens"])) < 0.5).to(device)
-                    b["tokens"] = torch.where(pick[:, None], b["tokens_flip"], b["tokens"])
-                n += 1
-                yield b
-            if n == 0:
-                raise RuntimeError("a training shard yielded no full batch: the table has fewer "
-                                   "rows per worker than train.micro_batch_size")
+    state = WorkerState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        state = _restore(engine, checkpoint, rank, ema, rng, device)
+    resumed_from = state.step
 
     tracker = MlflowTracker.attach(cfg["tracking_uri"], cfg["run_id"]) \
         if rank == 0 and cfg.get("run_id") else NullTracker()
-    last = train_loop(engine, batches(), task.loss, tcfg,
-                      on_log=lambda step, m: tracker.log_metrics(
-                          {f"train/{k}": v for k, v in m.items()}, step=step))
-    if rank == 0:
-        from vgen_core.data.fsio import filesystem_for
+    floor = log_floor(resumed_from, _logged_through(tracker) if rank == 0 else None)
 
-        module = engine.module
-        with tempfile.TemporaryDirectory() as tmp:
-            save_pretrained(module, tmp)
-            with open(os.path.join(tmp, SUMMARY_NAME), "w") as f:
-                json.dump({"final": last, "digest": weights_digest(module),
-                           "world_size": ray.train.get_context().get_world_size()}, f)
-            fs, path = filesystem_for(cfg["output_uri"])
-            fs.makedirs(path, exist_ok=True)
-            for name in os.listdir(tmp):
-                fs.put(os.path.join(tmp, name), f"{path.rstrip('/')}/{name}")
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        if step > floor:
+            tracker.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
+
+    def on_step(step: int, last: dict[str, float]) -> None:
+        state.step = step
+        if ema is not None:
+            ema.update(_ema_tensors(engine))
+        if checkpoint_due(step, tcfg.checkpoint_every, tcfg.steps):
+            state.last_metrics = dict(last)
+            _save_checkpoint(engine, state, rank, ema, rng, device)
+
+    tokens = getattr(task, "tokens_per_sample", None)
+    loss_fn = functools.partial(task.loss, **cfg.get("loss", {}))
+    last = train_loop(engine, _batches(cfg, tcfg, device, rng, state), loss_fn, tcfg,
+                      on_log=on_log, on_step=on_step, start_step=resumed_from, world_size=world,
+                      tokens_per_sample=tokens(cfg["data_info"]) if callable(tokens)
+                      else cfg["data_info"].get("seq_len"))
+    _export(engine, ema, cfg, rank, {
+        "final": last or state.last_metrics, "world_size": world, "step": state.step,
+        "resumed_from": resumed_from, "restores": state.restores})
+
+
+def _make_ema(engine: Any, tcfg: TrainConfig, rank: int):
+    """The EMA this rank keeps: all ranks under ZeRO-3 (each its partitions), else rank 0."""
+    from vgen_core.training import EMA
+
+    if tcfg.ema_decay <= 0 or (rank != 0 and not engine.zero_optimization_partition_weights()):
+        return None
+    return EMA(_ema_tensors(engine), tcfg.ema_decay)
+
+
+def _ema_tensors(engine: Any) -> dict[str, Any]:
+    """The weights an EMA averages: parameters, or this rank's ZeRO-3 partitions of them."""
+    zero3 = engine.zero_optimization_partition_weights()
+    return {n: (p.ds_tensor if zero3 else p) for n, p in engine.module.named_parameters()}
+
+
+def _batches(cfg: dict[str, Any], tcfg: TrainConfig, device: Any, rng: np.random.Generator,
+             pos: Any):
+    """Micro-batches from this rank's shard, pass after pass. ``pos`` (a WorkerState) holds the
+    data position: passes started and micro-batches consumed in the current one; a resumed
+    worker skips what its checkpoint had consumed. (Ray Data does not promise the same order
+    in a new execution, so this restores how much of the pass is done, not exactly which rows.)"""
+    import ray.train
+    import torch
+
+    shard = ray.train.get_dataset_shard("train")
+    skip = pos.batch
+    while True:
+        n = 0
+        for b in shard.iter_torch_batches(batch_size=tcfg.micro_batch_size, drop_last=True,
+                                          device=device):
+            n += 1
+            if skip:
+                skip -= 1
+                continue
+            for key in [k for k in b if k.endswith("_flip")]:  # baked flips: pick at random
+                base, flipped = key[: -len("_flip")], b.pop(key)
+                if cfg.get("flip"):
+                    pick = torch.from_numpy(rng.random(len(flipped)) < 0.5).to(device)
+                    pick = pick.view(-1, *[1] * (flipped.ndim - 1))
+                    b[base] = torch.where(pick, flipped, b[base])
+            pos.batch = n
+            yield b
+        if n == 0:
+            raise RuntimeError("a training shard yielded no full batch: the table has fewer "
+                               "rows per worker than train.micro_batch_size")
+        pos.epoch, pos.batch, skip = pos.epoch + 1, 0, 0
+
+
+def _save_checkpoint(engine: Any, state: Any, rank: int, ema: Any, rng: np.random.Generator,
+                     device: Any) -> None:
+    """Collective: every rank saves its part and reports it; Ray Train merges the directories."""
+    import shutil
+
+    import ray.train
+
+    from vgen_core.training.checkpoint import DS_TAG, rng_tensors, save_worker_state
+
+    tmp = tempfile.mkdtemp(prefix="vgen-ckpt-")
+    try:
+        engine.save_checkpoint(tmp, tag=DS_TAG, save_latest=False)
+        state.numpy_rng = rng.bit_generator.state
+        tensors = rng_tensors(device)
+        if ema is not None:
+            tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+        save_worker_state(tmp, rank, state, tensors)
+        ray.train.report({"step": state.step, **state.last_metrics},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"step_{state.step:08d}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _restore(engine: Any, checkpoint: Any, rank: int, ema: Any, rng: np.random.Generator,
+             device: Any):
+    """Load the DeepSpeed checkpoint and this rank's state; returns its WorkerState."""
+    from vgen_core.training.checkpoint import DS_TAG, load_worker_state, restore_rng
+
+    with checkpoint.as_directory() as d:
+        path, _ = engine.load_checkpoint(d, tag=DS_TAG, load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint '{DS_TAG}' in {d}")
+        state, tensors = load_worker_state(d, rank)
+    restore_rng(tensors, device)
+    if state.numpy_rng is not None:
+        rng.bit_generator.state = state.numpy_rng
+    if ema is not None:
+        ema_state = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+        if ema_state:
+            ema.load_state_dict(ema_state)
+    state.restores += 1
+    if rank == 0:
+        print(f"[train] resumed from the checkpoint at step {state.step} "
+              f"(restore {state.restores})", flush=True)
+    return state
+
+
+def _logged_through(tracker: Any, key: str = "train/loss") -> int | None:
+    """The last step of ``key`` the tracking run holds (None: nothing, or not readable)."""
+    client = getattr(tracker, "client", None)
+    if client is None:
+        return None
+    try:
+        return max((m.step for m in client.get_metric_history(tracker.run_id, key)), default=None)
+    except Exception:  # tracking never kills a run: without it, steps may be logged twice
+        return None
+
+
+def _export(engine: Any, ema: Any, cfg: dict[str, Any], rank: int, summary: dict) -> None:
+    """Rank 0 writes safetensors + config + the summary to ``output_uri`` (EMA weights when on).
+    Under ZeRO-3 every rank takes part in gathering the full weights."""
+    from contextlib import nullcontext
+
+    from vgen_core.data.fsio import filesystem_for
+    from vgen_core.tokenizers.io import save_pretrained, weights_digest
+
+    if engine.zero_optimization_partition_weights():
+        module, swap = _gather_zero3(engine, ema, cfg, rank), nullcontext()
+    else:
+        module = engine.module if rank == 0 else None
+        swap = ema.applied(_ema_tensors(engine)) if ema is not None else nullcontext()
+    if module is None:
+        return
+    with swap, tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(module, tmp)
+        summary = {**summary, "digest": weights_digest(module), "ema": ema is not None}
+        with open(os.path.join(tmp, SUMMARY_NAME), "w") as f:
+            json.dump(summary, f)
+        fs, path = filesystem_for(cfg["output_uri"])
+        fs.makedirs(path, exist_ok=True)
+        for name in os.listdir(tmp):
+            fs.put(os.path.join(tmp, name), f"{path.rstrip('/')}/{name}")
+
+
+def _gather_zero3(engine: Any, ema: Any, cfg: dict[str, Any], rank: int):
+    """Collective: all-gather each parameter's ZeRO-3 partitions (or this rank's EMA of them)
+    into a freshly built fp32 model on rank 0 (None on the other ranks). Gathering the
+    partitions ourselves also covers the small parameters DeepSpeed keeps resident."""
+    import torch
+    import torch.distributed as dist
+
+    from vgen_core.training import get_task
+
+    world = dist.get_world_size()
+    full = {}
+    for name, p in engine.module.named_parameters():
+        part = (ema.shadow[name] if ema is not None else p.ds_tensor).detach().float().contiguous()
+        parts = [torch.empty_like(part) for _ in range(world)]
+        dist.all_gather(parts, part)
+        if rank == 0:
+            full[name] = torch.cat(parts)[: p.ds_numel].view(p.ds_shape).cpu()
+    if rank != 0:
+        return None
+    model = get_task(cfg["model"]).build(cfg["size"], cfg["overrides"], cfg["data_info"])
+    buffers = {n: b.detach().cpu() for n, b in engine.module.named_buffers()}
+    model.load_state_dict({k: full.get(k, buffers.get(k)) for k in model.state_dict()})
+    return model
 
 
 class TrainTokenizer(JobStage):
@@ -130,6 +295,8 @@ class TrainTokenizer(JobStage):
     Config = TrainTokenizerConfig
     needs_range = (1, 1)
     output_key = "tokenizer"
+    #: a re-run after an interrupted attempt continues that attempt's MLflow run (see runner)
+    resumes_tracking = True
     config: TrainTokenizerConfig
 
     def row_fingerprint_parts(self) -> dict[str, Any]:
@@ -142,17 +309,38 @@ class TrainTokenizer(JobStage):
                 "loop_version": LOOP_VERSION}
 
     def dataset(self):
+        """Curated images (``image_png`` of ingest.images, or curate.pancap's JPEG ``image``)."""
         import ray.data
 
+        from vgen_core.training import get_task
+
+        from .reading import image_batch
+        from .tokenize import IMAGE_COLUMNS, _pick
+
+        task = get_task(self.config.model)
+        if task.data != "images":
+            raise StageError(f"stage '{self.ctx.stage}': '{self.config.model}' is a generator "
+                             f"(it trains on {task.data}); use `train.generator`")
         (up,) = self.ctx.inputs
         ref = self.ctx.input_ref(up, "samples")
-        ds = ray.data.read_delta(ref.uri, version=ref.version, columns=["image_png", "label"],
+        names = self.ctx.store.schema(ref.name).names
+        col = _pick(names, IMAGE_COLUMNS)
+        if col is None:
+            raise StageError(f"stage '{self.ctx.stage}': {ref.uri} has no image column "
+                             f"({', '.join(IMAGE_COLUMNS)}); train tokenizers on a curated "
+                             "image table (ingest.images, curate.pancap)")
+        cols = [col] + (["label"] if "label" in names else [])
+        ds = ray.data.read_delta(ref.uri, version=ref.version, columns=cols,
                                  storage_options=self.ctx.store.storage_options or None)
-        n = self.ctx.store.read(ref.name, version=ref.version, columns=["label"]).num_rows
-        return ds.map_batches(_decode_images, batch_format="pyarrow"), {"num_rows": n}
+        n = self.ctx.store.read(ref.name, version=ref.version, columns=[col]).num_rows
+        info: dict[str, Any] = {"num_rows": n}
+        if self.config.resolution:
+            info["image_size"] = self.config.resolution
+        return ds.map_batches(image_batch, fn_kwargs={"resolution": self.config.resolution},
+                              batch_format="pyarrow"), info
 
     def run(self, executor: Any = None) -> StageResult:
-        from ray.train import RunConfig, ScalingConfig
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         from pipelines.dag.ray_exec import RESERVED_CPUS
@@ -163,13 +351,14 @@ class TrainTokenizer(JobStage):
         cluster_cpu = self.ctx.cluster.get("CPU", float(os.cpu_count() or 2))
         per_worker = min(res.cpus, max((cluster_cpu - RESERVED_CPUS) / workers, 0.25))
         use_gpu = res.gpus > 0
-        fp = self.ctx.row_fingerprint
-        name = f"models/{self.ctx.dag}/{self.ctx.stage}/{fp}"
+        tcfg = self.config.train
+        name = f"models/{self.ctx.dag}/{self.ctx.stage}/{self.ctx.row_fingerprint}"
         output_uri = self.ctx.store.path(name)
         loop_cfg = {
             "model": self.config.model, "size": self.config.size,
-            "overrides": self.config.overrides, "train": self.config.train.model_dump(),
+            "overrides": self.config.overrides, "train": tcfg.model_dump(),
             "data_info": data_info, "flip": getattr(self.config, "flip", False),
+            "loss": self.config.loss,
             "tracking_uri": self.ctx.tracking_uri, "run_id": self.ctx.tracker.run_id,
             "output_uri": output_uri,
         }
@@ -181,8 +370,10 @@ class TrainTokenizer(JobStage):
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                          resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            run_config=RunConfig(storage_path=self.ctx.store.path("ray_train"),
-                                 name=f"{self.ctx.dag}-{self.ctx.stage}-{fp[:12]}"),
+            run_config=RunConfig(
+                storage_path=self.ctx.store.path("ray_train"), name=self.ray_run_name(),
+                failure_config=FailureConfig(max_failures=tcfg.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2)),
             datasets={"train": ds},
         )
         trainer.fit()
@@ -195,8 +386,48 @@ class TrainTokenizer(JobStage):
             raise StageError(f"stage '{self.ctx.stage}': training finished but rank 0 wrote no "
                              f"model under {output_uri}; see the worker logs above") from None
         metrics = {f"final/{k}": float(v) for k, v in summary["final"].items()}
+        metrics.update({"final/step": summary["step"], "resume/restores": summary["restores"],
+                        "resume/from_step": summary["resumed_from"]})
+        version = self._register(output_uri, summary["digest"])
+        if version is not None:
+            metrics["registry/version"] = version
         ref = OutputRef("model", name, output_uri, digest=summary["digest"])
         return StageResult(outputs={self.output_key: ref}, metrics=metrics)
+
+    def ray_run_name(self) -> str:
+        """The Ray Train run (directory under ``<storage>/ray_train``) of this stage fingerprint.
+
+        Ray Train restores a run of the same name from its latest checkpoint, so a re-run of an
+        interrupted stage continues it, while any change of config or input data (another
+        fingerprint) starts afresh. The runner sets ``stage_fingerprint`` (the planner's, input
+        versions included); without it, the row fingerprint and the input references stand in.
+        """
+        fp = getattr(self, "stage_fingerprint", None)
+        if not fp:
+            import hashlib
+
+            inputs = {u: {k: r.to_json() for k, r in outs.items()}
+                      for u, outs in self.ctx.inputs.items()}
+            key = json.dumps([self.ctx.row_fingerprint, inputs], sort_keys=True, default=str)
+            fp = hashlib.sha256(key.encode()).hexdigest()
+        return f"{self.ctx.dag}-{self.ctx.stage}-{fp[:12]}"
+
+    def _register(self, output_uri: str, digest: str) -> int | None:
+        """Register the exported weights as a new version of ``<dag>.<stage>`` in MLflow's model
+        registry (the stage's run holds the files); None when not tracked."""
+        from vgen_core.data.fsio import filesystem_for
+        from vgen_core.tracking import register_model
+
+        tracker = self.ctx.tracker
+        if tracker.run_id is None:
+            return None
+        fs, path = filesystem_for(output_uri)
+        with tempfile.TemporaryDirectory() as tmp:
+            for remote in fs.ls(path, detail=False):
+                fs.get_file(remote, os.path.join(tmp, os.path.basename(remote.rstrip("/"))))
+            return register_model(tracker, f"{self.ctx.dag}.{self.ctx.stage}", tmp,
+                                  tags={"vgen.digest": digest, "vgen.uri": output_uri,
+                                        "vgen.row_fingerprint": self.ctx.row_fingerprint})
 
 
 class TrainGenerator(TrainTokenizer):
@@ -207,33 +438,36 @@ class TrainGenerator(TrainTokenizer):
     config: TrainGeneratorConfig
 
     def dataset(self):
-        import ray.data
+        """The chosen side table, current for its curated version (reading.training_dataset),
+        turned into the batches the model family eats; the data's facts (codebook, sequence
+        length, classes, bits, latent shape) go into the model config."""
+        from vgen_core.training import get_task
+
+        from .reading import (Transform, data_facts, delta_batch, latent_batch, token_batch,
+                              training_dataset)
 
         (up,) = self.ctx.inputs
-        tokens = self.ctx.input_ref(up, "samples")
+        side = self.ctx.input_ref(up, "samples")
         source = self.ctx.input_ref(up, "source")
-        store = self.ctx.store
-        keys = store.read(source.name, version=source.version,
-                          columns=["sample_id", "content_digest"])
-        meta = store.read(tokens.name, version=tokens.version,
-                          columns=["fingerprint", "token_bits", "grid_h", "grid_w", "label",
-                                   "indices_flip"])
-        meta = meta.filter(pc.equal(meta["fingerprint"], tokens.digest))
-        if meta.num_rows == 0:
-            raise StageError(f"stage '{self.ctx.stage}': token table {tokens.uri}@v{tokens.version}"
-                             f" has no rows of tokenizer fingerprint {tokens.digest}")
-        if self.config.flip and meta["indices_flip"].null_count == meta.num_rows:
-            raise StageError(f"stage '{self.ctx.stage}': with.flip is true but the token table "
-                             f"{tokens.uri} has no baked flipped tokens; set `flip: true` on the "
-                             "tokenize stage or `flip: false` here")
-        bits = pc.unique(meta["token_bits"]).to_pylist()
-        if len(bits) != 1:
-            raise StageError(f"stage '{self.ctx.stage}': mixed token_bits {bits} in {tokens.uri}")
-        data_info = {"codebook_size": 1 << int(bits[0]),
-                     "seq_len": int(meta["grid_h"][0].as_py()) * int(meta["grid_w"][0].as_py()),
-                     "num_classes": int(pc.max(meta["label"]).as_py()) + 1,
-                     "num_rows": meta.num_rows}
-        ds = ray.data.read_delta(tokens.uri, version=tokens.version,
-                                 storage_options=store.storage_options or None)
-        ds = ds.map_batches(_current_rows, fn_args=(keys, tokens.digest), batch_format="pyarrow")
-        return ds.map_batches(_token_arrays, batch_format="pyarrow"), data_info
+        where = f"stage '{self.ctx.stage}'"
+        task = get_task(self.config.model)
+        facts = data_facts(self.ctx.store, side, where)
+        kind = _side_kind(facts)
+        if task.data == "images" or kind not in _ACCEPTS.get(task.data, ()):
+            raise StageError(f"{where}: '{self.config.model}' trains on {task.data}, but "
+                             f"upstream '{up}' produced {kind} ({side.uri}); "
+                             + ("use `train.tokenizer` for tokenizers" if task.data == "images"
+                                else f"feed it from a stage that writes {task.data}"))
+        ds = training_dataset(self.ctx.store, source, side, Transform(hflip=self.config.flip),
+                              where=where)
+        if kind in ("bit_tokens", "id_tokens"):
+            fn, kw = token_batch, {"with_text": self.config.model == "maskgen"}
+        elif kind == "latents":
+            fn, kw = latent_batch, {}
+        else:
+            if facts["min_steps"] < self.config.window:
+                raise StageError(f"{where}: window {self.config.window} is longer than the "
+                                 f"shortest video ({facts['min_steps']} delta tokens); lower "
+                                 "with.window or tokenize more frames (max_frames)")
+            fn, kw = delta_batch, {"window": self.config.window}
+        return ds.map_batches(fn, fn_kwargs=kw, batch_format="pyarrow"), facts
