@@ -512,5 +512,14 @@ def filter_to_keys(table: pa.Table, keys: pa.Table | None) -> pa.Table:
     return table.filter(pc.is_in(have, value_set=wanted))
 
 
+def resolve_device(want: str):
+    """``auto`` | ``cpu`` | ``cuda`` -> a torch.device (auto: CUDA when this worker has one)."""
+    import torch
+
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def json_dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)

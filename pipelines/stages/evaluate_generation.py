@@ -174,11 +174,9 @@ def build_extractor(spec: dict[str, Any], tmp: str, device: Any):
 
 
 def _device(want: str):
-    import torch
+    from .base import resolve_device
 
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
+    return resolve_device(want)
 
 
 def _f32(a: Any) -> list[bytes]:

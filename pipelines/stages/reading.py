@@ -156,21 +156,27 @@ def data_facts(store: Any, side: OutputRef, where: str) -> dict[str, Any]:
         return vals[0]
 
     facts: dict[str, Any] = {"num_rows": t.num_rows}
+    # which side-table data this is: bit_tokens | id_tokens | latents | delta_tokens
     if "label" in names:
         facts["num_classes"] = max(int(pc.max(t["label"]).as_py()) + 1, 1)
     if "token_bits" in names:
         k = int(one("token_bits"))
-        facts.update(token_bits=k, codebook_size=1 << k,
+        facts.update(kind="bit_tokens", token_bits=k, codebook_size=1 << k,
                      seq_len=int(one("grid_h")) * int(one("grid_w")))
     elif "num_tokens" in names:
-        facts.update(seq_len=int(one("num_tokens")), codebook_size=int(one("codebook_size")))
+        facts.update(kind="id_tokens", seq_len=int(one("num_tokens")),
+                     codebook_size=int(one("codebook_size")))
     elif "shape" in names:
         shape = list(one("shape"))
-        facts.update(shape=shape, in_channels=shape[0] // 2, scale_factor=float(one("scale_factor")))
+        facts.update(kind="latents", shape=shape, in_channels=shape[0] // 2, scale_factor=float(one("scale_factor")))
         if len(shape) == 3 and shape[1] == shape[2]:
             facts.update(input_size=shape[1], latent_size=shape[1])
     elif "dim" in names:
-        facts.update(token_dim=int(one("dim")), min_steps=int(np.min(t["num_steps"])))
+        facts.update(kind="delta_tokens", token_dim=int(one("dim")),
+                     min_steps=int(np.min(t["num_steps"])))
+    else:
+        raise IncompatibleSideTable(f"{where}: {side.uri} is not a token or latent side table "
+                                    f"(columns: {', '.join(names)})")
     return facts
 
 

@@ -37,7 +37,8 @@ from pydantic import Field
 
 from vgen_core.data.schemas import BIT_TOKENS, ID_TOKENS
 
-from .base import BatchResult, MapStage, OutputRef, StageConfig, StageError, quarantine_record
+from .base import (BatchResult, MapStage, OutputRef, StageConfig, StageError, quarantine_record,
+                   resolve_device)
 
 __all__ = ["ImageTokenizeConfig", "ImageTokenizeStage", "TokenizeLFQ", "TokenizeFSQ",
            "TokenizeTiTok", "fetch_model_dir", "preprocess", "decode_image", "FAMILIES"]
@@ -250,11 +251,7 @@ class ImageTokenizeStage(MapStage):
         return getattr(model.config, "image_size", None)
 
     def setup(self) -> None:
-        import torch
-
-        want = self.config.device
-        self.device = torch.device("cuda" if want == "cuda" or (
-            want == "auto" and torch.cuda.is_available()) else "cpu")
+        self.device = resolve_device(self.config.device)
         model = self.load_model()
         native = self.native_resolution(model)
         res = self.config.resolution or native

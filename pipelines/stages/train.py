@@ -61,16 +61,6 @@ _ACCEPTS = {"id_tokens": ("id_tokens", "bit_tokens"), "bit_tokens": ("bit_tokens
             "latents": ("latents",), "delta_tokens": ("delta_tokens",)}
 
 
-def _side_kind(facts: dict[str, Any]) -> str:
-    if "token_bits" in facts:
-        return "bit_tokens"
-    if "shape" in facts:
-        return "latents"
-    if "token_dim" in facts:
-        return "delta_tokens"
-    return "id_tokens"
-
-
 def _worker_loop(cfg: dict[str, Any]) -> None:
     """Runs in every Ray Train worker: build, restore the latest checkpoint if Ray Train hands one
     over (a restart after a failure, or a re-run of the same stage fingerprint), train the
@@ -452,7 +442,7 @@ class TrainGenerator(TrainTokenizer):
         where = f"stage '{self.ctx.stage}'"
         task = get_task(self.config.model)
         facts = data_facts(self.ctx.store, side, where)
-        kind = _side_kind(facts)
+        kind = facts["kind"]
         if task.data == "images" or kind not in _ACCEPTS.get(task.data, ()):
             raise StageError(f"{where}: '{self.config.model}' trains on {task.data}, but "
                              f"upstream '{up}' produced {kind} ({side.uri}); "
