@@ -53,7 +53,19 @@ def crops(res: int, unit: bool) -> torch.Tensor:
 def test_fsq_bit_tokens_equal_the_model_and_broken_image_is_quarantined(tmp_path):
     store = TableStore(str(tmp_path))
     ref = image_table(store)
-    r, stage = run(TokenizeFSQ, ImageTokenizeConfig(size="tiny", flip=True), store, ref)
+    class SpreadFSQ(TokenizeFSQ):
+        """The seeded tiny FSQ maps every patch to one code (its projection is dominated by the
+        bias); without the bias and with a larger gain the bits follow the image, so a broken
+        flip or a row mix-up cannot pass unnoticed."""
+
+        def load_model(self):
+            model = super().load_model()
+            with torch.no_grad():
+                model.quantize.in_proj.bias.zero_()
+                model.quantize.in_proj.weight.mul_(50.0)
+            return model
+
+    r, stage = run(SpreadFSQ, ImageTokenizeConfig(size="tiny", flip=True), store, ref)
     assert (r.counts.processed, r.counts.quarantined) == (5, 1)
     (q,) = store.read("t/tok__quarantine").to_pylist()
     assert q["sample_id"] == "img/broken" and q["check"] == "decode"
@@ -65,6 +77,7 @@ def test_fsq_bit_tokens_equal_the_model_and_broken_image_is_quarantined(tmp_path
     with torch.no_grad():
         _, bits, idx = stage.model.encode(crops(32, unit=False))
         _, _, idx_flip = stage.model.encode(crops(32, unit=False).flip(-1))
+    assert len(torch.unique(idx)) > 4 and not torch.equal(idx, idx_flip)
     for i, name in enumerate(NAMES):
         row = rows[f"img/{name}"]
         assert (row["grid_h"], row["grid_w"], row["token_bits"]) == (4, 4, 8)
