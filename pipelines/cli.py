@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server worker processes (default 1: one user)")
 
     from pipelines.report import add_report_parser
 
@@ -352,8 +354,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or default_tracking_uri(TableStore(args.storage).root)
     print(f"MLflow UI for {uri} on http://{args.host}:{args.port} (Ctrl-C to stop)")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-           "--host", args.host, "--port", str(args.port)]
-    return subprocess.call(cmd)
+           "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)]
+    # a personal UI over a local store: no background job runner (MLflow's default starts one
+    # with several consumer processes, which a laptop or a 2-core head node does not need)
+    env = dict(os.environ)
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    return subprocess.call(cmd, env=env)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

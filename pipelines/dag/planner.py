@@ -96,6 +96,9 @@ def plan_stage(dag: Dag, name: str, store: Any, inputs: dict[str, dict[str, Outp
             parts = ", ".join(f"{v} {k.replace('_', '-')}" for k, v in work.breakdown.items() if v)
             plan.reason += (f" ({plan.todo} of {work.total} samples to compute"
                             + (f": {parts}" if parts else "") + ")")
+        elif work.skipped:  # a source stage: items unchanged since they were last read
+            plan.reason += (f" (sources of {work.total - work.skipped} of {work.total} samples "
+                            "new or changed; the rest unchanged since last read)")
     return plan, stage
 
 

@@ -14,13 +14,16 @@ import math
 from typing import Any, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from pipelines.stages.base import BatchResult, MapStage, Work, filter_to_keys
+from pipelines.stages.base import BatchResult, MapStage, Work
 
 __all__ = ["cluster_resources", "pool_size", "RayDataExecutor"]
 
 #: CPUs left for Ray Data read/filter tasks on any cluster.
 RESERVED_CPUS = 1.0
+#: CPUs of one filter/prepare (decode) task ahead of an actor pool
+PREPARE_CPUS = 0.5
 
 
 def cluster_resources() -> dict[str, float]:
@@ -49,6 +52,22 @@ def actor_cpus(resources: Any, cluster: dict[str, float]) -> float:
     return cpus if cpus <= free else max(free, 0.25) if free > 0 else 0.5
 
 
+def _key_set(keys: pa.Table) -> pa.Array:
+    """The to-do keys as one ``sample_id \x1f content_digest`` array (made once, on the driver)."""
+    return pc.binary_join_element_wise(keys["sample_id"], keys["content_digest"], "\x1f")
+
+
+def _prepare(batch: pa.Table, kind_cls: type, config: Any, ctx: Any,
+             prepare: dict[str, Any] | None, wanted: pa.Array | None) -> pa.Table:
+    """Task body ahead of the actors: drop rows already done, then the stage's prepare step."""
+    if wanted is not None:
+        have = pc.binary_join_element_wise(batch["sample_id"], batch["content_digest"], "\x1f")
+        batch = batch.filter(pc.is_in(have, value_set=wanted))
+    if prepare is None or not batch.num_rows:
+        return batch
+    return kind_cls(config, ctx).prepare_batch(batch, **prepare)
+
+
 class _StageActor:
     """Callable-class UDF: builds the stage once per actor (``setup`` loads models)."""
 
@@ -66,12 +85,13 @@ def _envelope(result: BatchResult) -> pa.Table:
     with pa.ipc.new_stream(sink, result.rows.schema) as w:
         w.write_table(result.rows)
     return pa.table({"rows": pa.array([sink.getvalue().to_pybytes()], pa.binary()),
-                     "quarantine": pa.array([json.dumps(result.quarantine, default=str)])})
+                     "quarantine": pa.array([json.dumps(result.quarantine, default=str)]),
+                     "items": pa.array([json.dumps(result.items)])})
 
 
 def _open_envelope(row: dict[str, Any]) -> BatchResult:
     rows = pa.ipc.open_stream(pa.py_buffer(row["rows"])).read_all()
-    return BatchResult(rows, json.loads(row["quarantine"]))
+    return BatchResult(rows, json.loads(row["quarantine"]), json.loads(row["items"]))
 
 
 
@@ -88,6 +108,13 @@ class RayDataExecutor:
         res = stage.ctx.resources
         batch_size = int(getattr(res, "batch_size", 16) or 16)
         pool = pool_size(res, cluster)
+        ctx = stage.ctx.for_worker()
+        per_actor = actor_cpus(res, cluster)
+        prepare = stage.prepare_args()
+        # the key filter, and the stage's prepare step (decode, resize), run as CPU tasks ahead
+        # of the actor pool; their num_cpus differs from the actors' so Ray Data does not fuse
+        # them into the actors (which would put decoding in series with the model again)
+        task_cpus = PREPARE_CPUS if abs(per_actor - PREPARE_CPUS) > 1e-9 else PREPARE_CPUS / 2
         if work.items is not None:
             n_blocks = max(1, min(work.items.num_rows, pool * 4))
             ds = ray.data.from_arrow(work.items).repartition(n_blocks)
@@ -95,15 +122,19 @@ class RayDataExecutor:
             ds = ray.data.read_delta(work.table_uri, version=work.table_version,
                                      columns=work.columns,
                                      storage_options=stage.ctx.store.storage_options or None)
-            # Ray Data fuses this task map into the actor stage below, so the filter runs on the
-            # actors' CPUs (cheap next to encoding; it only drops rows already done)
-            ds = ds.map_batches(filter_to_keys, fn_args=(work.todo,), batch_format="pyarrow")
+            # every candidate is to do (a first run): nothing to filter
+            keys = work.todo if work.todo_count < work.total else None
+            if keys is not None or prepare is not None:
+                ds = ds.map_batches(
+                    _prepare, fn_args=(type(stage), stage.config, ctx, prepare,
+                                       None if keys is None else _key_set(keys)),
+                    batch_size=batch_size, batch_format="pyarrow", num_cpus=task_cpus)
         ds = ds.map_batches(
             _StageActor,
-            fn_constructor_args=(type(stage), stage.config, stage.ctx.for_worker()),
+            fn_constructor_args=(type(stage), stage.config, ctx),
             batch_size=batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
-            num_cpus=actor_cpus(res, cluster),
+            num_cpus=per_actor,
             num_gpus=float(getattr(res, "gpus", 0.0) or 0.0) or None,
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

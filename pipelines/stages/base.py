@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
 
-from vgen_core.data.schemas import QUARANTINE, SCHEMA_VERSION
+from vgen_core.data.schemas import QUARANTINE, SCHEMA_VERSION, SOURCE_ITEMS
 from vgen_core.tracking import NullTracker, Tracker
 
 __all__ = [
@@ -124,6 +124,8 @@ class StageResult:
 class BatchResult:
     rows: pa.Table
     quarantine: list[dict[str, Any]] = field(default_factory=list)
+    #: keys of the work items this result covers (source stages: recorded once committed)
+    items: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -296,6 +298,18 @@ class MapStage(Stage):
         return pa.concat_tables(parts).group_by(cols).aggregate([])
 
     # worker side ---------------------------------------------------------------------------
+    def prepare_args(self) -> dict[str, Any] | None:
+        """Driver side: keyword arguments of ``prepare_batch``; None (default) when the stage
+        has no prepare step."""
+        return None
+
+    def prepare_batch(self, batch: pa.Table, **kwargs: Any) -> pa.Table:
+        """Worker-side CPU work that needs no model (decode, resize). The Ray executor runs it
+        as tasks ahead of the actor pool, so it overlaps the model's compute on other cores;
+        ``process_batch`` gets its output (and must also accept raw rows: in-process it runs
+        alone)."""
+        return batch
+
     def setup(self) -> None:
         """Runs once per worker before the first batch (load a model here)."""
 
@@ -350,6 +364,8 @@ class MapStage(Stage):
             ctx.progress(counts, work.total)
         pending_rows: list[pa.Table] = []
         pending_q: list[dict[str, Any]] = []
+        pending_items: list[str] = []
+        pending_ids: list[pa.Array] = []
 
         def flush() -> None:
             if pending_rows:
@@ -366,8 +382,12 @@ class MapStage(Stage):
                 n_filtered = sum(1 for r in recs if r["check"].startswith(FILTER_PREFIX))
                 counts.filtered += n_filtered
                 counts.quarantined += len(recs) - n_filtered
+            if pending_items:  # after the data: a crash in between only redoes these items
+                self.record_items(pending_items, pa.chunked_array(pending_ids, pa.string()))
             pending_rows.clear()
             pending_q.clear()
+            pending_items.clear()
+            pending_ids.clear()
             if ctx.progress:
                 ctx.progress(counts, work.total)
             self._check_budget(counts, work.total)
@@ -375,7 +395,11 @@ class MapStage(Stage):
         if work.todo_count:
             n_pending = 0
             for result in executor.execute(self, work):
-                rows, unchanged = self.filter_results(self._conform(result.rows))
+                conformed = self._conform(result.rows)
+                if result.items:
+                    pending_items.extend(result.items)
+                    pending_ids.append(conformed["sample_id"].combine_chunks())
+                rows, unchanged = self.filter_results(conformed)
                 counts.skipped += unchanged
                 pending_rows.append(rows)
                 pending_q.extend(result.quarantine)
@@ -423,6 +447,10 @@ class MapStage(Stage):
         """Driver-side hook before commit: drop rows that need no write (returns the count)."""
         return rows, 0
 
+    def record_items(self, items: list[str], row_ids: pa.ChunkedArray) -> None:
+        """Driver-side hook after a chunk's commits: the work items it covered (their results
+        are now in the output) and the sample_ids of every row they produced."""
+
     def finalize(self) -> None:
         """Driver-side hook after the last chunk (e.g. delete samples whose source is gone)."""
 
@@ -442,7 +470,14 @@ class SourceStage(MapStage):
     row per ``sample_id`` (Delta MERGE). Subclasses implement ``list_items`` (driver side, cheap:
     a table of work items with at least ``sample_ids``, a list of the ids an item yields) and
     ``process_batch``. Rows identical to the stored ones are not rewritten (counted as skipped);
-    samples whose source disappeared are deleted at the end."""
+    samples whose source disappeared are deleted at the end.
+
+    Incremental listing: when ``list_items`` also gives ``item_key`` (a stable name: the file's
+    path) and ``item_stamp`` (everything the item's rows depend on that the listing can see:
+    size and mtime, the label it gets, its annotation record), each committed item is recorded
+    in ``<table>__sources`` with this row fingerprint and the ids it wrote. A re-run skips, without
+    reading the file, every item whose stamp and fingerprint are unchanged and whose rows are all
+    still in the table; so a re-run after 1% of the files changed decodes 1% of them."""
 
     write_mode = "upsert"
     needs_range = (0, 0)
@@ -450,15 +485,71 @@ class SourceStage(MapStage):
     def list_items(self) -> pa.Table:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def sources_table(self) -> str:
+        return self.table_name("__sources")
+
     def plan_work(self) -> Work:
         items = self.list_items()
         ids = [i for group in items["sample_ids"].to_pylist() for i in group]
         store, name = self.ctx.store, self.table_name()
         self._existing = (store.read(name, columns=["sample_id", "content_digest"])
                           if store.exists(name) else None)
-        self._removed = (sorted(set(self._existing["sample_id"].to_pylist()) - set(ids))
-                         if self._existing is not None else [])
-        return Work(total=len(ids), skipped=0, items=items.drop_columns(["sample_ids"]))
+        existing_ids = (set(self._existing["sample_id"].to_pylist())
+                        if self._existing is not None else set())
+        self._removed = sorted(existing_ids - set(ids))
+        self._item_ids: dict[str, list[str]] = {}
+        self._stamps: dict[str, str] = {}
+        self._unlisted: list[str] = []
+        skipped = 0
+        if "item_key" in items.column_names:
+            keys = items["item_key"].to_pylist()
+            stamps = items["item_stamp"].to_pylist()
+            self._item_ids = dict(zip(keys, items["sample_ids"].to_pylist()))
+            self._stamps = dict(zip(keys, stamps))
+            done = self._recorded_items()
+            keep = []
+            for key, stamp, group in zip(keys, stamps, items["sample_ids"].to_pylist()):
+                rec = done.pop(key, None)
+                if rec is not None and rec[0] == stamp and all(r in existing_ids for r in rec[1]):
+                    skipped += len(group)
+                    keep.append(False)
+                else:
+                    keep.append(True)
+            self._unlisted = sorted(done)  # recorded items no longer listed
+            items = items.filter(pa.array(keep, pa.bool_()))
+        return Work(total=len(ids), skipped=skipped, items=items.drop_columns(["sample_ids"]))
+
+    def _recorded_items(self) -> dict[str, tuple[str, list[str]]]:
+        """item_key -> (stamp, row ids) of the items recorded with this row fingerprint."""
+        store, name = self.ctx.store, self.sources_table()
+        if not store.exists(name):
+            return {}
+        t = store.read(name, filter=[("fingerprint", "=", self.ctx.row_fingerprint)])
+        out: dict[str, tuple[str, list[str]]] = {}
+        t = t.sort_by([("recorded_at", "ascending")])
+        for key, stamp, rows in zip(t["item_key"].to_pylist(), t["item_stamp"].to_pylist(),
+                                    t["rows"].to_pylist()):
+            out[key] = (stamp, rows)  # the latest record of a key wins
+        return out
+
+    def safe_process(self, batch: pa.Table) -> BatchResult:
+        result = super().safe_process(batch)
+        if "item_key" in batch.column_names:
+            result.items = [*batch["item_key"].to_pylist()]
+        return result
+
+    def record_items(self, items: list[str], row_ids: pa.ChunkedArray) -> None:
+        if not items or not self._item_ids:
+            return
+        store, name = self.ctx.store, self.sources_table()
+        store.create(name, SOURCE_ITEMS)
+        produced = set(row_ids.to_pylist())
+        now = dt.datetime.now(dt.timezone.utc)
+        recs = [{"item_key": k, "item_stamp": self._stamps[k], "fingerprint": self.ctx.row_fingerprint,
+                 "rows": [i for i in self._item_ids.get(k, []) if i in produced],
+                 "recorded_at": now} for k in items]
+        store.append(name, pa.Table.from_pylist(recs, schema=SOURCE_ITEMS),
+                     commit_metadata={"vgen.stage": self.ctx.stage})
 
     def known_ids(self) -> pa.Array | None:
         existing = getattr(self, "_existing", None)
@@ -475,8 +566,17 @@ class SourceStage(MapStage):
 
     def finalize(self) -> None:
         if getattr(self, "_removed", None):
-            ids = ", ".join("'" + i.replace("'", "''") + "'" for i in self._removed)
+            ids = ", ".join(_sql_str(i) for i in self._removed)
             self.ctx.store.delete(self.table_name(), f"sample_id IN ({ids})")
+        unlisted = getattr(self, "_unlisted", [])
+        for i in range(0, len(unlisted), 500):
+            # records of items no longer listed (a file that comes back is read again)
+            keys = ", ".join(_sql_str(k) for k in unlisted[i:i + 500])
+            self.ctx.store.delete(self.sources_table(), f"item_key IN ({keys})")
+
+
+def _sql_str(v: str) -> str:
+    return "'" + v.replace("'", "''") + "'"
 
 
 class InProcessExecutor:
@@ -493,14 +593,35 @@ class InProcessExecutor:
 
 
 def iter_work_batches(store: Any, work: Work, size: int) -> Iterable[pa.Table]:
-    """The rows a per-sample stage must process, in batches (driver-side reading)."""
+    """The rows a per-sample stage must process, in batches of ``size`` (driver-side reading,
+    streamed from the Delta table: memory does not grow with the table)."""
     if work.items is not None:
-        table = work.items
-    else:
-        table = store.read(work.table_name, version=work.table_version, columns=work.columns)
-        table = filter_to_keys(table, work.todo)
-    for batch in table.to_batches(max_chunksize=size):
-        yield pa.Table.from_batches([batch])
+        for batch in work.items.to_batches(max_chunksize=size):
+            yield pa.Table.from_batches([batch])
+        return
+    wanted = None
+    if work.todo is not None and work.todo_count < work.total:
+        wanted = pc.binary_join_element_wise(work.todo["sample_id"], work.todo["content_digest"],
+                                             "\x1f")
+    pending: list[pa.Table] = []
+    n = 0
+    for batch in store.iter_batches(work.table_name, version=work.table_version,
+                                    columns=work.columns, batch_size=size):
+        t = pa.Table.from_batches([batch])
+        if wanted is not None:
+            have = pc.binary_join_element_wise(t["sample_id"], t["content_digest"], "\x1f")
+            t = t.filter(pc.is_in(have, value_set=wanted))
+        if not t.num_rows:
+            continue
+        pending.append(t)
+        n += t.num_rows
+        while n >= size:
+            whole = pa.concat_tables(pending)
+            yield whole.slice(0, size)
+            rest = whole.slice(size)
+            pending, n = ([rest] if rest.num_rows else []), rest.num_rows
+    if n:
+        yield pa.concat_tables(pending)
 
 
 def filter_to_keys(table: pa.Table, keys: pa.Table | None) -> pa.Table:

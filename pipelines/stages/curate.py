@@ -18,6 +18,7 @@ any user download.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -117,10 +118,15 @@ class _Curate(SourceStage):
 
     def list_items(self) -> pa.Table:
         items = self._items()
+        records = [json.dumps(i, default=str, sort_keys=True) for i in items]
         return pa.table({
             "sample_id": [i["sample_id"] for i in items],
-            "item": [json.dumps(i, default=str) for i in items],
+            "item": records,
             "sample_ids": [[i["sample_id"]] for i in items],
+            # the whole listing record (annotation, file sizes and mtimes) is the item's stamp
+            "item_key": [i["sample_id"] for i in items],
+            "item_stamp": [hashlib.blake2b(r.encode(), digest_size=16).hexdigest()
+                           for r in records],
         })
 
     # worker ---------------------------------------------------------------------------

@@ -99,6 +99,9 @@ class TokenizeDeltaTok(ImageTokenizeStage):
     def frame_indices(self, n: int) -> list[int]:
         return list(range(0, n, self.config.frame_stride))[: self.config.max_frames]
 
+    def prepare_args(self) -> None:
+        return None  # clips decode inside the actor (one video a batch)
+
     def process_batch(self, batch: pa.Table) -> BatchResult:
         import torch
 

@@ -93,12 +93,16 @@ class IngestImages(SourceStage):
     def list_items(self) -> pa.Table:
         listing = self._listing()
         crops = range(self.config.crops_per_image)
+        labels = self._labels(listing)
         return pa.table({
             "path": [i["path"] for i in listing],
             "stem": [i["stem"] for i in listing],
-            "label": self._labels(listing),
+            "label": labels,
             "sample_ids": [[make_sample_id(self.config.dataset, f"{i['stem']}-c{k}") for k in crops]
                            for i in listing],
+            # a file's rows depend on its bytes (size + mtime) and the label the listing gives it
+            "item_key": [i["path"] for i in listing],
+            "item_stamp": [f"{i['stamp']}|label={lab}" for i, lab in zip(listing, labels)],
         })
 
     def _labels(self, listing: list[dict[str, Any]]) -> list[int]:

@@ -301,27 +301,62 @@ class ImageTokenizeStage(MapStage):
         extra = [c for c in ("label", "source", _pick(names, CAPTION_COLUMNS)) if c and c in names]
         return ["sample_id", "content_digest", image, *extra]
 
-    def decode_batch(self, batch: pa.Table) -> tuple[list[int], np.ndarray | None, list[dict]]:
-        """Decode + preprocess every row; returns (kept row indices, (n, R, R, 3) uint8,
-        quarantine records for the rest)."""
-        names = batch.schema.names
-        col = _pick(names, IMAGE_COLUMNS)
+    # -- decode: ahead of the actor (``prepare_batch``) on Ray, inline in process ------------
+    def prepare_args(self) -> dict[str, Any] | None:
+        res = self.declared_resolution()
+        return None if res is None else {"resolution": int(res)}
+
+    def prepare_batch(self, batch: pa.Table, resolution: int) -> pa.Table:
+        """Decode + preprocess on a CPU task (no model): the image column becomes ``_pixels``
+        (``resolution``² × 3 uint8 bytes, null where it failed) and ``_error`` (why)."""
+        col = self._image_column(batch)
+        pixels, errors = [], []
+        for data in batch[col].to_pylist():
+            try:
+                pixels.append(preprocess(decode_image(data), resolution).tobytes())
+                errors.append(None)
+            except ValueError as e:
+                pixels.append(None)
+                errors.append(f"column '{col}': {e}")
+        return (batch.drop_columns([col])
+                .append_column("_pixels", pa.array(pixels, pa.binary()))
+                .append_column("_error", pa.array(errors, pa.string()))
+                .append_column("_resolution", pa.array([resolution] * batch.num_rows, pa.int32())))
+
+    def _image_column(self, batch: pa.Table) -> str:
+        col = _pick(batch.schema.names, IMAGE_COLUMNS)
         if col is None:
             raise StageError(f"stage '{self.ctx.stage}': batch has no image column "
                              f"({', '.join(IMAGE_COLUMNS)})")
+        return col
+
+    def decode_batch(self, batch: pa.Table) -> tuple[list[int], np.ndarray | None, list[dict]]:
+        """Decode + preprocess every row (or take the pixels ``prepare_batch`` made); returns
+        (kept row indices, (n, R, R, 3) uint8, quarantine records for the rest)."""
+        names = batch.schema.names
+        if "_pixels" not in names:
+            batch = self.prepare_batch(batch, self.resolution)
+        else:
+            made = set(batch["_resolution"].to_pylist())
+            if made - {self.resolution}:
+                raise StageError(f"stage '{self.ctx.stage}': images were prepared at {made} px "
+                                 f"but the model encodes {self.resolution} px; set "
+                                 f"with.resolution: {self.resolution}")
         ids = batch["sample_id"].to_pylist()
         digests = batch["content_digest"].to_pylist()
         sources = batch["source"].to_pylist() if "source" in names else [None] * len(ids)
+        r = self.resolution
         keep, images, quarantine = [], [], []
-        for i, data in enumerate(batch[col].to_pylist()):
-            try:
-                images.append(preprocess(decode_image(data), self.resolution))
+        for i, (data, err) in enumerate(zip(batch["_pixels"].to_pylist(),
+                                            batch["_error"].to_pylist())):
+            if err is None:
+                images.append(np.frombuffer(data, np.uint8).reshape(r, r, 3))
                 keep.append(i)
-            except ValueError as e:
+            else:
                 quarantine.append(quarantine_record(
-                    ids[i], "decode", f"stage '{self.ctx.stage}', column '{col}': {e}. Expected "
-                    "PNG/JPEG bytes of an RGB image; re-curate the sample or fix its source file",
-                    content_digest=digests[i], source=sources[i]))
+                    ids[i], "decode", f"stage '{self.ctx.stage}', {err}. "
+                    "Expected PNG/JPEG bytes of an RGB image; re-curate the sample or fix its "
+                    "source file", content_digest=digests[i], source=sources[i]))
         return keep, (np.stack(images) if images else None), quarantine
 
     def to_model(self, images_BHWC):

@@ -195,3 +195,49 @@ def test_delta_tokens_from_curated_vicas(tmp_path):
             want = stage.model.tokenize_clip(feats[None])[0]
         got = np.asarray(row["delta"], np.float32).reshape(row["num_steps"], row["dim"])
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_prepared_batches_give_the_same_rows_and_quarantine(tmp_path):
+    """On Ray, decoding runs as a task ahead of the actor (``prepare_batch``); the actor's rows
+    and quarantine records must equal decoding inline, and a resolution mismatch is refused."""
+    store = TableStore(str(tmp_path))
+    ref = image_table(store)
+    ctx = StageContext(dag="t", stage="tok", store=store, row_fingerprint="fp",
+                       inputs={"images": {"samples": ref}})
+    stage = TokenizeFSQ(ImageTokenizeConfig(size="tiny", flip=True), ctx)
+    assert stage.prepare_args() == {"resolution": 32}
+    stage.setup()
+    batch = store.read("t/images", columns=stage.input_columns())
+    prepared = stage.prepare_batch(batch, **stage.prepare_args())
+    assert "image_png" not in prepared.column_names
+    assert prepared["_error"].null_count == 5  # the broken one has its reason
+    inline, ahead = stage.process_batch(batch), stage.process_batch(prepared)
+    assert inline.rows.equals(ahead.rows) and inline.rows.num_rows == 5
+    assert inline.quarantine == ahead.quarantine and len(ahead.quarantine) == 1
+    assert "column 'image_png'" in ahead.quarantine[0]["reason"]
+    with pytest.raises(StageError, match="prepared at"):
+        stage.process_batch(stage.prepare_batch(batch, resolution=16))
+    # the video stage decodes inside its actor
+    assert TokenizeDeltaTok(TokenizeDeltaTokConfig(size="tiny"), ctx).prepare_args() is None
+
+
+def test_in_process_reading_streams_the_todo_rows(tmp_path):
+    from pipelines.stages.base import Work, iter_work_batches
+
+    store = TableStore(str(tmp_path))
+    for k in range(3):  # 3 files of 7 rows
+        store.append("t/x", pa.table({"sample_id": [f"s{k}-{i}" for i in range(7)],
+                                      "content_digest": [f"d{i}" for i in range(7)],
+                                      "v": list(range(7))}))
+    todo = pa.table({"sample_id": [f"s{k}-{i}" for k in range(3) for i in range(0, 7, 2)],
+                     "content_digest": [f"d{i}" for k in range(3) for i in range(0, 7, 2)]})
+    work = Work(total=21, skipped=9, table_name="t/x", table_version=store.version("t/x"),
+                todo=todo, columns=["sample_id", "content_digest"])
+    batches = list(iter_work_batches(store, work, 5))
+    assert [b.num_rows for b in batches] == [5, 5, 2]
+    got = sorted(x for b in batches for x in b["sample_id"].to_pylist())
+    assert got == sorted(todo["sample_id"].to_pylist())
+    assert batches[0].column_names == ["sample_id", "content_digest"]
+    everything = Work(total=21, skipped=0, table_name="t/x", table_version=None,
+                      todo=store.read("t/x", columns=["sample_id", "content_digest"]))
+    assert sum(b.num_rows for b in iter_work_batches(store, everything, 4)) == 21

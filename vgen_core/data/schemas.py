@@ -23,6 +23,7 @@ __all__ = [
     "LATENTS",
     "DELTA_TOKENS",
     "QUARANTINE",
+    "SOURCE_ITEMS",
     "STAGE_RUNS",
     "EVAL_RESULTS",
     "REFERENCE_STATS",
@@ -144,6 +145,22 @@ QUARANTINE = with_schema_meta(
         pa.field("reason", pa.string(), nullable=False),
         pa.field("source", pa.string(), nullable=True),
         pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ],
+)
+
+#: What a source stage (ingest / curate) has read: one row per listed source item (a file, an
+#: annotation record) it processed, with the item's listing stamp (size, mtime, what the listing
+#: says of it) and the row fingerprint it was read with. A re-run skips an item whose stamp and
+#: fingerprint are unchanged and whose output rows are all still in the table
+#: (``<dag>/<stage>__sources``; latest ``recorded_at`` per ``item_key`` wins).
+SOURCE_ITEMS = with_schema_meta(
+    "source_items",
+    [
+        pa.field("item_key", pa.string(), nullable=False),
+        pa.field("item_stamp", pa.string(), nullable=False),
+        pa.field("fingerprint", pa.string(), nullable=False),
+        pa.field("rows", pa.list_(pa.string()), nullable=False),  # sample_ids it wrote
+        pa.field("recorded_at", pa.timestamp("us", tz="UTC"), nullable=False),
     ],
 )
 

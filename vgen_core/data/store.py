@@ -50,7 +50,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Iterator, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -678,6 +678,29 @@ class TableStore:
             n = int(result.column("n")[0].as_py()) if result.num_rows else 0
             return pa.table({"n": pa.nulls(n)}).drop_columns(["n"])
         return result.cast(target)
+
+    def iter_batches(self, name: str, *, version: int | None = None,
+                     columns: list[str] | None = None,
+                     batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
+        """Stream the table (latest or ``version``) as record batches of at most ``batch_size``
+        rows, without holding the whole table in memory (a streaming scan)."""
+        dt = self._open(name, version=version)
+        schema = _arrow_schema(dt)
+        cols = list(schema.names) if columns is None else list(columns)
+        unknown = [c for c in cols if c not in schema.names]
+        if unknown:
+            raise StorageError(f"table {name!r} at {self.uri(name)} has no column(s) {unknown}; "
+                               f"columns: {schema.names}")
+        target = pa.schema([schema.field(c) for c in cols])
+        select = ", ".join(_quote_ident(c) for c in cols)
+        try:
+            reader = pa.RecordBatchReader.from_stream(
+                QueryBuilder().register("t", dt).execute(f'SELECT {select} FROM "t"'))
+        except Exception as e:  # noqa: BLE001 - DataFusion errors surface as plain Exceptions
+            raise StorageError(f"reading table {name!r} at {self.uri(name)} failed: {e}") from e
+        for batch in reader:
+            for start in range(0, batch.num_rows, batch_size):
+                yield batch.slice(start, batch_size).cast(target)
 
     def versions(self, name: str) -> list[dict[str, Any]]:
         """Commits of the table, oldest first: ``{"version", "timestamp" (UTC datetime),

@@ -344,12 +344,26 @@ def _numbered(fs, folder: str, *, recursive: bool = False,
     return out
 
 
+def _file_stamps(fs, folders: list[str]) -> dict[str, list]:
+    """{path: [size, mtime]} of every file under ``folders`` (one recursive listing each)."""
+    out: dict[str, list] = {}
+    for folder in folders:
+        if not fs.isdir(folder):
+            continue
+        for path, info in fs.find(folder, detail=True).items():
+            out[path.rstrip("/")] = [info.get("size"), str(
+                info.get("mtime") or info.get("LastModified") or info.get("ETag") or "")]
+    return out
+
+
 def list_vicas(root: str, *, version: str, split: str | None = None) -> list[dict]:
     """One work item per video of ``annotations/<version>/`` (filtered by ``split``), sorted by
     video id. ``version`` is ``v0.1``/``v1.0`` (``1.0`` also works); ``split`` is ``train``,
     ``val``, ``test`` (read from ``splits/<version>/``) or a path to such a JSON list. A split
     id without an annotation file is still listed (the reader quarantines it); so is a file
-    whose stem is not a number. Items are plain dicts (picklable) of fs-native paths."""
+    whose stem is not a number. Items are plain dicts (picklable) of fs-native paths, each with
+    a ``stamp``: a digest of the sizes and mtimes of the files its reader would open (annotation,
+    frames, video), so a re-run can tell an unchanged video from an edited one without reading it."""
     fs, base = filesystem_for(root)
     base = base.rstrip("/")
     version = _norm_version(version)
@@ -374,6 +388,18 @@ def list_vicas(root: str, *, version: str, split: str | None = None) -> list[dic
     frames_dirs = _numbered(fs, f"{base}/video_frames")
     videos = _numbered(fs, f"{base}/videos", recursive=True, suffixes=_VIDEO_EXT)
 
+    stamps = _file_stamps(fs, [ann_dir, f"{base}/video_frames", f"{base}/videos"])
+    in_dir: dict[str, list] = {}  # a frames folder -> its files' stamps
+    for path, st in stamps.items():
+        in_dir.setdefault(posixpath.dirname(path), []).append([path, st])
+
+    def stamp(*paths: str | None) -> str:
+        d = Digest().update("vicas-listing")
+        for path in paths:
+            path = path.rstrip("/") if path else None
+            d.update(canonical_json([path, stamps.get(path), sorted(in_dir.get(path, []))]))
+        return d.hexdigest()
+
     items = []
     for vid in (sorted(by_id) if wanted is None else sorted(set(wanted))):
         cands = sorted(by_id.get(vid, []))  # canonical (legacy=False) first
@@ -386,6 +412,8 @@ def list_vicas(root: str, *, version: str, split: str | None = None) -> list[dic
             "annotation_candidates": [p for _, p in cands],
             "frames_dir": frames_dirs.get(vid), "video": videos.get(vid),
         })
+        items[-1]["stamp"] = stamp(*items[-1]["annotation_candidates"], items[-1]["frames_dir"],
+                                   items[-1]["video"])
     for p in odd if wanted is None else []:
         stem = posixpath.basename(p)[:-len(".json")]
         try:
@@ -394,7 +422,7 @@ def list_vicas(root: str, *, version: str, split: str | None = None) -> list[dic
             sid = "vicas/invalid-" + Digest().update(stem).hexdigest()[:12]
         items.append({"sample_id": sid, "video_id": None, "version": version, "split": None,
                       "root": root, "annotation": p, "annotation_candidates": [p],
-                      "frames_dir": None, "video": None})
+                      "frames_dir": None, "video": None, "stamp": stamp(p)})
     return items
 
 

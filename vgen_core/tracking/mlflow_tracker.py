@@ -594,13 +594,20 @@ def _context_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
         return user
 
 
+#: MLflow 3's experiment-type tag, read by its UI to pick the experiment's landing page
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+
+
 def _get_or_create_experiment(
     client: MlflowClient, name: str, artifact_location: str | None
 ) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            # the MLflow UI opens a "custom model development" experiment on its runs table
+            # (training runs, metrics, artifacts) rather than the GenAI traces overview
+            return client.create_experiment(name, artifact_location=artifact_location,
+                                            tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":  # lost a creation race: use theirs
                 raise
