@@ -529,6 +529,14 @@ class EvaluateGeneration(JobStage):
             "vgen.eval.reference_cached": str(ref.cached).lower(),
             **{f"vgen.lineage.{k}": v for k, v in _flat(lineage).items()},
         })
+        if gen_ref.digest:  # the registry shows each generator version with its scores
+            from vgen_core.tracking import tag_model_versions
+
+            stage = self.ctx.stage
+            tag_model_versions(tracker, gen_ref.digest, {
+                **{f"eval.{stage}.{k}": f"{v:.6g}" for k, v in metrics.items()},
+                f"eval.{stage}.extractor": ext_name, f"eval.{stage}.num_samples": n,
+                f"eval.{stage}.run_id": tracker.run_id or ""})
         return self._write_results(metrics, n, ext_name, details)
 
     # -- pieces of the run ----------------------------------------------------------------

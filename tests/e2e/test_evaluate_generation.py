@@ -88,6 +88,12 @@ def test_evaluate_generation_dag(ray_cluster, tmp_path):
     assert run.data.tags["vgen.lineage.generator.digest"] == first["lineage"]["generator"]["digest"]
     assert "vgen.lineage.curated.version" in run.data.tags
     assert "samples_grid.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    # the registered generator version carries the evaluation's scores
+    (mv,) = client.search_model_versions("name = 'evalgen.maskgit'")
+    assert mv.tags["vgen.digest"] == first["lineage"]["generator"]["digest"]
+    assert float(mv.tags["eval.eval.fid"]) == pytest.approx(by_metric["fid"]["value"], rel=1e-5)
+    assert mv.tags["eval.eval.extractor"] == EXTRACTOR
+    assert mv.tags["eval.eval.run_id"] == run.info.run_id
 
     # unchanged: the evaluation is skipped, nothing is appended
     p = vgen("run", str(dag), "--storage", str(storage), env=env)

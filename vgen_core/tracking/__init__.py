@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         default_artifact_location,
         default_tracking_uri,
         register_model,
+        tag_model_versions,
     )
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "flatten_params",
     "image_grid",
     "register_model",
+    "tag_model_versions",
     "to_uint8_image",
 ]
 
@@ -42,6 +44,7 @@ _MLFLOW_NAMES = (
     "default_artifact_location",
     "default_tracking_uri",
     "register_model",
+    "tag_model_versions",
 )
 
 

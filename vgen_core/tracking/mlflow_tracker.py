@@ -698,3 +698,26 @@ def register_model(
         return int(version.version)
 
     return tracker._guard("register_model", data, call)
+
+
+def tag_model_versions(tracker: Tracker, digest: str, tags: Mapping[str, Any]) -> list[str]:
+    """Set ``tags`` (e.g. an evaluation's metrics) on every registered model version whose
+    ``vgen.digest`` tag is ``digest`` (the weights an evaluation scored), so the registry shows
+    each version with its scores. Returns the ``name/version`` it tagged (empty when untracked,
+    when no version holds those weights, or on a backend failure, which is recorded in the
+    fallback file)."""
+    if not isinstance(tracker, MlflowTracker):
+        return []
+
+    def call(client: MlflowClient) -> list[str]:
+        done = []
+        for mv in client.search_model_versions(f"tags.`vgen.digest` = '{digest}'"):
+            if mv.tags.get("vgen.digest") != digest:
+                continue
+            for key, value in tags.items():
+                client.set_model_version_tag(mv.name, mv.version, str(key), str(value))
+            done.append(f"{mv.name}/{mv.version}")
+        return done
+
+    return tracker._guard("tag_model_versions", {"digest": digest, "tags": dict(tags)},
+                          call) or []
