@@ -17,6 +17,9 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export DS_BUILD_OPS ?= 0
 export RAY_DEDUP_LOGS ?= 1
 PYTEST_ARGS ?=
+# pytest-xdist workers: the end-to-end tests run in order in one of them (one Ray cluster),
+# unit tests in the others (tests/conftest.py)
+TEST_WORKERS ?= 2
 
 .PHONY: venv demo test test-fast clean
 
@@ -32,10 +35,10 @@ demo: venv
 	$(BIN)/vgen run pipelines/configs/demo.yaml --storage $(CURDIR)/.vgen-demo
 
 test: venv
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: venv
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .vgen-demo .cache

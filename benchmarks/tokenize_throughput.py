@@ -318,6 +318,11 @@ def main() -> None:
                     help="CPUs of the local Ray cluster (default: this machine's)")
     ap.add_argument("--actor-cpus", type=float, default=1.0, help="resources.cpus per actor")
     ap.add_argument("--repeats", type=int, default=2, help="best of this many per method")
+    ap.add_argument("--decode", default="ahead", choices=["ahead", "actor"],
+                    help="ahead: decode as Ray tasks before the actor pool (the stage's "
+                         "design); actor: decode inside the actor, in series with encode")
+    ap.add_argument("--prepare-cpus", type=float, default=0.25,
+                    help="num_cpus of one decode task (ray_exec.PREPARE_CPUS)")
     ap.add_argument("--worker-niceness", type=int, default=os.nice(0),
                     help="niceness of Ray workers (RAY_worker_niceness; Ray's default is 15). "
                          "Default: this process's, so actors and the loop compete equally with "
@@ -362,9 +367,16 @@ def main() -> None:
     store = TableStore(os.path.join(tmp, "store"))
     ref = write_curated(store, "bench/images", args.n, source_size)
 
+    import pipelines.dag.ray_exec as ray_exec
+
+    ray_exec.PREPARE_CPUS = args.prepare_cpus
+
     def make(progress=None):
-        return make_stage(args.kind, cfg, store, ref, resources, cluster,
-                          chunk_size=args.chunk_size, progress=progress)
+        stage = make_stage(args.kind, cfg, store, ref, resources, cluster,
+                           chunk_size=args.chunk_size, progress=progress)
+        if args.decode == "actor":  # the other design: decode inside the actor, in series
+            stage.prepare_args = lambda: None
+        return stage
 
     local = make()
     local.setup()  # the same seeded model the actors build
@@ -400,7 +412,8 @@ def main() -> None:
     s, lp, fw = best["stage"], best["loop"], best["forward"]
     print(f"best of {args.repeats}: stage {s:.1f} img/s, loop {lp:.1f} img/s, "
           f"forward {fw:.1f} img/s")
-    print(f"SUMMARY tokenize_throughput {args.kind} n={args.n} {args.device}: "
+    print(f"SUMMARY tokenize_throughput {args.kind} n={args.n} {args.device} "
+          f"source={source_size}px decode={args.decode}: "
           f"stage {s:.1f} img/s, loop {lp:.1f}, forward {fw:.1f}; "
           f"stage/loop {s / lp:.2f} (goal >= 1.0), stage/forward {s / fw:.2f} (goal >= 0.9)")
 

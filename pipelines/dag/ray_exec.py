@@ -23,7 +23,7 @@ __all__ = ["cluster_resources", "pool_size", "RayDataExecutor"]
 #: CPUs left for Ray Data read/filter tasks on any cluster.
 RESERVED_CPUS = 1.0
 #: CPUs of one filter/prepare (decode) task ahead of an actor pool
-PREPARE_CPUS = 0.5
+PREPARE_CPUS = 0.25
 
 
 def cluster_resources() -> dict[str, float]:
