@@ -19,6 +19,7 @@ from vgen_core.tracking import (
     flatten_params,
     image_grid,
     register_model,
+    tag_model_versions,
     to_uint8_image,
 )
 
@@ -357,3 +358,21 @@ def test_register_model_versions(tracker: MlflowTracker, tmp_path: Path) -> None
     assert json.loads(first.read_text()) == {"model": "titok-s128"}
     with pytest.raises(ValueError, match="not a directory"):
         register_model(tracker, "titok-unit", tmp_path / "missing")
+
+
+def test_tag_model_versions_by_weights_digest(tracker: MlflowTracker, tmp_path: Path) -> None:
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.safetensors").write_bytes(b"\x00" * 16)
+    assert register_model(tracker, "gen-a", export, tags={"vgen.digest": "d1"}) == 1
+    assert register_model(tracker, "gen-a", export, tags={"vgen.digest": "d2"}) == 2
+    assert register_model(tracker, "gen-b", export, tags={"vgen.digest": "d1"}) == 1
+    done = tag_model_versions(tracker, "d1", {"eval.e.fid": "12.5"})
+    assert sorted(done) == ["gen-a/1", "gen-b/1"]
+    client = tracker.client
+    tags = {(v.name, int(v.version)): v.tags for v in client.search_model_versions("")}
+    assert tags[("gen-a", 1)]["eval.e.fid"] == "12.5"
+    assert tags[("gen-b", 1)]["eval.e.fid"] == "12.5"
+    assert "eval.e.fid" not in tags[("gen-a", 2)]
+    assert tag_model_versions(tracker, "nothing-has-this", {"x": 1}) == []
+    assert tag_model_versions(NullTracker(), "d1", {"x": 1}) == []
