@@ -22,7 +22,8 @@ __all__ = ["cluster_resources", "pool_size", "RayDataExecutor"]
 
 #: CPUs left for Ray Data read/filter tasks on any cluster.
 RESERVED_CPUS = 1.0
-#: CPUs of one filter/prepare (decode) task ahead of an actor pool
+#: CPUs of one filter/prepare (decode) task ahead of an actor pool on a small cluster (under 4
+#: CPUs beside the pool): several decode tasks share the free CPU; on larger ones a task gets 1
 PREPARE_CPUS = 0.25
 
 
@@ -50,6 +51,15 @@ def actor_cpus(resources: Any, cluster: dict[str, float]) -> float:
     cpus = float(getattr(resources, "cpus", 1.0) or 1.0)
     free = max(cluster.get("CPU", 1.0) - RESERVED_CPUS, 0.0)
     return cpus if cpus <= free else max(free, 0.25) if free > 0 else 0.5
+
+
+def prepare_cpus(cluster: dict[str, float], pool: int, per_actor: float) -> float:
+    """num_cpus of a filter/prepare task: 1 where the pool leaves 4+ CPUs, else PREPARE_CPUS;
+    never the actors' own value (Ray Data fuses a task map into an actor map with equal
+    resources, which would put decoding back in series with the model)."""
+    free = cluster.get("CPU", 1.0) - pool * per_actor
+    want = 1.0 if free >= 4 else PREPARE_CPUS
+    return want * 0.9 if abs(want - per_actor) < 1e-9 else want
 
 
 def _key_set(keys: pa.Table) -> pa.Array:
@@ -114,7 +124,7 @@ class RayDataExecutor:
         # the key filter, and the stage's prepare step (decode, resize), run as CPU tasks ahead
         # of the actor pool; their num_cpus differs from the actors' so Ray Data does not fuse
         # them into the actors (which would put decoding in series with the model again)
-        task_cpus = PREPARE_CPUS if abs(per_actor - PREPARE_CPUS) > 1e-9 else PREPARE_CPUS / 2
+        task_cpus = prepare_cpus(cluster, pool, per_actor)
         if work.items is not None:
             n_blocks = max(1, min(work.items.num_rows, pool * 4))
             ds = ray.data.from_arrow(work.items).repartition(n_blocks)

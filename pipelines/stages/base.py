@@ -545,7 +545,8 @@ class SourceStage(MapStage):
         store.create(name, SOURCE_ITEMS)
         produced = set(row_ids.to_pylist())
         now = dt.datetime.now(dt.timezone.utc)
-        recs = [{"item_key": k, "item_stamp": self._stamps[k], "fingerprint": self.ctx.row_fingerprint,
+        fp = self.ctx.row_fingerprint
+        recs = [{"item_key": k, "item_stamp": self._stamps[k], "fingerprint": fp,
                  "rows": [i for i in self._item_ids.get(k, []) if i in produced],
                  "recorded_at": now} for k in items]
         store.append(name, pa.Table.from_pylist(recs, schema=SOURCE_ITEMS),

@@ -318,6 +318,9 @@ class ImageTokenizeStage(MapStage):
             except ValueError as e:
                 pixels.append(None)
                 errors.append(f"column '{col}': {e}")
+            except Exception as e:  # noqa: BLE001 - e.g. PIL's DecompressionBombError: one sample
+                pixels.append(None)
+                errors.append(f"column '{col}': {type(e).__name__}: {e}")
         return (batch.drop_columns([col])
                 .append_column("_pixels", pa.array(pixels, pa.binary()))
                 .append_column("_error", pa.array(errors, pa.string()))

@@ -241,3 +241,12 @@ def test_in_process_reading_streams_the_todo_rows(tmp_path):
     everything = Work(total=21, skipped=0, table_name="t/x", table_version=None,
                       todo=store.read("t/x", columns=["sample_id", "content_digest"]))
     assert sum(b.num_rows for b in iter_work_batches(store, everything, 4)) == 21
+
+
+def test_decode_tasks_never_share_the_actors_resources():
+    from pipelines.dag.ray_exec import PREPARE_CPUS, prepare_cpus
+
+    assert prepare_cpus({"CPU": 2.0}, 1, 1.0) == PREPARE_CPUS  # 1 CPU free: a share of it
+    assert prepare_cpus({"CPU": 64.0}, 8, 1.0) == pytest.approx(0.9)  # 1.0 would fuse
+    assert prepare_cpus({"CPU": 64.0}, 8, 4.0) == 1.0
+    assert prepare_cpus({"CPU": 2.0}, 1, PREPARE_CPUS) == pytest.approx(0.9 * PREPARE_CPUS)

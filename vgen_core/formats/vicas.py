@@ -363,7 +363,7 @@ def list_vicas(root: str, *, version: str, split: str | None = None) -> list[dic
     id without an annotation file is still listed (the reader quarantines it); so is a file
     whose stem is not a number. Items are plain dicts (picklable) of fs-native paths, each with
     a ``stamp``: a digest of the sizes and mtimes of the files its reader would open (annotation,
-    frames, video), so a re-run can tell an unchanged video from an edited one without reading it."""
+    frames, video), so a re-run tells an unchanged video from an edited one without reading it."""
     fs, base = filesystem_for(root)
     base = base.rstrip("/")
     version = _norm_version(version)
