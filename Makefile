@@ -17,9 +17,6 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export DS_BUILD_OPS ?= 0
 export RAY_DEDUP_LOGS ?= 1
 PYTEST_ARGS ?=
-# pytest-xdist workers: the end-to-end tests run in order in one of them (one Ray cluster),
-# unit tests in the others (tests/conftest.py)
-TEST_WORKERS ?= 2
 
 .PHONY: venv demo test test-fast clean
 
@@ -34,11 +31,17 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: venv
 	$(BIN)/vgen run pipelines/configs/demo.yaml --storage $(CURDIR)/.vgen-demo
 
+# The end-to-end tests (one local Ray cluster, in order) and the unit tests run as two pytest
+# processes side by side; the e2e log is printed when both are done.
 test: venv
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	@mkdir -p .cache
+	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS) > .cache/e2e-tests.log 2>&1 & e2e=$$!; \
+	$(BIN)/python -m pytest --ignore=tests/e2e $(PYTEST_ARGS); unit=$$?; \
+	wait $$e2e; rc=$$?; echo "==== tests/e2e ===="; cat .cache/e2e-tests.log; \
+	echo "unit tests exit $$unit, e2e tests exit $$rc"; [ $$unit -eq 0 ] && [ $$rc -eq 0 ]
 
 test-fast: venv
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .vgen-demo .cache

@@ -24,12 +24,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def pytest_collection_modifyitems(config, items):
-    # Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`) every end-to-end test runs in
-    # one worker, in order, sharing that worker's one Ray cluster; unit tests fill the others.
-    e2e = ROOT / "tests" / "e2e"
-    for item in items:
-        if e2e in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.xdist_group("e2e"))
     try:
         import torch
 
