@@ -140,7 +140,9 @@ def decode_image(data: bytes) -> np.ndarray:
             return np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         head = bytes(data[:8]) if data else b""
-        raise ValueError(f"cannot decode image ({len(data or b'')} bytes, starts {head!r}): {e}")
+        why = ("no image format recognises these bytes" if isinstance(e, UnidentifiedImageError)
+               else str(e))  # PIL's own message names an in-memory object's address
+        raise ValueError(f"cannot decode image ({len(data or b'')} bytes, starts {head!r}): {why}")
 
 
 def preprocess(rgb: np.ndarray, resolution: int) -> np.ndarray:
