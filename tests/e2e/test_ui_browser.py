@@ -1,6 +1,6 @@
 """A real browser (headless Chromium) on `vgen ui` and on a `vgen report` page: the MLflow UI
-renders the run (name, metrics, image artifact) and the static report renders its metrics
-table and image grids, checked in the rendered DOM and in a screenshot.
+renders the stage run (its name and metrics) and the experiment's runs table, and the static
+report renders its metrics table and image grid, checked in the rendered DOM and a screenshot.
 
 Needs a Chromium binary (``VGEN_CHROMIUM``, else ``chromium`` / ``chromium-browser`` /
 ``google-chrome`` on PATH; Debian: ``apt-get install chromium``); skipped without one."""
