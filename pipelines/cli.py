@@ -376,19 +376,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 30.0)):
+    """SIGTERM the process group of ``proc``, then SIGKILL what is left of it after ``grace`` s
+    (the server, or workers that outlived it)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            os.killpg(proc.pid, signal.SIGKILL)  # its workers, if they outlived it
-        except ProcessLookupError:
-            return
+            proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            continue
-        return
+            pass
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the group is gone
+        pass
+    proc.wait()
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@ on 127.0.0.1, used by every e2e run through RAY_ADDRESS), and GPU/slow markers."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -91,3 +92,31 @@ def ray_cluster(tmp_path_factory):
 
 def vgen_cmd() -> list[str]:
     return [sys.executable, "-m", "pipelines.cli"]
+
+
+@contextlib.contextmanager
+def serve_ui(storage: Path, timeout: float = 120.0):
+    """`vgen ui --storage STORAGE` on a free loopback port: yields its base URL once it answers,
+    and stops it (SIGTERM, which `vgen ui` passes on to the server's process group) after."""
+    import urllib.request
+
+    port = _free_port()
+    proc = subprocess.Popen(vgen_cmd() + ["ui", "--storage", str(storage), "--port", str(port)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=5).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    out = proc.stdout.read().decode(errors="replace") if proc.poll() else ""
+                    raise RuntimeError(f"vgen ui did not come up on {url}: {out[-3000:]}")
+                time.sleep(1)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -14,9 +14,8 @@ import math
 from typing import Any, Iterator
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from pipelines.stages.base import BatchResult, MapStage, Work
+from pipelines.stages.base import BatchResult, MapStage, Work, filter_to_key_set, row_keys
 
 __all__ = ["cluster_resources", "pool_size", "RayDataExecutor"]
 
@@ -62,17 +61,11 @@ def prepare_cpus(cluster: dict[str, float], pool: int, per_actor: float) -> floa
     return want * 0.9 if abs(want - per_actor) < 1e-9 else want
 
 
-def _key_set(keys: pa.Table) -> pa.Array:
-    """The to-do keys as one ``sample_id \x1f content_digest`` array (made once, on the driver)."""
-    return pc.binary_join_element_wise(keys["sample_id"], keys["content_digest"], "\x1f")
-
-
 def _prepare(batch: pa.Table, kind_cls: type, config: Any, ctx: Any,
              prepare: dict[str, Any] | None, wanted: pa.Array | None) -> pa.Table:
     """Task body ahead of the actors: drop rows already done, then the stage's prepare step."""
     if wanted is not None:
-        have = pc.binary_join_element_wise(batch["sample_id"], batch["content_digest"], "\x1f")
-        batch = batch.filter(pc.is_in(have, value_set=wanted))
+        batch = filter_to_key_set(batch, wanted)
     if prepare is None or not batch.num_rows:
         return batch
     return kind_cls(config, ctx).prepare_batch(batch, **prepare)
@@ -137,7 +130,7 @@ class RayDataExecutor:
             if keys is not None or prepare is not None:
                 ds = ds.map_batches(
                     _prepare, fn_args=(type(stage), stage.config, ctx, prepare,
-                                       None if keys is None else _key_set(keys)),
+                                       None if keys is None else row_keys(keys)),
                     batch_size=batch_size, batch_format="pyarrow", num_cpus=task_cpus)
         ds = ds.map_batches(
             _StageActor,

@@ -535,7 +535,7 @@ class SourceStage(MapStage):
     def safe_process(self, batch: pa.Table) -> BatchResult:
         result = super().safe_process(batch)
         if "item_key" in batch.column_names:
-            result.items = [*batch["item_key"].to_pylist()]
+            result.items = batch["item_key"].to_pylist()
         return result
 
     def record_items(self, items: list[str], row_ids: pa.ChunkedArray) -> None:
@@ -560,8 +560,7 @@ class SourceStage(MapStage):
     def filter_results(self, rows: pa.Table) -> tuple[pa.Table, int]:
         if getattr(self, "_existing", None) is None or not rows.num_rows:
             return rows, 0
-        key = lambda t: pc.binary_join_element_wise(t["sample_id"], t["content_digest"], "\x1f")
-        same = pc.is_in(key(rows), value_set=key(self._existing))
+        same = pc.is_in(row_keys(rows), value_set=row_keys(self._existing))
         kept = rows.filter(pc.invert(same))
         return kept, rows.num_rows - kept.num_rows
 
@@ -600,18 +599,15 @@ def iter_work_batches(store: Any, work: Work, size: int) -> Iterable[pa.Table]:
         for batch in work.items.to_batches(max_chunksize=size):
             yield pa.Table.from_batches([batch])
         return
-    wanted = None
-    if work.todo is not None and work.todo_count < work.total:
-        wanted = pc.binary_join_element_wise(work.todo["sample_id"], work.todo["content_digest"],
-                                             "\x1f")
+    wanted = (row_keys(work.todo) if work.todo is not None and work.todo_count < work.total
+              else None)
     pending: list[pa.Table] = []
     n = 0
     for batch in store.iter_batches(work.table_name, version=work.table_version,
                                     columns=work.columns, batch_size=size):
         t = pa.Table.from_batches([batch])
         if wanted is not None:
-            have = pc.binary_join_element_wise(t["sample_id"], t["content_digest"], "\x1f")
-            t = t.filter(pc.is_in(have, value_set=wanted))
+            t = filter_to_key_set(t, wanted)
         if not t.num_rows:
             continue
         pending.append(t)
@@ -625,13 +621,21 @@ def iter_work_batches(store: Any, work: Work, size: int) -> Iterable[pa.Table]:
         yield pa.concat_tables(pending)
 
 
+def row_keys(table: pa.Table) -> pa.ChunkedArray:
+    """One ``sample_id \x1f content_digest`` string per row: the key side tables are joined on."""
+    return pc.binary_join_element_wise(table["sample_id"], table["content_digest"], "\x1f")
+
+
+def filter_to_key_set(table: pa.Table, wanted: Any) -> pa.Table:
+    """Rows of ``table`` whose key (:func:`row_keys`) is in ``wanted`` (built once by the caller)."""
+    return table.filter(pc.is_in(row_keys(table), value_set=wanted))
+
+
 def filter_to_keys(table: pa.Table, keys: pa.Table | None) -> pa.Table:
     """Rows of ``table`` whose (sample_id, content_digest) is in ``keys``."""
     if keys is None:
         return table
-    wanted = pc.binary_join_element_wise(keys["sample_id"], keys["content_digest"], "\x1f")
-    have = pc.binary_join_element_wise(table["sample_id"], table["content_digest"], "\x1f")
-    return table.filter(pc.is_in(have, value_set=wanted))
+    return filter_to_key_set(table, row_keys(keys))
 
 
 def resolve_device(want: str):

@@ -10,17 +10,13 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import time
-import urllib.request
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, vgen_cmd
+from tests.conftest import ROOT, serve_ui, vgen_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -88,36 +84,16 @@ def storage_with_run(tmp_path):
 
 @needs_browser
 def test_mlflow_ui_renders_the_run(storage_with_run, tmp_path):
-    root, _, dag, stage = storage_with_run
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(vgen_cmd() + ["ui", "--storage", str(root), "--port", str(port)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, \
-                    proc.stdout.read().decode(errors="replace")[-3000:]
-                time.sleep(1)
-        url = (f"http://127.0.0.1:{port}/#/experiments/{stage.experiment_id}/runs/"
-               f"{stage.run_id}")
-        dom, shot = browse(url, tmp_path)
+    root, _, _, stage = storage_with_run
+    with serve_ui(root) as url:
+        dom, shot = browse(f"{url}/#/experiments/{stage.experiment_id}/runs/{stage.run_id}",
+                           tmp_path)
         assert "maskgit" in dom  # the stage run's name, rendered by the React app
         assert "train/loss" in dom or "fid" in dom, dom[-2000:]
         assert_not_blank(shot)
         # the experiment's training-runs table lists the DAG run
-        dom, _ = browse(f"http://127.0.0.1:{port}/#/experiments/{stage.experiment_id}/runs",
-                        tmp_path)
+        dom, _ = browse(f"{url}/#/experiments/{stage.experiment_id}/runs", tmp_path)
         assert "browser-run" in dom and "Training runs" in dom
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 @needs_browser
