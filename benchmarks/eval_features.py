@@ -92,7 +92,7 @@ def plain_loop(extractor: Any, name: str, store: Any, ref: Any, resolution: int,
     import torch
     from deltalake import DeltaTable
 
-    from pipelines.stages.tokenize import decode_image, preprocess
+    from vgen_core.data.images import decode_image, preprocess
     from vgen_core.eval.fid import FeatureStats
 
     ds = DeltaTable(ref.uri, version=ref.version).to_pyarrow_dataset()

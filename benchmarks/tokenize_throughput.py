@@ -246,7 +246,7 @@ def plain_loop(stage: Any, ref: Any, batch_size: int, flip: bool) -> float:
     """Steady images/s of a serial read -> decode -> preprocess -> encode loop (after batch 1)."""
     from deltalake import DeltaTable
 
-    from pipelines.stages.tokenize import IMAGE_COLUMNS, decode_image, preprocess
+    from vgen_core.data.images import IMAGE_COLUMNS, decode_image, preprocess
 
     cols = stage.input_columns()
     col = next(c for c in IMAGE_COLUMNS if c in cols)
@@ -340,10 +340,10 @@ def main() -> None:
     size, overrides, res_default = DEFAULTS[args.kind]
     size = args.size or size
     overrides = json.loads(args.overrides) if args.overrides is not None else overrides
-    from pipelines.stages.tokenize import family
+    from vgen_core import families
 
-    kind_cls = get_kind(args.kind)
-    native = getattr(family(kind_cls.families[0]).config(size, **overrides), "image_size", None)
+    spec = families.get(families.default_for(args.kind))
+    native = spec.native_resolution(spec.config(size, **overrides))
     resolution = args.resolution or native or res_default
     source_size = args.source_size or resolution + 16
     flip = not args.no_flip
@@ -380,7 +380,7 @@ def main() -> None:
 
     local = make()
     local.setup()  # the same seeded model the actors build
-    from pipelines.stages.tokenize import decode_image, preprocess
+    from vgen_core.data.images import decode_image, preprocess
 
     table = store.read(ref.name, columns=["image_png"])
     images = np.stack([preprocess(decode_image(b), local.resolution)

@@ -132,10 +132,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="server worker processes (default 1: one user)")
 
+    p = sub.add_parser("families", help="list the model families: role, sizes, and what each can "
+                       "do (train / tokenize / encode / decode / sample / evaluate / ...)")
+    p.add_argument("--json", action="store_true",
+                   help='print {"families": [{"name", "role", "sizes", "capabilities"}, ...]}')
+
     from pipelines.report import add_report_parser
 
     add_report_parser(sub)
     return parser
+
+
+def cmd_families(args: argparse.Namespace) -> int:
+    """Every registered :class:`~vgen_core.families.FamilySpec`, as a table or JSON."""
+    from vgen_core import families
+
+    specs = families.all_specs()
+    if args.json:
+        print(json.dumps({"families": [s.to_json() for s in specs]}, indent=2))
+        return EXIT_OK
+    rows = [(s.name + (f" ({', '.join(s.aliases)})" if s.aliases else ""), s.role,
+             ", ".join(s.sizes), ", ".join(s.capabilities)) for s in specs]
+    widths = [max(len(r[i]) for r in rows + [("family", "role", "", "")]) for i in range(2)]
+    print(f"{'family':<{widths[0]}}  {'role':<{widths[1]}}  capabilities / sizes")
+    for name, role, sizes, caps in rows:
+        print(f"{name:<{widths[0]}}  {role:<{widths[1]}}  {caps or '-'}")
+        print(f"{'':<{widths[0]}}  {'':<{widths[1]}}    sizes: {sizes}")
+    return EXIT_OK
 
 
 def _load(args: argparse.Namespace):
@@ -404,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "gc": cmd_gc,
                "ui": cmd_ui, "submit": cmd_submit, "logs": cmd_logs,
-               "stop": cmd_stop, "report": _cmd_report}[args.command]
+               "stop": cmd_stop, "report": _cmd_report, "families": cmd_families}[args.command]
     try:
         return handler(args)
     except DagError as e:

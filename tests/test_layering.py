@@ -37,3 +37,22 @@ def test_importing_vgen_core_does_not_load_ray():
             "vgen_core.tokenizers, vgen_core.generators; print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_stages_do_not_import_the_dag_runner():
+    """A stage sees only its contract: nothing under pipelines/stages imports pipelines.dag (the
+    runner passes the executor in; shared error types live in pipelines.errors)."""
+    bad = []
+    for path in (ROOT / "pipelines" / "stages").rglob("*.py"):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                mod = node.module or ""
+                if node.level == 0 and mod.startswith("pipelines.dag"):
+                    bad.append((path.name, mod))
+                if node.level == 2 and mod.startswith("dag"):  # from ..dag import ...
+                    bad.append((path.name, f"..{mod}"))
+            elif isinstance(node, ast.Import):
+                bad += [(path.name, a.name) for a in node.names
+                        if a.name.startswith("pipelines.dag")]
+    assert bad == []

@@ -67,13 +67,16 @@ def plan_stage(dag: Dag, name: str, store: Any, inputs: dict[str, dict[str, Outp
         "source": stage.source_fingerprint(),
         "upstream": {u: {"fingerprint": upstream_fps[u],
                          "outputs": {k: (r.version if r.kind == "table" else r.digest)
-                                     for k, r in sorted(inputs[u].items())}}
+                                     for k, r in sorted(inputs[u].items())
+                                     if k not in _derived(dag, u)}}
                      for u in spec.needs},
     }
     fp = digest_parts(parts)
     plan = StagePlan(stage=name, kind=spec.uses, state=TO_RUN, reason="", fingerprint=fp,
                      row_fingerprint=row_fp, parts=parts)
-    if done is not None and done["fingerprint"] == fp and _outputs_exist(store, done["outputs"]):
+    lacking = [k for k in getattr(stage, "required_outputs", ()) if done and k not in done["outputs"]]
+    if (done is not None and done["fingerprint"] == fp and not lacking
+            and _outputs_exist(store, done["outputs"])):
         plan.state, plan.reason = UP_TO_DATE, "fingerprint and outputs unchanged"
         plan.outputs = {k: OutputRef.from_json(v) for k, v in done["outputs"].items()}
         return plan, stage
@@ -82,6 +85,9 @@ def plan_stage(dag: Dag, name: str, store: Any, inputs: dict[str, dict[str, Outp
         plan.reason = f"last run {last['status']} before finishing; continues where it stopped"
     elif done is None:
         plan.reason = "never ran" if last is None else f"last run {last['status']}"
+    elif done["fingerprint"] == fp and lacking:
+        plan.reason = (f"its record has no '{', '.join(lacking)}' output (written by an older "
+                       "vgen); re-run to record it")
     elif done["fingerprint"] == fp:
         plan.reason = "outputs missing from storage"
     else:
@@ -100,6 +106,12 @@ def plan_stage(dag: Dag, name: str, store: Any, inputs: dict[str, dict[str, Outp
             plan.reason += (f" (sources of {work.total - work.skipped} of {work.total} samples "
                             "new or changed; the rest unchanged since last read)")
     return plan, stage
+
+
+def _derived(dag: Dag, stage: str) -> tuple[str, ...]:
+    """Outputs of ``stage`` implied by its row fingerprint (e.g. a tokenize stage's tokenizer):
+    left out of downstream fingerprints, which already cover them through the side table."""
+    return tuple(getattr(get_kind(dag.stage(stage).uses), "derived_outputs", ()))
 
 
 def _outputs_exist(store: Any, outputs: dict[str, Any]) -> bool:

@@ -1,26 +1,20 @@
-"""Ray side of the stage contract: run a per-sample stage in a Ray Data actor pool, and size
-pools from the cluster's resources.
-
-Sizing rule: a CPU actor pool gets at most ``floor((cluster CPUs - reserved) / cpus per actor)``
-actors, where one CPU stays free for the read tasks that feed the pool (an actor pool holding
-every CPU starves its own input and hangs; on a 2-core machine that means one actor). GPU pools
-are bounded by GPUs. The DAG's ``resources.workers`` caps both.
+"""Ray side of the stage contract: the executor that runs a per-sample stage in a Ray Data actor
+pool, and the actor pools job stages (train, evaluate) ask for. Pools are sized by
+:mod:`pipelines.stages.resources` from the cluster's resources.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
 from pipelines.stages.base import BatchResult, MapStage, Work, filter_to_key_set, row_keys
+from pipelines.stages.resources import RESERVED_CPUS, actor_cpus, pool_size
 
-__all__ = ["cluster_resources", "pool_size", "RayDataExecutor"]
+__all__ = ["cluster_resources", "pool_size", "actor_cpus", "RESERVED_CPUS", "RayDataExecutor"]
 
-#: CPUs left for Ray Data read/filter tasks on any cluster.
-RESERVED_CPUS = 1.0
 #: CPUs of one filter/prepare (decode) task ahead of an actor pool on a small cluster (under 4
 #: CPUs beside the pool): several decode tasks share the free CPU; on larger ones a task gets 1
 PREPARE_CPUS = 0.25
@@ -31,25 +25,6 @@ def cluster_resources() -> dict[str, float]:
 
     res = ray.cluster_resources()
     return {"CPU": float(res.get("CPU", 0.0)), "GPU": float(res.get("GPU", 0.0))}
-
-
-def pool_size(resources: Any, cluster: dict[str, float]) -> int:
-    """Largest actor pool the cluster can hold beside its input tasks (at least 1)."""
-    want = int(getattr(resources, "workers", 1) or 1)
-    gpus = float(getattr(resources, "gpus", 0.0) or 0.0)
-    cpus = float(getattr(resources, "cpus", 1.0) or 1.0)
-    if gpus > 0:
-        fit = math.floor(cluster.get("GPU", 0.0) / gpus)
-    else:
-        fit = math.floor(max(cluster.get("CPU", 1.0) - RESERVED_CPUS, 0.0) / cpus)
-    return max(1, min(want, fit))
-
-
-def actor_cpus(resources: Any, cluster: dict[str, float]) -> float:
-    """CPUs per actor, shrunk on clusters too small to hold one actor beside the read tasks."""
-    cpus = float(getattr(resources, "cpus", 1.0) or 1.0)
-    free = max(cluster.get("CPU", 1.0) - RESERVED_CPUS, 0.0)
-    return cpus if cpus <= free else max(free, 0.25) if free > 0 else 0.5
 
 
 def prepare_cpus(cluster: dict[str, float], pool: int, per_actor: float) -> float:
@@ -99,10 +74,27 @@ def _open_envelope(row: dict[str, Any]) -> BatchResult:
 
 
 class RayDataExecutor:
-    """Runs a :class:`MapStage` over Ray Data; results stream back to the driver for commits."""
+    """Runs a :class:`MapStage` over Ray Data (results stream back to the driver for commits),
+    and gives job stages actor pools (:meth:`map_actors`) sized by the same rule."""
 
     def __init__(self, cluster: dict[str, float] | None = None):
         self.cluster = cluster
+
+    def map_actors(self, actor_cls: type, args: tuple, *, make_ds: Callable[[], Any],
+                   local_batches: Callable[[], Iterator[pa.Table]], batch_size: int,
+                   resources: Any = None) -> Iterator[pa.Table]:
+        """``actor_cls(*args)`` called on every batch of ``make_ds()`` (a Ray Dataset), on an
+        actor pool sized from ``resources`` and the cluster (GPU actors when
+        ``resources.gpus``); yields the actors' output tables."""
+        import ray.data
+
+        cluster = self.cluster or cluster_resources()
+        gpus = float(getattr(resources, "gpus", 0.0) or 0.0)
+        ds = make_ds().map_batches(
+            actor_cls, fn_constructor_args=args, batch_format="pyarrow", batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool_size(resources, cluster)),
+            num_cpus=actor_cpus(resources, cluster), num_gpus=gpus or None)
+        yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
 
     def execute(self, stage: MapStage, work: Work) -> Iterator[BatchResult]:
         import ray

@@ -258,15 +258,12 @@ class Runner:
         self.state.record(dag=self.dag.name, stage=name, kind=kind, fingerprint=plan.fingerprint,
                           parts=plan.parts, status="started", run_id=child.run_id)
         try:
-            if isinstance(stage, MapStage):
-                executor = None
-                if self.executor == "ray":
-                    from .ray_exec import RayDataExecutor
+            executor = None  # every stage kind gets the same executor (actor pools, map stages)
+            if self.executor == "ray":
+                from .ray_exec import RayDataExecutor
 
-                    executor = RayDataExecutor(self.cluster)
-                result = stage.run(executor)
-            else:
-                result = stage.run()
+                executor = RayDataExecutor(self.cluster)
+            result = stage.run(executor)
         except Exception as e:
             msg = str(e) if isinstance(e, StageError) else f"{type(e).__name__}: {e}"
             log.debug("stage %s failed:\n%s", name, traceback.format_exc())

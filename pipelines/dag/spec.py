@@ -26,21 +26,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pipelines.errors import DagError
+
 __all__ = ["DagError", "ResourcesSpec", "StageSpec", "DagSpec", "Dag", "load_dag", "parse_dag"]
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-class DagError(ValueError):
-    """An invalid DAG: says which file, stage and field, what was expected, and how to fix it."""
-
-    def __init__(self, message: str, *, file: str | None = None, stage: str | None = None,
-                 field: str | None = None):
-        self.file, self.stage, self.field = file, stage, field
-        where = [p for p in (file, f"stage '{stage}'" if stage else None,
-                             f"field '{field}'" if field else None) if p]
-        super().__init__(f"{': '.join(where)}: {message}" if where else message)
 
 
 class ResourcesSpec(BaseModel):

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
 
+from pipelines.errors import DagError, StageError
 from vgen_core.data.schemas import QUARANTINE, SCHEMA_VERSION, SOURCE_ITEMS
 from vgen_core.tracking import NullTracker, Tracker
 
@@ -44,10 +45,6 @@ class StageConfig(BaseModel):
     """Base of every stage kind's config: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
-
-
-class StageError(RuntimeError):
-    """A stage failed: the message names the stage and says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -182,8 +179,6 @@ class Stage:
     # -- planning -------------------------------------------------------------------------
     @classmethod
     def check_needs(cls, name: str, spec: Any, dag: Any, source: str) -> None:
-        from pipelines.dag.spec import DagError
-
         lo, hi = cls.needs_range
         n = len(spec.needs)
         if n < lo or (hi is not None and n > hi):
@@ -580,10 +575,20 @@ def _sql_str(v: str) -> str:
 
 
 class InProcessExecutor:
-    """Runs a per-sample stage in this process: the unit-test twin of the Ray executor."""
+    """Runs a per-sample stage, or a job stage's actor work (:meth:`map_actors`), in this
+    process: the unit-test twin of the Ray executor."""
 
     def __init__(self, batch_size: int | None = None):
         self.batch_size = batch_size
+
+    def map_actors(self, actor_cls: type, args: tuple, *, make_ds: Callable[[], Any],
+                   local_batches: Callable[[], Iterator[pa.Table]], batch_size: int,
+                   resources: Any = None) -> Iterator[pa.Table]:
+        """The in-process twin of ``RayDataExecutor.map_actors``: one ``actor_cls(*args)`` in
+        this process over ``local_batches()`` (``make_ds`` is not called: no Ray)."""
+        actor = actor_cls(*args)
+        for batch in local_batches():
+            yield actor(batch)
 
     def execute(self, stage: MapStage, work: Work) -> Iterator[BatchResult]:
         stage.setup()

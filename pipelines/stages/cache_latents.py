@@ -1,8 +1,8 @@
 """``cache.latents``: curated images -> a latent cache (posterior moments) side table.
 
-For the continuous-latent generators (xAR, DeepFlow, MaskGen-KL, FlowTok): the KL-VAE
-(``model: kl_vae``, SD f8c4 / MAR KL-16) or a TiTok/TA-TiTok KL tokenizer (``model: titok`` /
-``tatitok`` with ``quantize_mode: vae``) encodes each crop (and its horizontal flip) and the
+For the continuous-latent generators (xAR, DeepFlow, MaskGen-KL, FlowTok): any tokenizer family
+whose spec can fill ``latents`` (the KL-VAE, SD f8c4 / MAR KL-16; a TiTok / TA-TiTok in
+``quantize_mode: vae``) encodes each crop (and its horizontal flip) and the
 stage stores the posterior ``mean || logvar`` as float32 with its shape and the model's
 ``scale_factor`` (MAR/xAR ``main_cache.py`` convention: training samples the posterior and
 scales it, so one cache serves every noise draw). A non-finite moment quarantines the sample
@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from vgen_core.data.schemas import LATENTS
 
-from .base import StageError, quarantine_record
+from .base import quarantine_record
 from .tokenize import ImageTokenizeStage
 
 __all__ = ["CacheLatents"]
@@ -26,39 +26,11 @@ __all__ = ["CacheLatents"]
 class CacheLatents(ImageTokenizeStage):
     kind = "cache.latents"
     version = 1
-    families = ("kl_vae", "titok", "tatitok")
+    produces = "latents"
     output_schema = LATENTS
-
-    @property
-    def pixel_range(self) -> str:  # type: ignore[override]
-        return "signed" if self.family_name == "kl_vae" else "unit"
-
-    def native_resolution(self, model) -> int | None:
-        return None if model.family == "kl_vae" else model.config.image_size
-
-    def setup(self) -> None:
-        super().setup()
-        cfg = self.model.config
-        if self.model.family != "kl_vae" and cfg.quantize_mode != "vae":
-            raise StageError(f"stage '{self.ctx.stage}': the TiTok model quantizes (VQ ids); "
-                             "tokenize it with `tokenize.titok`, or pick a KL/VAE size "
-                             "(e.g. tatitok-bl32-vae)")
-        if self.model.family == "kl_vae" and self.resolution % cfg.downsample_factor:
-            raise StageError(f"stage '{self.ctx.stage}': resolution {self.resolution} is not a "
-                             f"multiple of the VAE's downsample factor {cfg.downsample_factor}")
 
     def scale_factor(self) -> float:
         return float(getattr(self.model.config, "scale_factor", 1.0))
-
-    def encode(self, x):
-        import torch
-
-        if self.model.family == "kl_vae":
-            moments = self.model.encode_moments(x)  # (B, 2Z, h, w): mean || logvar, raw
-        else:
-            _, info = self.model.encode(x, sample_posterior=False)
-            moments = torch.cat([info["posterior_mean"], info["posterior_logvar"]], dim=1)
-        return {"moments": moments.float().cpu().numpy()}
 
     def make_rows(self, batch, out, out_flip):
         m = out["moments"]

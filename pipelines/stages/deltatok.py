@@ -24,9 +24,11 @@ from pydantic import Field
 
 from vgen_core.data.schemas import DELTA_TOKENS
 
+from vgen_core.data.fsio import fetch_file
+from vgen_core.data.images import decode_image, preprocess
+
 from .base import BatchResult, StageError, quarantine_record
-from .tokenize import ImageTokenizeConfig, ImageTokenizeStage, decode_image, fetch_file, \
-    file_digest, preprocess
+from .tokenize import ImageTokenizeConfig, ImageTokenizeStage, weights_file_digest
 
 __all__ = ["TokenizeDeltaTok", "TokenizeDeltaTokConfig"]
 
@@ -44,7 +46,7 @@ class TokenizeDeltaTok(ImageTokenizeStage):
     kind = "tokenize.deltatok"
     version = 1
     Config = TokenizeDeltaTokConfig
-    families = ("deltatok",)
+    produces = "delta_tokens"
     output_schema = DELTA_TOKENS
     config: TokenizeDeltaTokConfig
 
@@ -56,15 +58,13 @@ class TokenizeDeltaTok(ImageTokenizeStage):
     def row_fingerprint_parts(self) -> dict[str, Any]:
         parts = super().row_fingerprint_parts()
         if self.config.vfm_weights:
-            parts["vfm_weights_file"] = file_digest(self.config.vfm_weights)
+            parts["vfm_weights_file"] = weights_file_digest(self.config.vfm_weights,
+                                                            self._where())
         else:
             from vgen_core.tokenizers.io import weights_digest
 
             parts["vfm"] = weights_digest(self.vfm_config().build())
         return parts
-
-    def native_resolution(self, model) -> int | None:
-        return None
 
     def setup(self) -> None:
         if self.config.flip:
@@ -133,7 +133,7 @@ class TokenizeDeltaTok(ImageTokenizeStage):
             with torch.inference_mode():
                 x = torch.from_numpy(clip).to(self.device).permute(0, 3, 1, 2).float() / 255.0
                 feats_TND = self.vfm(x)
-                delta = self.model.tokenize_clip(feats_TND[None].float())[0]
+                delta = self.encode_fn(self.model, feats_TND[None].float())["delta"][0]
             d = delta.float().cpu().numpy()
             if not np.isfinite(d).all():
                 bad("non_finite", "DeltaTok produced NaN/Inf delta tokens; check the weights")

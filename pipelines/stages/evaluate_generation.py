@@ -6,25 +6,20 @@ side table the generator trained on, and optionally the ``train.tokenizer`` stag
     eval: {uses: evaluate.generation, needs: [maskgit, tokens], with: {num_samples: 50000}}
 
 **The decoder.** Generated tokens/latents are decoded by exactly the tokenizer that made the
-training tokens. It is rebuilt from the tokenize stage's own recorded config: the runner's state
-table (``_vgen/stage_runs``) holds, for every completed stage, the parts its row fingerprint was
-hashed from (kind, version, config, weights digest); the record whose hash equals the side
-table's fingerprint is the one that made these rows, so the tokenize kind's own ``load_model``
-rebuilds the same model (an upstream ``train.tokenizer`` export, a ``weights:`` file, or
-``size`` + ``init_seed``). The weights digest is checked against the record before anything is
-sampled; a changed weights file or a lost record is an error that says what to re-run. A
-``train.tokenizer`` export is taken from this stage's inputs when listed in ``needs``, else from
-that stage's recorded outputs.
+training tokens: the tokenize / cache stage outputs it (``tokenizer``, a model reference with its
+weights digest), and this stage loads that reference. What decoding means (and the pixel range
+of the result) is the tokenizer family's ``decode`` (:mod:`vgen_core.families`); what sampling
+means is the generator family's ``sampler`` and ``conditioning``.
 
 **Sampling.** Class-conditional generators get class-balanced labels (round-robin, so every
 prefix is balanced; ``per_class: 50`` with 1000 classes is ADM's 50k), MaskGen gets the side
 table's captions (current rows, sorted by ``sample_id``, cycled). Samples are cut into shards of
 ``shard_size``; shard ``i`` draws with seed ``seed + i`` (ADM's ``42 + rank``, with the shard as
 the rank), so the images do not depend on how many actors ran. Shards run on a Ray actor pool
-sized like per-sample stages (:func:`pipelines.dag.ray_exec.pool_size`: one actor on 2 cores;
-GPU actors when ``resources.gpus``); each actor loads generator, decoder and extractor once,
-samples, decodes, and returns features only (plus the few images of the grid). Without a
-running Ray (unit tests) the same actor class runs in-process.
+from the stage's executor, sized like per-sample stages (:mod:`pipelines.stages.resources`: one
+actor on 2 cores; GPU actors when ``resources.gpus``); each actor loads generator, decoder and extractor once,
+samples, decodes, and returns features only (plus the few images of the grid). With the
+in-process executor (unit tests) the same actor class runs in this process.
 
 **Metrics** (results table ``<dag>/<stage>``, one row per metric, the extractor named on every
 feature-based row; MLflow metrics on the stage run): ``fid`` and ``sfid`` from streaming
@@ -49,25 +44,26 @@ extractor (name and weights digest): an unchanged evaluation is skipped by the r
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 import inspect
 import io
 import json
 import tempfile
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
+from vgen_core import families
+from vgen_core.data.fsio import fetch_file, fetch_model_dir, file_digest
+from vgen_core.data.images import IMAGE_COLUMNS, decode_image, pick_column, preprocess
 from vgen_core.data.schemas import EVAL_RESULTS
 
-from .base import JobStage, OutputRef, StageConfig, StageContext, StageError, StageResult
+from .base import (InProcessExecutor, JobStage, OutputRef, StageConfig, StageError, StageResult,
+                   resolve_device)
 
-__all__ = ["EvaluateGenerationConfig", "EvaluateGeneration", "GENERATORS", "load_decoder",
-           "decode_to_uint8"]
+__all__ = ["EvaluateGenerationConfig", "EvaluateGeneration", "load_model_ref", "decode_to_uint8"]
 
 
 class EvaluateGenerationConfig(StageConfig):
@@ -95,87 +91,46 @@ class EvaluateGenerationConfig(StageConfig):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-@dataclass(frozen=True)
-class _Family:
-    module: str  # vgen_core.generators.<module>.sample
-    condition: str  # "labels" | "text"
-    output: str  # "tokens" | "latents"
-
-
-#: generator families (config.json ``family``) this stage samples
-GENERATORS: dict[str, _Family] = {
-    "maskgit": _Family("vgen_core.generators.masked", "labels", "tokens"),
-    "rar": _Family("vgen_core.generators.rar", "labels", "tokens"),
-    "bar": _Family("vgen_core.generators.bar", "labels", "tokens"),
-    "maskbit": _Family("vgen_core.generators.maskbit", "labels", "tokens"),
-    "maskgen_vq": _Family("vgen_core.generators.maskgen", "text", "tokens"),
-    "deepflow": _Family("vgen_core.generators.deepflow", "labels", "latents"),
-    "xar": _Family("vgen_core.generators.xar", "labels", "latents"),
-}
-
-#: decoder family -> pixel range of its output ("signed" [-1, 1], "unit" [0, 1])
-_PIXELS = {"lfq": "signed", "bar_fsq": "signed", "kl_vae": "signed", "titok": "unit"}
-
-
 # ---------------------------------------------------------------------------------------------
 # Model loading and decoding (run inside the actors)
 # ---------------------------------------------------------------------------------------------
 
 
-def load_decoder(spec: dict[str, Any], store: Any):
-    """The tokenizer described by ``spec`` (see ``EvaluateGeneration.decoder_spec``), built by the
-    tokenize kind's own ``load_model``. Returns (model, tokenize stage instance); keep the stage
-    alive while the model is used (it owns the temporary copy of remote weights)."""
-    from . import get_kind
+def load_model_ref(ref: dict[str, Any] | OutputRef, tmp: str):
+    """The model an output reference names (a ``save_pretrained`` directory, local or remote),
+    in eval mode; ValueError when its weights are not the ones the reference recorded."""
+    from vgen_core.tokenizers.io import load_pretrained, weights_digest
 
-    kind_cls = get_kind(spec["kind"])
-    cfg = kind_cls.Config.model_validate(spec["config"])
-    inputs = {u: {k: OutputRef.from_json(r) for k, r in outs.items()}
-              for u, outs in spec["inputs"].items()}
-    ctx = StageContext(dag=spec["dag"], stage=spec["stage"], store=store,
-                       row_fingerprint=spec["row_fingerprint"], inputs=inputs)
-    stage = kind_cls(cfg, ctx)
-    return stage.load_model().eval(), stage
+    ref = OutputRef.from_json(ref) if isinstance(ref, dict) else ref
+    model = load_pretrained(fetch_model_dir(ref.uri, tmp))
+    if ref.digest and weights_digest(model) != ref.digest:
+        raise ValueError(f"the model at {ref.uri} is not the one recorded (digest "
+                         f"{ref.digest[:12]}); re-run the stage that wrote it")
+    return model.eval()
 
 
 def decode_to_uint8(tokenizer: Any, out: Any, grid_hw: tuple[int, int] | None) -> np.ndarray:
-    """Generated tokens (B, L) / latents (B, C, h, w) -> uint8 images (B, H, W, 3)."""
-    family = tokenizer.family
-    if family == "lfq":
-        if grid_hw is None:
-            raise ValueError("LFQ decoding needs the token grid (grid_h, grid_w)")
-        x = tokenizer.decode_indices(out.view(-1, *grid_hw))
-    elif family == "bar_fsq":
-        x = tokenizer.decode_indices(out)
-    elif family == "titok" and tokenizer.config.quantize_mode == "vq":
-        x = tokenizer.decode_tokens(out)
-    elif family == "kl_vae":
-        x = tokenizer.decode_latents(out)
-    else:
-        raise ValueError(f"cannot decode generated samples with a '{family}' tokenizer "
-                         f"(decodable: lfq, bar_fsq, titok VQ, kl_vae; TA-TiTok needs CLIP "
-                         "text features this project cannot load)")
-    if _PIXELS[family] == "signed":
-        x = x.float().clamp(-1, 1).add(1).mul(127.5)
-    else:
-        x = x.float().clamp(0, 1).mul(255)
-    return x.round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    """Generated tokens (B, L) / latents -> uint8 images (B, H, W, 3), through the tokenizer
+    family's ``decode`` and pixel range."""
+    spec = families.get(tokenizer.family)
+    if spec.decode is None:
+        decodable = [s.name for s in families.all_specs("tokenizer") if s.decode is not None]
+        raise ValueError(f"cannot decode generated samples with a '{spec.name}' tokenizer "
+                         f"(decodable: {', '.join(decodable)})")
+    x = spec.decode(tokenizer, out, grid_hw)
+    return families.from_model_pixels(x, spec.pixel_range or "signed").cpu().numpy()
 
 
 def build_extractor(spec: dict[str, Any], tmp: str, device: Any):
     from vgen_core.eval.extractors import InceptionV3FID, TinyConvExtractor
 
     if spec.get("weights"):
-        from .tokenize import fetch_file
-
         return InceptionV3FID(fetch_file(spec["weights"], tmp), preprocess=spec["preprocess"],
                               device=device)
     return TinyConvExtractor(seed=0, device=device)
 
 
 def _device(want: str):
-    from .base import resolve_device
-
     return resolve_device(want)
 
 
@@ -194,23 +149,15 @@ def _unpack(col: pa.ChunkedArray | pa.Array, dims: int | None = None) -> np.ndar
 class _SampleActor:
     """One per actor: loads generator, decoder and extractor once; a call runs whole shards."""
 
-    def __init__(self, plan: dict[str, Any], store: Any):
-        import torch
-
-        from vgen_core.tokenizers.io import load_pretrained
-
-        from .tokenize import fetch_model_dir
-
+    def __init__(self, plan: dict[str, Any]):
         self.plan, self.device = plan, _device(plan["device"])
         self._tmp = tempfile.TemporaryDirectory()
-        self.generator = load_pretrained(fetch_model_dir(plan["generator_uri"],
-                                                         f"{self._tmp.name}/gen")).to(self.device)
-        self.decoder, self._tok_stage = load_decoder(plan["decoder"], store)
-        self.decoder = self.decoder.to(self.device).eval()
+        self.generator = load_model_ref(plan["generator"], f"{self._tmp.name}/gen").to(self.device)
+        self.decoder = load_model_ref(plan["tokenizer"], f"{self._tmp.name}/tok").to(self.device)
         self.extractor = build_extractor(plan["extractor"], self._tmp.name, self.device)
-        fam = GENERATORS[plan["family"]]
-        self.sample_fn = importlib.import_module(fam.module).sample
-        self.condition, self.output = fam.condition, fam.output
+        spec = families.get(self.generator.family)
+        self.sample_fn = spec.sampler
+        self.condition, self.output = spec.conditioning, spec.output
         self.grid_hw = tuple(plan["grid_hw"]) if plan.get("grid_hw") else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -272,8 +219,6 @@ class _ReferenceActor:
 
     def _features(self, batch: pa.Table) -> pa.Table:
         import torch
-
-        from .tokenize import decode_image, preprocess
 
         keep, imgs = [], []
         for i, b in enumerate(batch[self.column].to_pylist()):
@@ -370,14 +315,19 @@ class EvaluateGeneration(JobStage):
     def row_fingerprint_parts(self) -> dict[str, Any]:
         """Generator digest, tokenizer (export digest / tokenize fingerprint), reference source,
         extractor name and weights digest. (Sampling config is in the config part.)"""
-        from .tokenize import file_digest
-
         gen = self.generator_ref(required=False)
         side = self.side_input(required=False)
-        tok = self._refs("tokenizer")
+        # a train.tokenizer among needs (the tokens stage's own tokenizer output is implied by
+        # its side table's fingerprint, "tokens")
+        tok = [(u, outs["tokenizer"]) for u, outs in self.ctx.inputs.items()
+               if "tokenizer" in outs and "samples" not in outs]
         ext: dict[str, Any] = {"name": self.extractor_name()}
         if self.config.extractor_weights:
-            ext["weights"] = file_digest(self.config.extractor_weights)
+            try:
+                ext["weights"] = file_digest(self.config.extractor_weights,
+                                             what="extractor_weights")
+            except FileNotFoundError as e:
+                raise StageError(f"{self._where()}: {e}") from None
         if self.config.reference_npz:
             reference = {"npz": self.config.reference_npz,
                          "file": _file_identity(self.config.reference_npz)}
@@ -389,61 +339,22 @@ class EvaluateGeneration(JobStage):
                 "reference": reference, "extractor": ext}
 
     # -- the decoder ----------------------------------------------------------------------
-    def decoder_spec(self) -> dict[str, Any]:
-        """How to rebuild the tokenizer that made the side table (see the module docstring)."""
-        from pipelines.dag.fingerprint import digest_parts
-        from pipelines.dag.state import StageState
+    def tokenizer_output(self, up: str) -> OutputRef:
+        """The model the tokens stage ``up`` encoded with (its ``tokenizer`` output)."""
+        ref = self.ctx.inputs[up].get("tokenizer")
+        if ref is None:
+            raise StageError(f"{self._where()}: stage '{up}' recorded no tokenizer output (an "
+                             f"older run); re-run '{up}' with `vgen run` to record it")
+        return ref
 
-        up, side, _ = self.side_input()
-        records = StageState(self.ctx.store).records(self.ctx.dag)
-        mine = [r for r in records if r["stage"] == up and r["status"] == "completed"]
-        rec = next((r for r in reversed(mine)
-                    if digest_parts(r["fingerprint_parts"].get("row") or {}) == side.digest), None)
-        if rec is None:
-            raise StageError(f"{self._where()}: the state table has no completed run of stage "
-                             f"'{up}' with fingerprint {side.digest}, so the tokenizer that made "
-                             f"{side.uri} cannot be rebuilt; re-run '{up}' with `vgen run` "
-                             "(it is then up to date and recorded)")
-        row = rec["fingerprint_parts"]["row"]
-        inputs: dict[str, dict[str, Any]] = {}
-        for u, info in (rec["fingerprint_parts"].get("upstream") or {}).items():
-            digest = (info.get("outputs") or {}).get("tokenizer")
-            if digest is not None:
-                inputs[u] = {"tokenizer": self._tokenizer_export(u, info["fingerprint"], digest,
-                                                                 records).to_json()}
-        return {"dag": self.ctx.dag, "stage": up, "kind": row["kind"], "config": row["config"],
-                "row_fingerprint": side.digest, "extra": row.get("extra") or {}, "inputs": inputs}
-
-    def _tokenizer_export(self, stage: str, fingerprint: str, digest: str,
-                          records: list[dict[str, Any]]) -> OutputRef:
-        for _, ref in self._refs("tokenizer"):
-            if ref.digest == digest:
-                return ref
-        for r in reversed(records):
-            out = (r.get("outputs") or {}).get("tokenizer")
-            if (r["stage"] == stage and r["status"] == "completed"
-                    and r["fingerprint"] == fingerprint and out and out.get("digest") == digest):
-                return OutputRef.from_json(out)
-        raise StageError(f"{self._where()}: the tokens were made with the tokenizer trained by "
-                         f"stage '{stage}' (digest {digest[:12]}), whose export is not recorded; "
-                         f"add '{stage}' to this stage's `needs`")
-
-    def _check_decoder(self, spec: dict[str, Any]) -> Any:
-        """The tokenize stage rebuilt on the driver; its weights must be what made the rows."""
-        from . import get_kind
-
-        kind_cls = get_kind(spec["kind"])
-        inputs = {u: {k: OutputRef.from_json(r) for k, r in outs.items()}
-                  for u, outs in spec["inputs"].items()}
-        ctx = StageContext(dag=spec["dag"], stage=spec["stage"], store=self.ctx.store,
-                           row_fingerprint=spec["row_fingerprint"], inputs=inputs)
-        stage = kind_cls(kind_cls.Config.model_validate(spec["config"]), ctx)
-        if stage.row_fingerprint_parts() != spec["extra"]:
-            raise StageError(f"{self._where()}: the tokenizer of stage '{spec['stage']}' is no "
-                             f"longer the one that made its tokens (its weights changed: "
-                             f"{stage.row_fingerprint_parts()} vs {spec['extra']}); re-run "
-                             f"'{spec['stage']}' and the generator trained on it")
-        return stage
+    def decoder_info(self, tok: OutputRef) -> tuple[str, dict[str, Any]]:
+        """(family, config.json) of the tokenizer export, read on the driver."""
+        cfg = _model_config(tok.uri)
+        if tok.digest and cfg.get("weights_digest") not in (None, tok.digest):
+            raise StageError(f"{self._where()}: the tokenizer at {tok.uri} is no longer the one "
+                             f"that made the tokens (digest {cfg.get('weights_digest')} vs "
+                             f"{tok.digest}); re-run the tokenize stage and the generator")
+        return cfg.get("family"), cfg
 
     # -- the run --------------------------------------------------------------------------
     def run(self, executor: Any = None) -> StageResult:
@@ -454,36 +365,46 @@ class EvaluateGeneration(JobStage):
         from vgen_core.eval.reference import generation_metrics
         from vgen_core.tracking import image_grid
 
-        from .reading import data_facts
+        from .reading import data_facts, side_table_info
 
+        executor = executor or InProcessExecutor()
         store, cfg, tracker, where = self.ctx.store, self.config, self.ctx.tracker, self._where()
         gen_ref = self.generator_ref()
         up, side, source = self.side_input()
-        decoder = self.decoder_spec()
-        tok_stage = self._check_decoder(decoder)
-        resolution = tok_stage.declared_resolution()
         gen_cfg = _model_config(gen_ref.uri)
         family = gen_cfg.get("family")
-        if family not in GENERATORS:
-            raise StageError(f"{where}: generator family {family!r} has no sampler here; "
-                             f"evaluate.generation samples {', '.join(GENERATORS)}")
-        fam = GENERATORS[family]
-        self._check_sampler(fam, family)
+        try:
+            spec = families.get(family, role="generator", can="sample")
+        except ValueError as e:
+            raise StageError(f"{where}: {e}") from None
+        self._check_sampler(spec)
         facts = data_facts(store, side, where)
         self._check_fits(gen_cfg, facts, gen_ref, side)
-        n, shards = self._shards(fam, gen_cfg, side, source)
+        if spec.output == "delta_tokens":
+            from .evaluate_deltas import evaluate_predictions
+
+            return evaluate_predictions(self, executor, spec, gen_ref, side, source, facts)
+        tok = self.tokenizer_output(up)
+        tok_family, _ = self.decoder_info(tok)
+        resolution = side_table_info(store, side)["preprocess"].get("resolution")
+        if resolution is None:
+            raise StageError(f"{where}: {side.uri} records no preprocessing resolution; re-run "
+                             f"'{up}' (a newer vgen records it)")
+        n, shards = self._shards(spec, gen_cfg, side, source)
         ext = self.extractor_spec()
         ext_name = self.extractor_name()
 
-        ref = self.reference(ext, resolution, source)
-        plan = {"generator_uri": gen_ref.uri, "family": family, "decoder": decoder,
+        ref = self.reference(executor, ext, int(resolution), source)
+        plan = {"generator": gen_ref.to_json(), "tokenizer": tok.to_json(),
                 "extractor": ext, "sampler": dict(cfg.sampler), "seed": cfg.seed,
                 "grid_images": cfg.grid_images, "device": cfg.device,
                 "grid_hw": _grid_hw(store, side)}
         pool = spatial = None
         index, pools, logits, tokens, grid = [], [], [], [], {}
-        for b in self._map(_SampleActor, (plan, store), lambda: _shards_ds(shards),
-                           lambda: (pa.Table.from_pylist([s]) for s in shards), batch_size=1):
+        for b in executor.map_actors(
+                _SampleActor, (plan,), make_ds=lambda: _shards_ds(shards),
+                local_batches=lambda: (pa.Table.from_pylist([s]) for s in shards),
+                batch_size=1, resources=self.ctx.resources):
             if not b.num_rows:
                 continue
             x = _unpack(b["pool"]).astype(np.float64)
@@ -511,7 +432,7 @@ class EvaluateGeneration(JobStage):
             usage = codebook_usage(torch.from_numpy(np.concatenate(tokens).astype(np.int64)), size)
             metrics["codebook_usage"] = float(usage["usage_fraction"])
 
-        lineage = self._lineage(gen_ref, decoder, tok_stage.family_name, side, source)
+        lineage = self._lineage(gen_ref, up, tok, tok_family, side, source)
         details = {"reference": ref.describe(), "lineage": lineage, "family": family,
                    "sampler": dict(cfg.sampler), "seed": cfg.seed, "shard_size": cfg.shard_size,
                    "notes": notes}
@@ -540,13 +461,12 @@ class EvaluateGeneration(JobStage):
         return self._write_results(metrics, n, ext_name, details)
 
     # -- pieces of the run ----------------------------------------------------------------
-    def _check_sampler(self, fam: _Family, family: str) -> None:
-        fn = importlib.import_module(fam.module).sample
-        params = inspect.signature(fn).parameters
+    def _check_sampler(self, spec: families.FamilySpec) -> None:
+        params = inspect.signature(spec.sampler).parameters
         allowed = [p for p, v in params.items() if v.kind == v.KEYWORD_ONLY and p != "generator"]
         bad = sorted(set(self.config.sampler) - set(allowed))
         if bad:
-            raise StageError(f"{self._where()}: with.sampler has {bad}, which the {family} "
+            raise StageError(f"{self._where()}: with.sampler has {bad}, which the {spec.name} "
                              f"sampler does not take; it takes {', '.join(allowed)}")
 
     def _check_fits(self, gen_cfg: dict, facts: dict, gen_ref: OutputRef, side: OutputRef) -> None:
@@ -556,13 +476,13 @@ class EvaluateGeneration(JobStage):
                                  f"{gen_cfg[key]} but the tokens {side.uri} have {facts[key]}; "
                                  "list the tokenize stage the generator was trained on in needs")
 
-    def _shards(self, fam: _Family, gen_cfg: dict, side: OutputRef,
+    def _shards(self, spec: families.FamilySpec, gen_cfg: dict, side: OutputRef,
                 source: OutputRef) -> tuple[int, list[dict[str, Any]]]:
         cfg = self.config
         n = cfg.num_samples
         labels: list[int] | None = None
         captions: list[str] | None = None
-        if fam.condition == "labels":
+        if spec.conditioning == "labels":
             classes = int(gen_cfg.get("num_classes") or 1)
             if cfg.per_class is not None:
                 n = cfg.per_class * classes
@@ -598,31 +518,8 @@ class EvaluateGeneration(JobStage):
             raise StageError(f"{self._where()}: no captions in the current rows of {side.uri}")
         return [rows[i % len(rows)][1] for i in range(n)]
 
-    def _map(self, actor_cls: type, args: tuple, make_ds: Callable[[], Any],
-             local_batches: Callable[[], Iterator[pa.Table]], *,
-             batch_size: int) -> Iterator[pa.Table]:
-        """``actor_cls(*args)`` over the batches: on a Ray actor pool when Ray runs (sized by
-        :func:`~pipelines.dag.ray_exec.pool_size`), else in this process."""
-        import ray
-
-        if not ray.is_initialized():
-            actor = actor_cls(*args)
-            for b in local_batches():
-                yield actor(b)
-            return
-        import ray.data
-
-        from pipelines.dag.ray_exec import actor_cpus, pool_size
-
-        res, cluster = self.ctx.resources, self.ctx.cluster
-        gpus = float(getattr(res, "gpus", 0.0) or 0.0)
-        ds = make_ds().map_batches(
-            actor_cls, fn_constructor_args=args, batch_format="pyarrow", batch_size=batch_size,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool_size(res, cluster)),
-            num_cpus=actor_cpus(res, cluster), num_gpus=gpus or None)
-        yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
-
-    def reference(self, ext: dict[str, Any], resolution: int, source: OutputRef):
+    def reference(self, executor: Any, ext: dict[str, Any], resolution: int,
+                  source: OutputRef):
         """Cached reference statistics, computed (and cached) on a miss."""
         from vgen_core.eval.reference import ReferenceKey, ReferenceStatsCache, keys_digest
 
@@ -644,14 +541,12 @@ class EvaluateGeneration(JobStage):
         hit = cache.get(key, digest)
         if hit is not None:
             return hit
-        ref = self._extract_reference(key, ext, source, digest)
+        ref = self._extract_reference(executor, key, ext, source, digest)
         cache.put(ref)
         return ref
 
     def _import_npz(self, ext: dict[str, Any], ident: str):
         from vgen_core.eval.reference import import_adm_npz
-
-        from .tokenize import fetch_file
 
         with tempfile.TemporaryDirectory() as tmp:
             path = fetch_file(self.config.reference_npz, tmp)
@@ -663,14 +558,13 @@ class EvaluateGeneration(JobStage):
             except ValueError as e:
                 raise StageError(f"{self._where()}: {e}") from None
 
-    def _extract_reference(self, key: Any, ext: dict[str, Any], source: OutputRef, digest: str):
+    def _extract_reference(self, executor: Any, key: Any, ext: dict[str, Any],
+                           source: OutputRef, digest: str):
         from vgen_core.eval.fid import FeatureStats
         from vgen_core.eval.reference import FeatureSubset, ReferenceStats
 
-        from .tokenize import IMAGE_COLUMNS, _pick
-
         store = self.ctx.store
-        col = _pick(store.schema(source.name).names, IMAGE_COLUMNS)
+        col = pick_column(store.schema(source.name).names, IMAGE_COLUMNS)
         if col is None:
             raise StageError(f"{self._where()}: {source.uri} has no image column "
                              f"({', '.join(IMAGE_COLUMNS)}) for reference statistics")
@@ -691,7 +585,8 @@ class EvaluateGeneration(JobStage):
         pool = spatial = None
         subset = FeatureSubset(self.config.reference_features)
         args = (ext, key.resolution, col, self.config.device)
-        for b in self._map(_ReferenceActor, args, make_ds, local, batch_size=bs):
+        for b in executor.map_actors(_ReferenceActor, args, make_ds=make_ds, local_batches=local,
+                                     batch_size=bs, resources=self.ctx.resources):
             if not b.num_rows:
                 continue
             x = _unpack(b["pool"]).astype(np.float64)
@@ -709,22 +604,11 @@ class EvaluateGeneration(JobStage):
                               {"preprocess": {"crop": "center", "resize": "bicubic",
                                               "resolution": key.resolution}})
 
-    def _lineage(self, gen_ref: OutputRef, decoder: dict, tok_family: str, side: OutputRef,
-                 source: OutputRef) -> dict[str, Any]:
-        tok: dict[str, Any] = {"stage": decoder["stage"], "kind": decoder["kind"],
-                               "fingerprint": decoder["row_fingerprint"]}
-        exports = [r for outs in decoder["inputs"].values() for r in outs.values()]
-        if exports:
-            tok.update(uri=exports[0]["uri"], digest=exports[0]["digest"])
-        elif decoder["config"].get("weights"):
-            tok.update(uri=decoder["config"]["weights"],
-                       digest=decoder["extra"].get("weights_file"))
-        else:
-            c = decoder["config"]
-            tok.update(uri=f"seeded:{tok_family}:{c.get('size')}:init_seed={c.get('init_seed')}",
-                       digest=decoder["extra"].get("weights"))
+    def _lineage(self, gen_ref: OutputRef, up: str, tok: OutputRef, tok_family: str,
+                 side: OutputRef, source: OutputRef) -> dict[str, Any]:
         return {"generator": {"uri": gen_ref.uri, "digest": gen_ref.digest},
-                "tokenizer": tok,
+                "tokenizer": {"stage": up, "family": tok_family, "uri": tok.uri,
+                              "digest": tok.digest, "fingerprint": side.digest},
                 "tokens": {"uri": side.uri, "version": side.version},
                 "curated": {"uri": source.uri, "version": source.version}}
 

@@ -171,6 +171,8 @@ def data_facts(store: Any, side: OutputRef, where: str) -> dict[str, Any]:
         facts.update(kind="latents", shape=shape, in_channels=shape[0] // 2, scale_factor=float(one("scale_factor")))
         if len(shape) == 3 and shape[1] == shape[2]:
             facts.update(input_size=shape[1], latent_size=shape[1])
+        if len(shape) == 3 and shape[1] == 1:  # 1D tokens (B, C, 1, K): TiTok / TA-TiTok KL
+            facts.update(num_tokens=shape[2], token_dim=shape[0] // 2)
     elif "dim" in names:
         facts.update(kind="delta_tokens", token_dim=int(one("dim")),
                      min_steps=int(np.min(t["num_steps"])))
@@ -184,9 +186,9 @@ def image_batch(batch: pa.Table, resolution: int | None = None) -> dict[str, Any
     """Curated image rows (``image_png`` or PanCap ``image``) -> ``image`` uint8 (B, R, R, 3)."""
     import numpy as np
 
-    from .tokenize import IMAGE_COLUMNS, _pick, decode_image, preprocess
+    from vgen_core.data.images import IMAGE_COLUMNS, decode_image, pick_column, preprocess
 
-    col = _pick(batch.schema.names, IMAGE_COLUMNS)
+    col = pick_column(batch.schema.names, IMAGE_COLUMNS)
     images = [decode_image(b) for b in batch[col].to_pylist()]
     if resolution:
         images = [preprocess(im, resolution) for im in images]
@@ -207,15 +209,20 @@ def token_batch(batch: pa.Table, with_text: bool = False) -> dict[str, Any]:
         out["tokens_flip"] = np.asarray([f if f is not None else t for f, t in
                                          zip(flips, out["tokens"].tolist())], dtype=np.int64)
     if with_text:
-        from vgen_core.generators.text import encode_text
-
-        caps = batch["caption"].to_pylist() if "caption" in batch.schema.names else \
-            [""] * batch.num_rows
-        out["text_ids"] = encode_text([c or "" for c in caps]).numpy()
+        out["text_ids"] = _text_ids(batch)
     return out
 
 
-def latent_batch(batch: pa.Table) -> dict[str, Any]:
+def _text_ids(batch: pa.Table) -> Any:
+    """Captions as byte ids (B, 77) (``vgen_core.generators.text.encode_text``)."""
+    from vgen_core.generators.text import encode_text
+
+    caps = batch["caption"].to_pylist() if "caption" in batch.schema.names else \
+        [""] * batch.num_rows
+    return encode_text([c or "" for c in caps]).numpy()
+
+
+def latent_batch(batch: pa.Table, with_text: bool = False) -> dict[str, Any]:
     """latent rows -> ``moments`` float32 (B, *shape) (+ ``moments_flip``), ``label``."""
     import numpy as np
 
@@ -228,6 +235,8 @@ def latent_batch(batch: pa.Table) -> dict[str, Any]:
         out["moments_flip"] = np.stack([np.asarray(f if f is not None else m, np.float32)
                                         .reshape(s) for f, m, s in
                                         zip(flips, batch["moments"].to_pylist(), shapes)])
+    if with_text:
+        out["text_ids"] = _text_ids(batch)
     return out
 
 

@@ -8,10 +8,21 @@ Kinds (one class each, sharing :class:`ImageTokenizeStage`):
 * ``cache.latents``  (``cache_latents.py``) KL-VAE / TiTok-KL posteriors -> ``latents``
 * ``tokenize.deltatok`` (``deltatok.py``) ViCaS clips -> ``delta_tokens``
 
-The model comes from, in order: an upstream ``train.tokenizer`` stage (its exported
-safetensors, loaded once per actor), ``weights:`` (a released checkpoint, local or s3://, loaded
-through the family's documented key map), or the registry ``size`` built with ``init_seed``
-(tests, demos). The input is any curated table with image bytes: ``image_png`` (ingest.images)
+Which tokenizer families a kind takes is the families' business: a kind writes one side-table
+kind (``produces``) and takes every tokenizer :class:`~vgen_core.families.FamilySpec` that can fill
+it (its default: the family whose spec lists the kind in ``default_for``); encoding, the pixel
+range and the native resolution come from the spec. The model comes from, in order: an upstream
+``train.tokenizer`` stage (its exported safetensors, loaded once per actor), ``weights:`` (a
+released checkpoint, local or s3://, loaded through the family's documented key map), or the
+registry ``size`` built with ``init_seed`` (tests, demos).
+
+**The tokenizer is an output.** Besides ``samples`` / ``quarantine`` / ``source``, the stage
+outputs ``tokenizer``: a model reference (``save_pretrained`` directory + weights digest) to the
+exact model that encoded the rows: the upstream ``train.tokenizer`` export passed through, or, for
+a ``weights:`` file or a seeded build, that model exported once under
+``models/<dag>/<stage>/<row fingerprint>/``. Whoever decodes these tokens (train / evaluate
+stages) loads that reference, so the decoder cannot drift from the encoder. It is implied by the
+row fingerprint, so it does not enter downstream fingerprints (``derived_outputs``). The input is any curated table with image bytes: ``image_png`` (ingest.images)
 or ``image`` (curate.pancap's original JPEG); ``label`` and ``caption``/``caption_text`` are
 carried when present.
 
@@ -26,152 +37,34 @@ An undecodable image or a non-finite output is quarantined with the sample, colu
 
 from __future__ import annotations
 
-import hashlib
+import json
 import tempfile
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
+from vgen_core import families
+from vgen_core.data.fsio import fetch_file, fetch_model_dir, file_digest, filesystem_for
+from vgen_core.data.images import CAPTION_COLUMNS, IMAGE_COLUMNS, decode_image, pick_column, \
+    preprocess
 from vgen_core.data.schemas import BIT_TOKENS, ID_TOKENS
 
-from .base import (BatchResult, MapStage, OutputRef, StageConfig, StageError, quarantine_record,
-                   resolve_device)
+from .base import (BatchResult, MapStage, OutputRef, StageConfig, StageError, StageResult,
+                   quarantine_record, resolve_device)
 
 __all__ = ["ImageTokenizeConfig", "ImageTokenizeStage", "TokenizeLFQ", "TokenizeFSQ",
-           "TokenizeTiTok", "fetch_model_dir", "preprocess", "decode_image", "FAMILIES"]
+           "TokenizeTiTok", "weights_file_digest"]
 
 
-# ---------------------------------------------------------------------------------------------
-# Model families a tokenize stage can load
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str  # vgen_core.tokenizers.io family
-    config: Callable[..., Any]  # (size, **overrides) -> pydantic config
-    official: Callable[[str, Any], Any]  # (safetensors path, config) -> model (key-mapped)
-
-
-def _families() -> dict[str, Family]:
-    from vgen_core.tokenizers import deltatok, fsq, kl_vae, lfq, maskbit_keys, titok
-
-    return {
-        "lfq": Family("lfq", lfq.lfq_config, maskbit_keys.load_official_maskbit),
-        "bar_fsq": Family("bar_fsq", fsq.bar_fsq_config, fsq.load_official_bar_fsq),
-        "titok": Family("titok", titok.titok_config, titok.load_official),
-        "tatitok": Family("tatitok", titok.titok_config, titok.load_official),
-        "kl_vae": Family("kl_vae", kl_vae.kl_vae_config, kl_vae.load_official),
-        "deltatok": Family("deltatok", deltatok.deltatok_config, deltatok.load_deltatok),
-    }
-
-
-FAMILIES: dict[str, Family] = {}
-
-
-def family(name: str) -> Family:
-    if not FAMILIES:
-        FAMILIES.update(_families())
-    if name not in FAMILIES:
-        raise ValueError(f"tokenizer family {name!r} not found; known: {', '.join(FAMILIES)}")
-    return FAMILIES[name]
-
-
-def fetch_model_dir(uri: str, dest: str) -> str:
-    """Copy a model directory (local or s3://) to ``dest``; returns the local path."""
-    from fsspec.implementations.local import LocalFileSystem
-
-    from vgen_core.data.fsio import filesystem_for
-
-    fs, path = filesystem_for(uri)
-    if isinstance(fs, LocalFileSystem):
-        return path
-    fs.get(path.rstrip("/") + "/", dest, recursive=True)
-    return dest
-
-
-def fetch_file(uri: str, dest_dir: str) -> str:
-    """A local path for ``uri`` (copied into ``dest_dir`` when remote)."""
-    from fsspec.implementations.local import LocalFileSystem
-
-    from vgen_core.data.fsio import filesystem_for
-
-    fs, path = filesystem_for(uri)
-    if isinstance(fs, LocalFileSystem):
-        return path
-    local = f"{dest_dir}/{path.rsplit('/', 1)[-1]}"
-    fs.get(path, local)
-    return local
-
-
-def file_digest(uri: str) -> str:
-    """blake2b-256 of a (local or remote) file's bytes, streamed."""
-    from vgen_core.data.fsio import filesystem_for
-
-    fs, path = filesystem_for(uri)
-    h = hashlib.blake2b(digest_size=32)
+def weights_file_digest(uri: str, where: str) -> str:
+    """Digest of a ``weights:`` file; StageError naming the stage when it cannot be read."""
     try:
-        with fs.open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-    except FileNotFoundError:
-        raise StageError(f"weights file {uri} not found; `weights:` must point to a released "
-                         "checkpoint (.safetensors) readable from every node") from None
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# Images
-# ---------------------------------------------------------------------------------------------
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    """PNG/JPEG/... bytes -> RGB uint8 (H, W, 3). Raises ValueError saying what was found."""
-    import io
-
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        head = bytes(data[:8]) if data else b""
-        why = ("no image format recognises these bytes" if isinstance(e, UnidentifiedImageError)
-               else str(e))  # PIL's own message names an in-memory object's address
-        raise ValueError(f"cannot decode image ({len(data or b'')} bytes, starts {head!r}): {why}")
-
-
-def preprocess(rgb: np.ndarray, resolution: int) -> np.ndarray:
-    """Resize the shorter side to ``resolution`` (bicubic) and center-crop to a square."""
-    from PIL import Image
-
-    h, w = rgb.shape[:2]
-    if (h, w) != (resolution, resolution):
-        s = resolution / min(h, w)
-        im = Image.fromarray(rgb).resize((max(resolution, round(w * s)),
-                                          max(resolution, round(h * s))), Image.BICUBIC)
-        rgb = np.asarray(im)
-        h, w = rgb.shape[:2]
-        y0, x0 = (h - resolution) // 2, (w - resolution) // 2
-        rgb = rgb[y0:y0 + resolution, x0:x0 + resolution]
-    return rgb
-
-
-IMAGE_COLUMNS = ("image_png", "image")  # ingest.images, curate.pancap
-CAPTION_COLUMNS = ("caption", "caption_text")
-
-
-def _pick(names: list[str], options: tuple[str, ...]) -> str | None:
-    return next((c for c in options if c in names), None)
-
-
-# ---------------------------------------------------------------------------------------------
-# The shared image-tokenize stage
-# ---------------------------------------------------------------------------------------------
+        return file_digest(uri, what="weights file")
+    except FileNotFoundError as e:
+        raise StageError(f"{where}: {e}; `weights:` must point to a released checkpoint "
+                         "(.safetensors)") from None
 
 
 class ImageTokenizeConfig(StageConfig):
@@ -187,39 +80,60 @@ class ImageTokenizeConfig(StageConfig):
 
 
 class ImageTokenizeStage(MapStage):
-    """Base of the image tokenize kinds: model loading, decoding, preprocessing, views."""
+    """Base of the image tokenize kinds: model loading, decoding, preprocessing, views, and the
+    ``tokenizer`` output (see the module docstring)."""
 
     Config = ImageTokenizeConfig
     write_mode = "append"
     needs_range = (1, 2)
-    #: families this kind accepts; the first is the default
-    families: ClassVar[tuple[str, ...]]
-    #: the model's pixel range: "unit" [0, 1] or "signed" [-1, 1]
-    pixel_range: ClassVar[str] = "signed"
+    #: the side-table kind this stage writes (tokenizer families that can fill it are taken)
+    produces: ClassVar[str]
+    #: outputs every completed run records (an older record without one is re-run)
+    required_outputs: ClassVar[tuple[str, ...]] = ("samples", "quarantine", "source", "tokenizer")
+    #: outputs implied by the row fingerprint: they do not enter downstream fingerprints
+    derived_outputs: ClassVar[tuple[str, ...]] = ("tokenizer",)
     config: ImageTokenizeConfig
 
-    # -- model ----------------------------------------------------------------------------
+    # -- the family -----------------------------------------------------------------------
     @property
     def family_name(self) -> str:
-        name = self.config.model or self.families[0]
-        if name not in self.families:
+        name = self.config.model or families.default_for(self.kind)
+        spec = families.find(name)
+        if spec is None or spec.role != "tokenizer" or self.produces not in spec.produces:
             raise StageError(f"stage '{self.ctx.stage}': `{self.kind}` takes model "
-                             f"{' | '.join(self.families)}, got {name!r}")
-        return name
+                             f"{' | '.join(self.accepted_families())}, got {name!r}")
+        return spec.name
+
+    @classmethod
+    def accepted_families(cls) -> list[str]:
+        return [s.name for s in families.all_specs("tokenizer") if cls.produces in s.produces]
+
+    @property
+    def spec(self) -> families.FamilySpec:
+        return families.get(self.family_name)
+
+    @property
+    def pixel_range(self) -> str:
+        return self.spec.pixel_range or "signed"
+
+    def _where(self) -> str:
+        return f"stage '{self.ctx.stage}'"
 
     def tokenizer_ref(self) -> OutputRef | None:
-        refs = [o["tokenizer"] for o in self.ctx.inputs.values() if "tokenizer" in o]
+        """The upstream ``train.tokenizer`` export, when this stage has one among its needs."""
+        refs = [o["tokenizer"] for o in self.ctx.inputs.values()
+                if "tokenizer" in o and "samples" not in o]
         return refs[0] if refs else None
 
     def model_config(self) -> Any:
-        return family(self.family_name).config(self.config.size, **self.config.overrides)
+        return self.spec.config(self.config.size, **self.config.overrides)
 
     def row_fingerprint_parts(self) -> dict[str, Any]:
         ref = self.tokenizer_ref()
         if ref is not None:
             return {"weights": ref.digest}
         if self.config.weights:
-            return {"weights_file": file_digest(self.config.weights)}
+            return {"weights_file": weights_file_digest(self.config.weights, self._where())}
         from vgen_core.tokenizers.io import weights_digest
 
         return {"weights": weights_digest(self._build_seeded())}
@@ -229,7 +143,7 @@ class ImageTokenizeStage(MapStage):
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.init_seed)
-            return self.model_config().build().eval()
+            return self.spec.build_config(self.model_config()).eval()
 
     def load_model(self):
         """The tokenizer, on CPU, in eval mode (upstream export > weights file > seeded)."""
@@ -239,33 +153,51 @@ class ImageTokenizeStage(MapStage):
         self._tmp = tempfile.TemporaryDirectory()
         if ref is not None:
             model = load_pretrained(fetch_model_dir(ref.uri, self._tmp.name))
-            if model.family not in self.families:
-                raise StageError(f"stage '{self.ctx.stage}': upstream tokenizer {ref.uri} is a "
+            if model.family not in self.accepted_families():
+                raise StageError(f"{self._where()}: upstream tokenizer {ref.uri} is a "
                                  f"'{model.family}' model; `{self.kind}` takes "
-                                 f"{' | '.join(self.families)}")
+                                 f"{' | '.join(self.accepted_families())}")
             return model.eval()
         if self.config.weights:
+            spec = self.spec
+            if spec.load_official is None:
+                raise StageError(f"{self._where()}: the {spec.name} family has no released-"
+                                 "weights loader; train it (train.tokenizer) or drop `weights:`")
             path = fetch_file(self.config.weights, self._tmp.name)
-            return family(self.family_name).official(path, self.model_config()).eval()
+            return spec.load_official(path, self.model_config()).eval()
         return self._build_seeded()
 
-    def native_resolution(self, model) -> int | None:
-        return getattr(model.config, "image_size", None)
+    def check_model(self, model) -> None:
+        """Refuse a model whose ``encode`` fills another side-table kind than this stage's."""
+        made = families.get(model.family).produces_kind(model.config)
+        if made != self.produces:
+            kinds = [k for k, c in _KIND_OF.items() if c == made]
+            raise StageError(f"{self._where()}: this {model.family} model makes {made} "
+                             f"(config {_mode(model.config)}); `{self.kind}` writes "
+                             f"{self.produces}: use {' | '.join(kinds) or 'another stage kind'}, "
+                             "or pick a size/config that makes " + self.produces)
 
     def setup(self) -> None:
         self.device = resolve_device(self.config.device)
         model = self.load_model()
-        native = self.native_resolution(model)
+        self.check_model(model)
+        spec = families.get(model.family)
+        native = spec.native_resolution(model.config)
         res = self.config.resolution or native
         if res is None:
-            raise StageError(f"stage '{self.ctx.stage}': set with.resolution (the model has no "
-                             "fixed image size)")
+            raise StageError(f"{self._where()}: set with.resolution (the model has no fixed "
+                             "image size)")
         if native is not None and res != native:
-            raise StageError(f"stage '{self.ctx.stage}': with.resolution={res} but the "
-                             f"{model.family} tokenizer encodes {native}x{native} images; set "
-                             f"resolution: {native} or use a model of that size")
+            raise StageError(f"{self._where()}: with.resolution={res} but the {model.family} "
+                             f"tokenizer encodes {native}x{native} images; set resolution: "
+                             f"{native} or use a model of that size")
+        factor = getattr(model.config, "downsample_factor", None)
+        if factor and res % int(factor):
+            raise StageError(f"{self._where()}: resolution {res} is not a multiple of the "
+                             f"{model.family} tokenizer's downsample factor {factor}")
         self.resolution = res
         self.model = model.to(self.device).eval()
+        self.encode_fn = spec.encode
 
     def declared_resolution(self) -> int | None:
         """The crop size rows are made at, known on the driver (config, else the model's)."""
@@ -273,14 +205,48 @@ class ImageTokenizeStage(MapStage):
             return self.config.resolution
         ref = self.tokenizer_ref()
         if ref is not None:
-            import json
-
-            from vgen_core.data.fsio import filesystem_for
-
             fs, path = filesystem_for(ref.uri)
             cfg = json.loads(fs.cat_file(f"{path.rstrip('/')}/config.json"))
-            return cfg.get("image_size")
-        return getattr(self.model_config(), "image_size", None)
+            return families.get(cfg["family"]).native_resolution(
+                families.get(cfg["family"]).config_class.model_validate(
+                    {k: v for k, v in cfg.items()
+                     if k not in ("family", "format_version", "weights_digest")}))
+        return self.spec.native_resolution(self.model_config())
+
+    # -- the tokenizer as an output -------------------------------------------------------
+    def export_tokenizer(self) -> OutputRef:
+        """The reference to the model that encodes these rows: the upstream export, or this
+        stage's own export of its ``weights:`` file / seeded build (written once per row
+        fingerprint, on the driver)."""
+        ref = self.tokenizer_ref()
+        if ref is not None:
+            return ref
+        from vgen_core.tokenizers.io import CONFIG_NAME, save_pretrained, weights_digest
+
+        name = f"models/{self.ctx.dag}/{self.ctx.stage}/{self.ctx.row_fingerprint}"
+        uri = self.ctx.store.path(name)
+        fs, path = filesystem_for(uri)
+        config_path = f"{path.rstrip('/')}/{CONFIG_NAME}"
+        if fs.exists(config_path):
+            digest = json.loads(fs.cat_file(config_path)).get("weights_digest")
+            if digest:
+                return OutputRef("model", name, uri, digest=digest)
+        model = self.load_model()
+        with tempfile.TemporaryDirectory() as tmp:
+            save_pretrained(model, tmp)
+            fs.makedirs(path, exist_ok=True)
+            import os
+
+            # weights first: a reader only trusts a directory with its config.json
+            for fname in sorted(os.listdir(tmp), key=lambda n: n == CONFIG_NAME):
+                fs.put(os.path.join(tmp, fname), f"{path.rstrip('/')}/{fname}")
+        return OutputRef("model", name, uri, digest=weights_digest(model))
+
+    def run(self, executor: Any = None) -> StageResult:
+        tokenizer = self.export_tokenizer()
+        result = super().run(executor)
+        result.outputs["tokenizer"] = tokenizer
+        return result
 
     def commit_metadata(self) -> dict[str, str]:
         import json
@@ -295,12 +261,12 @@ class ImageTokenizeStage(MapStage):
     def input_columns(self) -> list[str] | None:
         ref = self.samples_input()
         names = self.ctx.store.schema(ref.name).names
-        image = _pick(names, IMAGE_COLUMNS)
+        image = pick_column(names, IMAGE_COLUMNS)
         if image is None:
             raise StageError(f"stage '{self.ctx.stage}': upstream table {ref.uri} has no image "
                              f"column (expected one of {', '.join(IMAGE_COLUMNS)}); its columns "
                              f"are {', '.join(names)}")
-        extra = [c for c in ("label", "source", _pick(names, CAPTION_COLUMNS)) if c and c in names]
+        extra = [c for c in ("label", "source", pick_column(names, CAPTION_COLUMNS)) if c and c in names]
         return ["sample_id", "content_digest", image, *extra]
 
     # -- decode: ahead of the actor (``prepare_batch``) on Ray, inline in process ------------
@@ -329,7 +295,7 @@ class ImageTokenizeStage(MapStage):
                 .append_column("_resolution", pa.array([resolution] * batch.num_rows, pa.int32())))
 
     def _image_column(self, batch: pa.Table) -> str:
-        col = _pick(batch.schema.names, IMAGE_COLUMNS)
+        col = pick_column(batch.schema.names, IMAGE_COLUMNS)
         if col is None:
             raise StageError(f"stage '{self.ctx.stage}': batch has no image column "
                              f"({', '.join(IMAGE_COLUMNS)})")
@@ -365,15 +331,12 @@ class ImageTokenizeStage(MapStage):
         return keep, (np.stack(images) if images else None), quarantine
 
     def to_model(self, images_BHWC):
-        """uint8 (B, H, W, 3) tensor -> float (B, 3, H, W) in the model's pixel range."""
-        x = images_BHWC.permute(0, 3, 1, 2).float()
-        if self.pixel_range == "unit":
-            return x.div(255.0).contiguous()
-        return x.div(127.5).sub(1.0).contiguous()
+        """uint8 (B, H, W, 3) tensor -> float (B, 3, H, W) in the family's pixel range."""
+        return families.to_model_pixels(images_BHWC, self.pixel_range)
 
     def common_columns(self, batch: pa.Table) -> dict[str, Any]:
         n, names = batch.num_rows, batch.schema.names
-        cap = _pick(names, CAPTION_COLUMNS)
+        cap = pick_column(names, CAPTION_COLUMNS)
         return {
             "sample_id": batch["sample_id"], "content_digest": batch["content_digest"],
             "fingerprint": [self.ctx.row_fingerprint] * n,
@@ -395,10 +358,12 @@ class ImageTokenizeStage(MapStage):
         rows, more_q = self.make_rows(batch, outs[0], outs[1] if self.config.flip else None)
         return BatchResult(rows, quarantine + more_q)
 
-    # -- per kind -------------------------------------------------------------------------
-    def encode(self, x_BCHW) -> dict[str, np.ndarray]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def encode(self, x_BCHW) -> dict[str, np.ndarray]:
+        """The family's ``encode`` (see :class:`~vgen_core.families.FamilySpec`), as numpy."""
+        return {k: v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy()
+                for k, v in self.encode_fn(self.model, x_BCHW).items()}
 
+    # -- per kind -------------------------------------------------------------------------
     def make_rows(self, batch: pa.Table, out: dict[str, np.ndarray],
                   out_flip: dict[str, np.ndarray] | None) -> tuple[pa.Table, list[dict]]:
         raise NotImplementedError  # pragma: no cover - abstract
@@ -424,54 +389,29 @@ class _BitTokens(ImageTokenizeStage):
 
 
 class TokenizeLFQ(_BitTokens):
-    """MaskBit LFQ: sign bits per position of a conv encoder's grid; index = sum bit_k 2^k."""
+    """Bit tokens of a conv tokenizer (MaskBit LFQ: sign bits per grid position; index = sum
+    bit_k 2^k)."""
 
     kind = "tokenize.lfq"
     version = 3
-    families = ("lfq",)
-
-    def native_resolution(self, model) -> int | None:
-        return None  # fully convolutional: any multiple of the downsampling factor
-
-    def encode(self, x):
-        _, bits_BhwK, indices_Bhw, _ = self.model.encode(x)
-        return {"bits": bits_BhwK.cpu().numpy(), "indices": indices_Bhw.cpu().numpy()}
+    produces = "bit_tokens"
 
 
 class TokenizeFSQ(_BitTokens):
-    """BAR binary FSQ: one K-bit token per ViT patch (raster order)."""
+    """Bit tokens of a ViT tokenizer (BAR binary FSQ: one K-bit token per patch, raster order)."""
 
     kind = "tokenize.fsq"
     version = 2
-    families = ("bar_fsq",)
-
-    def encode(self, x):
-        _, bits_BLK, indices_BL = self.model.encode(x)
-        g = self.model.config.grid_size
-        B, L, K = bits_BLK.shape
-        return {"bits": bits_BLK.reshape(B, g, g, K).cpu().numpy(),
-                "indices": indices_BL.reshape(B, g, g).cpu().numpy()}
+    produces = "bit_tokens"
 
 
 class TokenizeTiTok(ImageTokenizeStage):
-    """TiTok / TA-TiTok VQ: K 1D token ids per image (text is only used at de-tokenization)."""
+    """1D token ids (TiTok / TA-TiTok VQ: K ids per image; text is only used at de-tokenization)."""
 
     kind = "tokenize.titok"
     version = 1
-    families = ("titok", "tatitok")
-    pixel_range = "unit"
+    produces = "id_tokens"
     output_schema = ID_TOKENS
-
-    def setup(self) -> None:
-        super().setup()
-        if self.model.config.quantize_mode != "vq":
-            raise StageError(f"stage '{self.ctx.stage}': the TiTok model is a KL/VAE tokenizer "
-                             "(continuous tokens); cache its posteriors with `cache.latents` "
-                             "instead of `tokenize.titok`")
-
-    def encode(self, x):
-        _, info = self.model.encode(x)
-        return {"indices": info["min_encoding_indices"].reshape(x.shape[0], -1).cpu().numpy()}
 
     def make_rows(self, batch, out, out_flip):
         idx = out["indices"].astype(np.int32)
@@ -484,3 +424,14 @@ class TokenizeTiTok(ImageTokenizeStage):
                              else [None] * B),
         }
         return pa.table(rows, schema=ID_TOKENS), []
+
+
+#: the stage kind that writes each side-table kind (for error messages)
+_KIND_OF = {"tokenize.lfq": "bit_tokens", "tokenize.fsq": "bit_tokens",
+            "tokenize.titok": "id_tokens", "cache.latents": "latents",
+            "tokenize.deltatok": "delta_tokens"}
+
+
+def _mode(config: Any) -> str:
+    fields = [f"{k}={getattr(config, k)}" for k in ("quantize_mode",) if hasattr(config, k)]
+    return ", ".join(fields) or type(config).__name__

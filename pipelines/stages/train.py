@@ -39,8 +39,18 @@ from .base import JobStage, OutputRef, StageConfig, StageError, StageResult
 SUMMARY_NAME = "train_summary.json"
 
 
+def _default_family(kind: str):
+    def default() -> str:
+        from vgen_core import families
+
+        return families.default_for(kind)
+
+    return default
+
+
 class TrainTokenizerConfig(StageConfig):
-    model: str = Field("lfq", description="model family (vgen_core.training.TASKS)")
+    model: str = Field(default_factory=_default_family("train.tokenizer"),
+                       description="model family (vgen_core.families; `vgen families`)")
     size: str = "tiny"
     overrides: dict[str, Any] = Field(default_factory=dict)
     loss: dict[str, Any] = Field(default_factory=dict,
@@ -51,14 +61,10 @@ class TrainTokenizerConfig(StageConfig):
 
 
 class TrainGeneratorConfig(TrainTokenizerConfig):
-    model: str = "maskgit"
+    model: str = Field(default_factory=_default_family("train.generator"),
+                       description="model family (vgen_core.families; `vgen families`)")
     flip: bool = Field(False, description="use the baked flipped copy for half the samples")
     window: int = Field(8, ge=2, description="delta tokens per training sequence (DeltaWorld)")
-
-
-#: which side-table data a task's ``data`` accepts (bit-token indices are ids of 2**K codes)
-_ACCEPTS = {"id_tokens": ("id_tokens", "bit_tokens"), "bit_tokens": ("bit_tokens",),
-            "latents": ("latents",), "delta_tokens": ("delta_tokens",)}
 
 
 def _worker_loop(cfg: dict[str, Any]) -> None:
@@ -295,7 +301,7 @@ class TrainTokenizer(JobStage):
         from vgen_core.training.loop import LOOP_VERSION
 
         task = get_task(self.config.model)
-        return {"model_config": task.config(self.config.size, self.config.overrides),
+        return {"model_config": task.config_json(self.config.size, self.config.overrides),
                 "loop_version": LOOP_VERSION}
 
     def dataset(self):
@@ -304,8 +310,9 @@ class TrainTokenizer(JobStage):
 
         from vgen_core.training import get_task
 
+        from vgen_core.data.images import IMAGE_COLUMNS, pick_column
+
         from .reading import image_batch
-        from .tokenize import IMAGE_COLUMNS, _pick
 
         task = get_task(self.config.model)
         if task.data != "images":
@@ -314,7 +321,7 @@ class TrainTokenizer(JobStage):
         (up,) = self.ctx.inputs
         ref = self.ctx.input_ref(up, "samples")
         names = self.ctx.store.schema(ref.name).names
-        col = _pick(names, IMAGE_COLUMNS)
+        col = pick_column(names, IMAGE_COLUMNS)
         if col is None:
             raise StageError(f"stage '{self.ctx.stage}': {ref.uri} has no image column "
                              f"({', '.join(IMAGE_COLUMNS)}); train tokenizers on a curated "
@@ -333,13 +340,13 @@ class TrainTokenizer(JobStage):
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        from pipelines.dag.ray_exec import RESERVED_CPUS
+        from .resources import train_worker_cpus
 
         ds, data_info = self.dataset()
         res = self.ctx.resources
         workers = res.workers
-        cluster_cpu = self.ctx.cluster.get("CPU", float(os.cpu_count() or 2))
-        per_worker = min(res.cpus, max((cluster_cpu - RESERVED_CPUS) / workers, 0.25))
+        cluster = self.ctx.cluster or {"CPU": float(os.cpu_count() or 2)}
+        per_worker = train_worker_cpus(res, cluster)
         use_gpu = res.gpus > 0
         tcfg = self.config.train
         name = f"models/{self.ctx.dag}/{self.ctx.stage}/{self.ctx.row_fingerprint}"
@@ -443,7 +450,7 @@ class TrainGenerator(TrainTokenizer):
         task = get_task(self.config.model)
         facts = data_facts(self.ctx.store, side, where)
         kind = facts["kind"]
-        if task.data == "images" or kind not in _ACCEPTS.get(task.data, ()):
+        if task.data == "images" or not task.accepts(kind):
             raise StageError(f"{where}: '{self.config.model}' trains on {task.data}, but "
                              f"upstream '{up}' produced {kind} ({side.uri}); "
                              + ("use `train.tokenizer` for tokenizers" if task.data == "images"
@@ -451,9 +458,9 @@ class TrainGenerator(TrainTokenizer):
         ds = training_dataset(self.ctx.store, source, side, Transform(hflip=self.config.flip),
                               where=where)
         if kind in ("bit_tokens", "id_tokens"):
-            fn, kw = token_batch, {"with_text": self.config.model == "maskgen"}
+            fn, kw = token_batch, {"with_text": task.needs_text}
         elif kind == "latents":
-            fn, kw = latent_batch, {}
+            fn, kw = latent_batch, {"with_text": task.needs_text}
         else:
             if facts["min_steps"] < self.config.window:
                 raise StageError(f"{where}: window {self.config.window} is longer than the "

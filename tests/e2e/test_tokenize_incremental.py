@@ -113,7 +113,7 @@ def test_one_percent_changed_one_deleted_then_tokenizer_switch(ray_cluster, tmp_
         same = next(r for r in served if r["sample_id"] == "images/src008-c0")
         assert same["indices"] == first["images/src008-c0"]["indices"]
         # the changed sample's tokens are the tokenizer's encoding of the new crop
-        from pipelines.stages.tokenize import decode_image, preprocess
+        from vgen_core.data.images import decode_image, preprocess
         from vgen_core.tokenizers.fsq import bar_fsq_config
 
         imgs = store.read("tok/images")

@@ -20,7 +20,7 @@ def test_recipe_validates(path, tmp_path):
         spec, cfg = dag.stage(name), dag.configs[name]
         if spec.uses.startswith("train."):
             task = get_task(cfg.model)
-            task.config(cfg.size, cfg.overrides)  # the size exists, overrides validate
+            task.config_json(cfg.size, cfg.overrides)  # the size exists, overrides validate
             assert (spec.uses == "train.tokenizer") == (task.kind == "tokenizer"), name
         if spec.uses in ("tokenize.fsq", "tokenize.titok", "cache.latents", "tokenize.lfq",
                          "tokenize.deltatok") and cfg.model is not None:

@@ -246,7 +246,11 @@ def test_stage_in_process_reuses_reference_and_names_extractor(tiny_world):
     details = json.loads(by_metric["fid"]["details"])
     assert details["reference"]["cached"] is False
     assert details["reference"]["comparable_to_published"] is False
-    assert details["lineage"]["tokenizer"]["uri"] == "seeded:titok:tiny:init_seed=0"
+    # the decoder is the tokens stage's own export of its seeded tokenizer
+    tok_ref = inputs["tokens"]["tokenizer"]
+    assert details["lineage"]["tokenizer"]["uri"] == tok_ref.uri
+    assert details["lineage"]["tokenizer"]["family"] == "titok"
+    assert tok_ref.uri.endswith(f"models/t/tokens/{inputs['tokens']['samples'].digest}")
     tags = first.ctx.tracker.tags
     assert tags["vgen.eval.extractor"] == "tiny-conv-seed0-v1"
     assert tags["vgen.lineage.generator.digest"] == inputs["gen"]["generator"].digest
@@ -289,19 +293,23 @@ def test_stage_without_recorded_tokenizer_says_what_to_rerun(tiny_world):
     from pipelines.stages.base import OutputRef, StageError
 
     store, inputs, _ = tiny_world
-    tok = dict(inputs["tokens"])
-    tok["samples"] = OutputRef(**{**tok["samples"].to_json(), "digest": "0" * 32})
+    tok = {k: v for k, v in inputs["tokens"].items() if k != "tokenizer"}  # an older record
     with pytest.raises(StageError, match="re-run 'tokens'"):
-        _stage(store, {**inputs, "tokens": tok}, "eval_lost").decoder_spec()
+        _stage(store, {**inputs, "tokens": tok}, "eval_lost").run()
+    # a tokenizer export whose weights changed since the tokens were made
+    moved = dict(inputs["tokens"])
+    moved["tokenizer"] = OutputRef(**{**moved["tokenizer"].to_json(), "digest": "0" * 64})
+    with pytest.raises(StageError, match="no longer the one"):
+        _stage(store, {**inputs, "tokens": moved}, "eval_moved").run()
 
 
 def test_class_balanced_shards_and_per_class(tiny_world):
     from pipelines.stages.base import StageError
-    from pipelines.stages.evaluate_generation import GENERATORS
+    from vgen_core import families
 
     store, inputs, _ = tiny_world
     side, source = inputs["tokens"]["samples"], inputs["tokens"]["source"]
-    fam = GENERATORS["maskgit"]
+    fam = families.get("maskgit")
     n, shards = _stage(store, inputs, num_samples=25, shard_size=10)._shards(
         fam, {"num_classes": 4}, side, source)
     labels = [lab for s in shards for lab in s["labels"]]
@@ -317,13 +325,13 @@ def test_class_balanced_shards_and_per_class(tiny_world):
 
 
 def test_decoder_from_a_trained_tokenizer_export(tiny_world):
-    """Tokens made with an upstream train.tokenizer export: the decoder is that export, found in
-    this stage's inputs or, when the train stage is not in `needs`, in its recorded outputs."""
+    """Tokens made with an upstream train.tokenizer export: the tokenize stage passes that export
+    through as its `tokenizer` output, and the evaluation decodes with exactly it."""
     from pipelines.dag.planner import plan_stage
     from pipelines.dag.spec import parse_dag
     from pipelines.dag.state import StageState
     from pipelines.stages.base import OutputRef
-    from pipelines.stages.evaluate_generation import load_decoder
+    from pipelines.stages.evaluate_generation import load_model_ref
     from vgen_core.tokenizers.io import save_pretrained, weights_digest
     from vgen_core.tokenizers.titok import titok_config
 
@@ -340,24 +348,16 @@ def test_decoder_from_a_trained_tokenizer_export(tiny_world):
         "tok": {"uses": "train.tokenizer", "needs": ["images"], "with": {"model": "titok"}},
         "tokens2": {"uses": "tokenize.titok", "needs": ["images", "tok"],
                     "with": {"flip": False}}}})
-    # what the runner records: the train stage's export, then the tokenize stage's run
-    state.record(dag="t", stage="tok", kind="train.tokenizer", fingerprint="fp-tok", parts={},
-                 status="completed", outputs={"tokenizer": export.to_json()})
     plan, stage = plan_stage(dag, "tokens2", store, {"images": images, "tok": {"tokenizer":
                              export}}, {"images": done["images"]["fingerprint"],
                                         "tok": "fp-tok"}, None, None)
     outs = stage.run().outputs
-    state.record(dag="t", stage="tokens2", kind="tokenize.titok", fingerprint=plan.fingerprint,
-                 parts=plan.parts, status="completed",
-                 outputs={k: v.to_json() for k, v in outs.items()})
+    assert outs["tokenizer"] == export  # passed through, not re-exported
+    assert weights_digest(load_model_ref(outs["tokenizer"], str(tmp / "x"))) == export.digest
     gen = {"gen": inputs["gen"]}
-    for extra in ({}, {"tok": {"tokenizer": export}}):  # from the state table / from `needs`
+    for extra in ({}, {"tok": {"tokenizer": export}}):  # with or without the train stage
         st = _stage(store, {**gen, "tokens2": outs, **extra}, "eval_trained")
-        spec = st.decoder_spec()
-        assert spec["inputs"] == {"tok": {"tokenizer": export.to_json()}}
-        model, _ = load_decoder(spec, store)
-        assert weights_digest(model) == export.digest
-    assert st.row_fingerprint_parts()["tokenizer"] == export.digest
+        assert st.row_fingerprint_parts()["tokenizer"] == (export.digest if extra else None)
     st.run()
     lineage = json.loads(store.read("t/eval_trained").to_pylist()[0]["details"])["lineage"]
     assert lineage["tokenizer"]["uri"] == export.uri

@@ -186,7 +186,7 @@ def test_delta_tokens_from_curated_vicas(tmp_path):
         assert row["frame_indices"] == [0, 2, 4, 6][: len(row["frame_indices"])]
         assert row["num_steps"] == len(row["frame_indices"]) - 1 and row["dim"] == 64
         assert row["timestamps"] == pytest.approx([i / src["fps"] for i in row["frame_indices"]])
-        from pipelines.stages.tokenize import decode_image
+        from vgen_core.data.images import decode_image
 
         clip = np.stack([preprocess(decode_image(src["frames"][i]), 32)
                          for i in row["frame_indices"]])

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelines.stages.tokenize import preprocess
+from vgen_core.data.images import preprocess
 from vgen_core.data.sample_images import PHOTOS, load_photo, to_rgb
 from vgen_core.training.tasks import get_task, images_to_model, images_to_unit
 

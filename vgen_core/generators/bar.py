@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from vgen_core.families import FamilySpec, sized_config
+
 from vgen_core.generators.rar import (
     KVCache,
     RopeFn,
@@ -139,11 +141,7 @@ BAR_SAMPLING: dict[str, dict[str, Any]] = {
 }
 
 
-def bar_config(size: str, **overrides: Any) -> BARConfig:
-    """Config for a registered size, with field overrides (e.g. token_bits, seq_len)."""
-    if size not in BAR_SIZES:
-        raise ValueError(f"BAR size '{size}' not found; known: {', '.join(BAR_SIZES)}.")
-    return BARConfig.model_validate({**BAR_SIZES[size].model_dump(), **overrides})
+bar_config = sized_config("BAR", BARConfig, BAR_SIZES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -663,3 +661,17 @@ def sample(
     finally:
         model.train(was_training)
     return bits_to_indices(bits_BNK)
+
+
+def bar_batch_loss(model: BAR, batch: dict[str, Tensor], step: int, **options: Any):
+    """Batch-level loss (``tokens`` (B, L) K-bit ids, ``label`` (B,)): :func:`bar_loss`."""
+    return bar_loss(model, batch["tokens"].long(), batch["label"].long(), step, **options)
+
+
+SPEC = FamilySpec(
+    name="bar", role="generator", config_class=BARConfig, sizes=BAR_SIZES, model_class=BAR,
+    data="bit_tokens", data_fields=("token_bits", "seq_len", "num_classes"),
+    loss=bar_batch_loss, conditioning="labels", sampler=sample, output="tokens",
+    sampling=BAR_SAMPLING,
+    summary="BAR: autoregression over bit tokens with a masked-bit-modeling head",
+)

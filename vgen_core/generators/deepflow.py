@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from vgen_core.families import FamilySpec, sized_config
+
 from vgen_core.generators.flow import (
     TimestepEmbedder,
     euler_maruyama_sample,
@@ -140,11 +142,7 @@ DEEPFLOW_SIZES: dict[str, DeepFlowConfig] = {
 }
 
 
-def deepflow_config(size: str, **overrides: Any) -> DeepFlowConfig:
-    """Config for a registered size, with field overrides (e.g. input_size, num_classes)."""
-    if size not in DEEPFLOW_SIZES:
-        raise ValueError(f"DeepFlow size '{size}' not found; known: {', '.join(DEEPFLOW_SIZES)}.")
-    return DeepFlowConfig.model_validate({**DEEPFLOW_SIZES[size].model_dump(), **overrides})
+deepflow_config = sized_config("DeepFlow", DeepFlowConfig, DEEPFLOW_SIZES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -551,3 +549,12 @@ def sample(
         )  # fmt: skip
     finally:
         model.train(was_training)
+
+
+SPEC = FamilySpec(
+    name="deepflow", role="generator", config_class=DeepFlowConfig, sizes=DEEPFLOW_SIZES,
+    model_class=DeepFlow, data="latents",
+    data_fields=("in_channels", "input_size", "num_classes", "scale_factor"),
+    loss=deepflow_loss, conditioning="labels", sampler=sample, output="latents",
+    summary="DeepFlow: flow matching with deep supervision between branches (VeRA blocks)",
+)

@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from vgen_core.families import FamilySpec, sized_config
+
 from vgen_core.tokenizers.deltatok import log_cosh_loss
-from vgen_core.tokenizers.io import register_family
 
 __all__ = [
     "DELTAWORLD_SIZES",
@@ -101,13 +102,7 @@ DELTAWORLD_SIZES: dict[str, DeltaWorldConfig] = {
 }
 
 
-def deltaworld_config(size: str, **overrides: Any) -> DeltaWorldConfig:
-    """Config for a registered size, with field overrides (e.g. token_dim)."""
-    if size not in DELTAWORLD_SIZES:
-        raise ValueError(
-            f"DeltaWorld size '{size}' not found; known: {', '.join(DELTAWORLD_SIZES)}."
-        )
-    return DeltaWorldConfig.model_validate({**DELTAWORLD_SIZES[size].model_dump(), **overrides})
+deltaworld_config = sized_config("DeltaWorld", DeltaWorldConfig, DELTAWORLD_SIZES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,4 +379,11 @@ def sample(
     return torch.cat(preds, dim=1).view(B, N, horizon, D)
 
 
-register_family(DeltaWorld.family, DeltaWorld)
+
+
+SPEC = FamilySpec(
+    name="deltaworld", role="generator", config_class=DeltaWorldConfig, sizes=DELTAWORLD_SIZES,
+    model_class=DeltaWorld, data="delta_tokens", data_fields=("token_dim",),
+    loss=deltaworld_loss, conditioning="context", sampler=sample, output="delta_tokens",
+    summary="DeltaWorld: world model predicting the next delta tokens (best-of-many)",
+)

@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from vgen_core.families import FamilySpec, sized_config
+
 from vgen_core.generators.deepflow import DiTBlock
 from vgen_core.generators.flow import (
     TimestepEmbedder,
@@ -91,6 +93,8 @@ class FlowTokConfig(BaseModel):
     logit_scale_init: float = math.log(1 / 0.07)
     t_mean: float = 0.0  # [I] logit-normal t; the paper does not state its t sampling
     t_std: float = Field(1.0, gt=0.0)
+    # generator-space scale of cached image-token latents (the tokenizer's; pipeline-side)
+    scale_factor: float = Field(1.0, gt=0.0)
 
     @model_validator(mode="after")
     def _check(self) -> "FlowTokConfig":
@@ -127,11 +131,7 @@ FLOWTOK_SIZES: dict[str, FlowTokConfig] = {
 }
 
 
-def flowtok_config(size: str, **overrides: Any) -> FlowTokConfig:
-    """Config for a registered size, with field overrides (e.g. text_input, num_tokens)."""
-    if size not in FLOWTOK_SIZES:
-        raise ValueError(f"FlowTok size '{size}' not found; known: {', '.join(FLOWTOK_SIZES)}.")
-    return FlowTokConfig.model_validate({**FLOWTOK_SIZES[size].model_dump(), **overrides})
+flowtok_config = sized_config("FlowTok", FlowTokConfig, FLOWTOK_SIZES)
 
 
 def encode_text_bytes(texts: Sequence[str], length: int) -> Tensor:
@@ -393,3 +393,67 @@ def reverse_sample(model: FlowTok, image_tokens: Tensor, *, num_steps: int = 25)
         )
     finally:
         model.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pipeline adapters and family spec
+# --------------------------------------------------------------------------------------------------
+
+
+def text_ids_to_bytes(text_ids_BT: Tensor, length: int) -> Tensor:
+    """MaskGen-style byte ids (B, T) = [BOS, bytes..., EOS, PAD...] (`text.encode_text`) ->
+    FlowTok's byte input (B, length): byte b -> b + 1, 0 = padding (`encode_text_bytes`)."""
+    out = torch.zeros(text_ids_BT.shape[0], length, dtype=torch.long, device=text_ids_BT.device)
+    for i, row in enumerate(text_ids_BT.tolist()):
+        data = [t + 1 for t in row if t < 256][:length]
+        if data:
+            out[i, : len(data)] = torch.tensor(data, dtype=torch.long)
+    return out
+
+
+def _image_tokens(model: FlowTok, batch: dict[str, Tensor], generator: torch.Generator | None,
+                  scale: float) -> Tensor:
+    """Cached 1D-token moments (B, 2C, 1, N) (TiTok / TA-TiTok VAE, `cache.latents`) -> sampled,
+    scaled image tokens (B, N, C)."""
+    from vgen_core.generators.flow import latents_from_moments
+
+    z = latents_from_moments(batch["moments"].float(), scale, generator)
+    B, C = z.shape[:2]
+    z_BNC = z.reshape(B, C, -1).transpose(1, 2)
+    want = (model.config.num_tokens, model.config.token_dim)
+    if tuple(z_BNC.shape[1:]) != want:
+        raise ValueError(f"FlowTok expects image tokens (B, {want[0]}, {want[1]}), the latents "
+                         f"give {tuple(z_BNC.shape)}; set num_tokens / token_dim to the tokenizer's")
+    return z_BNC
+
+
+def flowtok_batch_loss(model: FlowTok, batch: dict[str, Tensor], step: int = 0, *,
+                       generator: torch.Generator | None = None, **_: Any):
+    """The train stage's batch (``moments`` of a 1D-token latent cache, ``text_ids`` of the
+    captions) -> :func:`flowtok_loss` (byte-level text input)."""
+    if "image_tokens" not in batch:
+        if model.config.text_input != "bytes":
+            raise ValueError("FlowTok trains from captions only with text_input='bytes' (CLIP "
+                             "text features cannot be computed here)")
+        batch = {"image_tokens": _image_tokens(model, batch, generator, model.config.scale_factor),
+                 "text_bytes": text_ids_to_bytes(batch["text_ids"], model.config.num_tokens)}
+    return flowtok_loss(model, batch, step, generator=generator)
+
+
+@torch.no_grad()
+def text_sample(model: FlowTok, text_ids_BT: Tensor, *, num_steps: int = 25,
+                sample_text: bool = True, generator: torch.Generator | None = None) -> Tensor:
+    """:func:`sample` from MaskGen-style caption ids (B, T): image tokens (B, N, C)."""
+    if model.config.text_input != "bytes":
+        raise ValueError("FlowTok samples from captions only with text_input='bytes'")
+    text = text_ids_to_bytes(text_ids_BT, model.config.num_tokens)
+    return sample(model, text, num_steps=num_steps, sample_text=sample_text, generator=generator)
+
+
+SPEC = FamilySpec(
+    name="flowtok", role="generator", config_class=FlowTokConfig, sizes=FLOWTOK_SIZES,
+    model_class=FlowTok, data="latents", data_fields=("num_tokens", "token_dim", "scale_factor"),
+    loss=flowtok_batch_loss, conditioning="text", sampler=text_sample, output="latents",
+    needs_text=True,
+    summary="FlowTok: flow from projected text tokens straight to 1D image tokens",
+)

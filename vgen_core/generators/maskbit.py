@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from vgen_core.families import FamilySpec, sized_config
+
 from vgen_core.generators.masked import _gumbel, arccos_mask_ratio, remask_count
-from vgen_core.tokenizers.io import register_family
 
 __all__ = [
     "MASKBIT_SIZES",
@@ -109,11 +110,7 @@ MASKBIT_SIZES: dict[str, MaskBitConfig] = {
 }
 
 
-def maskbit_config(size: str, **overrides: Any) -> MaskBitConfig:
-    """Config for a registered size, with field overrides (e.g. token_bits, seq_len)."""
-    if size not in MASKBIT_SIZES:
-        raise ValueError(f"MaskBit size '{size}' not found; known: {', '.join(MASKBIT_SIZES)}.")
-    return MaskBitConfig.model_validate({**MASKBIT_SIZES[size].model_dump(), **overrides})
+maskbit_config = sized_config("MaskBit", MaskBitConfig, MASKBIT_SIZES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,4 +367,11 @@ def sample(
     return combine_groups(ids_BN.view(B, L, G), cfg.token_bits)
 
 
-register_family(MaskBit.family, MaskBit)
+
+
+SPEC = FamilySpec(
+    name="maskbit", role="generator", config_class=MaskBitConfig, sizes=MASKBIT_SIZES,
+    model_class=MaskBit, data="bit_tokens", data_fields=("token_bits", "seq_len", "num_classes"),
+    loss=maskbit_loss, conditioning="labels", sampler=sample, output="tokens",
+    summary="MaskBit: masked modeling of bit groups (embedding-free bit tokens)",
+)

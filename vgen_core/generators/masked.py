@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from vgen_core.families import FamilySpec, sized_config
+
 __all__ = [
     "MASKGIT_SIZES",
     "MaskGIT",
@@ -79,11 +81,7 @@ MASKGIT_SIZES: dict[str, MaskGITConfig] = {
 }
 
 
-def maskgit_config(size: str, **overrides: Any) -> MaskGITConfig:
-    """Config for a registered size, with field overrides (e.g. codebook_size, seq_len)."""
-    if size not in MASKGIT_SIZES:
-        raise ValueError(f"MaskGIT size '{size}' not found; known: {', '.join(MASKGIT_SIZES)}.")
-    return MaskGITConfig.model_validate({**MASKGIT_SIZES[size].model_dump(), **overrides})
+maskgit_config = sized_config("MaskGIT", MaskGITConfig, MASKGIT_SIZES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,3 +321,17 @@ def sample(
     finally:
         model.train(was_training)
     return ids_BL
+
+
+def maskgit_loss(model: MaskGIT, batch: dict[str, Tensor], step: int, **options: Any):
+    """Batch-level loss (``tokens`` (B, L), ``label`` (B,)): :func:`masked_token_loss`."""
+    return masked_token_loss(model, batch["tokens"].long(), batch["label"].long(), **options)
+
+
+SPEC = FamilySpec(
+    name="maskgit", role="generator", config_class=MaskGITConfig, sizes=MASKGIT_SIZES,
+    model_class=MaskGIT, data="id_tokens", data_fields=("codebook_size", "seq_len", "num_classes"),
+    loss=maskgit_loss, conditioning="labels", sampler=sample, output="tokens",
+    default_for=("train.generator",),
+    summary="MaskGIT: bidirectional transformer, arccos masking, confidence-based decoding",
+)

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from vgen_core.families import FamilySpec, sized_config
+
 from vgen_core.generators.masked import _gumbel, arccos_mask_ratio, remask_count
 from vgen_core.generators.text import (
     TextEncoder,
@@ -46,7 +48,6 @@ from vgen_core.generators.text import (
     encode_text,
     text_encoder_config,
 )
-from vgen_core.tokenizers.io import register_family
 
 __all__ = [
     "MASKGEN_SIZES",
@@ -106,11 +107,7 @@ MASKGEN_SIZES: dict[str, MaskGenConfig] = {
 }
 
 
-def maskgen_config(size: str, **overrides: Any) -> MaskGenConfig:
-    """Config for a registered size, with field overrides (e.g. codebook_size, seq_len)."""
-    if size not in MASKGEN_SIZES:
-        raise ValueError(f"MaskGen size '{size}' not found; known: {', '.join(MASKGEN_SIZES)}.")
-    return MaskGenConfig.model_validate({**MASKGEN_SIZES[size].model_dump(), **overrides})
+maskgen_config = sized_config("MaskGen", MaskGenConfig, MASKGEN_SIZES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -480,4 +477,12 @@ def sample(
     return ids_BL
 
 
-register_family(MaskGen.family, MaskGen)
+
+
+SPEC = FamilySpec(
+    name="maskgen_vq", role="generator", config_class=MaskGenConfig, sizes=MASKGEN_SIZES,
+    model_class=MaskGen, data="id_tokens", data_fields=("codebook_size", "seq_len"),
+    loss=maskgen_loss, conditioning="text", sampler=sample, output="tokens", needs_text=True,
+    aliases=("maskgen",),
+    summary="MaskGen (VQ): text-to-image masked generation on 1D tokens, MM-DiT blocks",
+)

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from vgen_core.families import FamilySpec, sized_config
+
 __all__ = [
     "KVCache",
     "RAR",
@@ -102,11 +104,7 @@ RAR_SAMPLING: dict[str, dict[str, float]] = {
 }
 
 
-def rar_config(size: str, **overrides: Any) -> RARConfig:
-    """Config for a registered size, with field overrides (e.g. codebook_size, seq_len)."""
-    if size not in RAR_SIZES:
-        raise ValueError(f"RAR size '{size}' not found; known: {', '.join(RAR_SIZES)}.")
-    return RARConfig.model_validate({**RAR_SIZES[size].model_dump(), **overrides})
+rar_config = sized_config("RAR", RARConfig, RAR_SIZES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -544,3 +542,17 @@ def sample(
     finally:
         model.train(was_training)
     return ids_BN
+
+
+def rar_batch_loss(model: RAR, batch: dict[str, Tensor], step: int, **options: Any):
+    """Batch-level loss (``tokens`` (B, L), ``label`` (B,)): :func:`rar_loss`."""
+    return rar_loss(model, batch["tokens"].long(), batch["label"].long(), step, **options)
+
+
+SPEC = FamilySpec(
+    name="rar", role="generator", config_class=RARConfig, sizes=RAR_SIZES, model_class=RAR,
+    data="id_tokens", data_fields=("codebook_size", "seq_len", "num_classes"),
+    loss=rar_batch_loss, conditioning="labels", sampler=sample, output="tokens",
+    sampling=RAR_SAMPLING,
+    summary="RAR: randomized-order autoregression with target-aware positions, annealed to raster",
+)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
-from vgen_core.tokenizers.io import register_family
+from vgen_core.families import FamilySpec, sized_config
 
 __all__ = [
     "BOS_ID",
@@ -124,13 +124,7 @@ TEXT_ENCODER_SIZES: dict[str, TextEncoderConfig] = {
 }
 
 
-def text_encoder_config(size: str, **overrides: Any) -> TextEncoderConfig:
-    """Config for a registered size, with field overrides."""
-    if size not in TEXT_ENCODER_SIZES:
-        raise ValueError(
-            f"text encoder size '{size}' not found; known: {', '.join(TEXT_ENCODER_SIZES)}."
-        )
-    return TextEncoderConfig.model_validate({**TEXT_ENCODER_SIZES[size].model_dump(), **overrides})
+text_encoder_config = sized_config("text encoder", TextEncoderConfig, TEXT_ENCODER_SIZES)
 
 
 class _CausalBlock(nn.Module):
@@ -220,4 +214,10 @@ class TextEncoder(nn.Module):
         return self(ids)
 
 
-register_family(TextEncoder.family, TextEncoder)
+
+
+SPEC = FamilySpec(
+    name="byte_clip_text", role="component", config_class=TextEncoderConfig,
+    sizes=TEXT_ENCODER_SIZES, model_class=TextEncoder,
+    summary="byte-level CLIP-style text encoder (MaskGen's text conditioning)",
+)

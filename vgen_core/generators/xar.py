@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from vgen_core.families import FamilySpec, sized_config
+
 from vgen_core.generators.flow import (
     TimestepEmbedder,
     euler_maruyama_sample,
@@ -136,11 +138,7 @@ XAR_SIZES: dict[str, XARConfig] = {
 }
 
 
-def xar_config(size: str, **overrides: Any) -> XARConfig:
-    """Config for a registered size, with field overrides (e.g. latent_size, in_channels)."""
-    if size not in XAR_SIZES:
-        raise ValueError(f"xAR size '{size}' not found; known: {', '.join(XAR_SIZES)}.")
-    return XARConfig.model_validate({**XAR_SIZES[size].model_dump(), **overrides})
+xar_config = sized_config("xAR", XARConfig, XAR_SIZES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -529,3 +527,11 @@ def sample(
     finally:
         model.train(was_training)
     return merge_cells(torch.stack(cells, dim=1))
+
+
+SPEC = FamilySpec(
+    name="xar", role="generator", config_class=XARConfig, sizes=XAR_SIZES, model_class=XAR,
+    data="latents", data_fields=("in_channels", "latent_size", "num_classes", "scale_factor"),
+    loss=xar_loss, conditioning="labels", sampler=sample, output="latents",
+    summary="xAR: next-cell autoregression with flow matching on noisy context",
+)

@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from vgen_core.tokenizers.io import register_family
+from vgen_core.families import FamilySpec, sized_config
 
 __all__ = [
     "DELTATOK_SIZES",
@@ -293,11 +293,7 @@ VFM_SIZES: dict[str, VFMConfig] = {
 }
 
 
-def vfm_config(size: str, **overrides: Any) -> VFMConfig:
-    """Config for a registered VFM size, with field overrides (validated)."""
-    if size not in VFM_SIZES:
-        raise ValueError(f"VFM size '{size}' not found; known: {', '.join(VFM_SIZES)}.")
-    return VFMConfig.model_validate({**VFM_SIZES[size].model_dump(), **overrides})
+vfm_config = sized_config("VFM", VFMConfig, VFM_SIZES)
 
 
 class _Embeddings(nn.Module):
@@ -589,11 +585,7 @@ DELTATOK_SIZES: dict[str, DeltaTokConfig] = {
 }
 
 
-def deltatok_config(size: str, **overrides: Any) -> DeltaTokConfig:
-    """Config for a registered DeltaTok size, with field overrides (validated)."""
-    if size not in DELTATOK_SIZES:
-        raise ValueError(f"DeltaTok size '{size}' not found; known: {', '.join(DELTATOK_SIZES)}.")
-    return DeltaTokConfig.model_validate({**DELTATOK_SIZES[size].model_dump(), **overrides})
+deltatok_config = sized_config("DeltaTok", DeltaTokConfig, DELTATOK_SIZES)
 
 
 class _Table(nn.Module):
@@ -759,5 +751,29 @@ def load_deltatok(path: str | Path, config: DeltaTokConfig) -> DeltaTok:
     return model
 
 
-register_family(FrozenViT.family, FrozenViT)
-register_family(DeltaTok.family, DeltaTok)
+
+
+# --------------------------------------------------------------------------------------------------
+# Family specs
+# --------------------------------------------------------------------------------------------------
+
+
+def _encode_clip(model: DeltaTok, features_BTND: Tensor) -> dict[str, Tensor]:
+    """Frozen-VFM features of T frames (B, T, N, D) -> ``delta`` (B, T-1, D) (teacher-forced)."""
+    return {"delta": model.tokenize_clip(features_BTND)}
+
+
+SPECS = (
+    FamilySpec(
+        name="deltatok", role="tokenizer", config_class=DeltaTokConfig, sizes=DELTATOK_SIZES,
+        model_class=DeltaTok, produces=("delta_tokens",), pixel_range="unit",
+        encode=_encode_clip, load_official=load_deltatok, default_for=("tokenize.deltatok",),
+        resolution_free=True,
+        summary="DeltaTok: one continuous delta token per frame pair over frozen VFM features",
+    ),
+    FamilySpec(
+        name="vfm_vit", role="component", config_class=VFMConfig, sizes=VFM_SIZES,
+        model_class=FrozenViT, pixel_range="unit", load_official=load_vfm,
+        summary="frozen DINOv3-style ViT feature extractor (DeltaTok's VFM)",
+    ),
+)

@@ -45,9 +45,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from vgen_core.families import FamilySpec, sized_config
+
 from ._vit import Block as _Block
 
-from vgen_core.tokenizers.io import register_family
 from vgen_core.tokenizers.io import load_mapped_state_dict, read_state_dict
 from vgen_core.tokenizers.lfq import bits_to_indices, indices_to_bits, pack_bits, unpack_bits
 
@@ -205,11 +206,7 @@ BAR_FSQ_SIZES: dict[str, BinaryFSQConfig] = {
 }
 
 
-def bar_fsq_config(size: str, **overrides: Any) -> BinaryFSQConfig:
-    """Config for a registered size, with field overrides (validated)."""
-    if size not in BAR_FSQ_SIZES:
-        raise ValueError(f"BAR-FSQ size '{size}' not found; known: {', '.join(BAR_FSQ_SIZES)}.")
-    return BinaryFSQConfig.model_validate({**BAR_FSQ_SIZES[size].model_dump(), **overrides})
+bar_fsq_config = sized_config("BAR-FSQ", BinaryFSQConfig, BAR_FSQ_SIZES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -457,7 +454,6 @@ class BinaryFSQTokenizer(nn.Module):
         return recon, {"clip_pred": clip_pred, "codes": codes, "bits": bits, "indices": indices}
 
 
-register_family(BinaryFSQTokenizer.family, BinaryFSQTokenizer)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -545,3 +541,38 @@ def load_encoder_weights(
     key_map = {k: v.removeprefix("encoder.") for k, v in key_map.items()}
     load_mapped_state_dict(model.encoder, state, key_map, what=what)
     return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Family spec
+# --------------------------------------------------------------------------------------------------
+
+
+def bar_fsq_loss(model: BinaryFSQTokenizer, batch: dict[str, Tensor], step: int, **_: Any):
+    """BAR-FSQ: L1 x 0.1 + L2 x 1.0 in [-1, 1] pixels (official weights)."""
+    from vgen_core.families import to_model_pixels
+
+    images = to_model_pixels(batch["image"], SPEC.pixel_range)
+    recon, _ = model(images)
+    l1, mse = F.l1_loss(recon, images), F.mse_loss(recon, images)
+    return 0.1 * l1 + mse, {"mse": mse.detach(), "l1": l1.detach()}
+
+
+def _encode(model: BinaryFSQTokenizer, x_BCHW: Tensor) -> dict[str, Tensor]:
+    _, bits_BLK, indices_BL = model.encode(x_BCHW)
+    g = model.config.grid_size
+    B, _, K = bits_BLK.shape
+    return {"bits": bits_BLK.reshape(B, g, g, K), "indices": indices_BL.reshape(B, g, g)}
+
+
+def _decode(model: BinaryFSQTokenizer, tokens: Tensor, grid_hw: Any = None) -> Tensor:
+    return model.decode_indices(tokens.reshape(tokens.shape[0], -1))
+
+
+SPEC = FamilySpec(
+    name="bar_fsq", role="tokenizer", config_class=BinaryFSQConfig, sizes=BAR_FSQ_SIZES,
+    model_class=BinaryFSQTokenizer, data="images", data_fields=("image_size",),
+    loss=bar_fsq_loss, produces=("bit_tokens",), pixel_range="signed", encode=_encode,
+    decode=_decode, load_official=load_official_bar_fsq, default_for=("tokenize.fsq",),
+    summary="BAR binary FSQ: one K-bit token per SigLIP2 patch, ViT decoder",
+)

@@ -9,8 +9,8 @@ Directory layout written by `save_pretrained(model, directory)`:
 
 A model class is saveable when it has `family: ClassVar[str]`, a pydantic `config` attribute and a
 constructor `Model(config)`. `load_pretrained` finds the class from the family name: the built-in
-families are resolved lazily by import path (so this module imports no model code), others are added
-with `register_family`. Loading reads JSON and safetensors only (no `torch.load`, no unpickling)
+families are found through their :class:`~vgen_core.families.FamilySpec` (imported on first use, so this
+module imports no model code), others are added with `register_family`. Loading reads JSON and safetensors only (no `torch.load`, no unpickling)
 and checks the recorded weights digest.
 """
 
@@ -34,43 +34,34 @@ WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 _RESERVED_KEYS = ("family", "format_version", "weights_digest")
 
-_FAMILIES: dict[str, str | type[nn.Module]] = {
-    "lfq": "vgen_core.tokenizers.lfq:LFQTokenizer",
-    "maskgit": "vgen_core.generators.masked:MaskGIT",
-    "titok": "vgen_core.tokenizers.titok:TiTok",
-    "tatitok": "vgen_core.tokenizers.titok:TATiTok",
-    "deltatok": "vgen_core.tokenizers.deltatok:DeltaTok",
-    "vfm_vit": "vgen_core.tokenizers.deltatok:FrozenViT",
-    "bar_fsq": "vgen_core.tokenizers.fsq:BinaryFSQTokenizer",
-    "kl_vae": "vgen_core.tokenizers.kl_vae:AutoencoderKL",
-    "rar": "vgen_core.generators.rar:RAR",
-    "bar": "vgen_core.generators.bar:BAR",
-    "maskgen_vq": "vgen_core.generators.maskgen:MaskGen",
-    "maskbit": "vgen_core.generators.maskbit:MaskBit",
-    "byte_clip_text": "vgen_core.generators.text:TextEncoder",
-    "deltaworld": "vgen_core.generators.deltaworld:DeltaWorld",
-    "deepflow": "vgen_core.generators.deepflow:DeepFlow",
-    "xar": "vgen_core.generators.xar:XAR",
-    "flowtok": "vgen_core.generators.flowtok:FlowTok",
-}
+#: classes registered by hand (out-of-tree models); built-in families come from their
+#: :class:`~vgen_core.families.FamilySpec` (``vgen_core.families``)
+_EXTRA: dict[str, str | type[nn.Module]] = {}
 
 
 def register_family(family: str, model_cls: type[nn.Module] | str) -> None:
-    """Let `load_pretrained` build `family` (a class, or a 'module.path:ClassName' string)."""
-    _FAMILIES[family] = model_cls
+    """Let `load_pretrained` build `family` (a class, or a 'module.path:ClassName' string) that
+    has no :class:`~vgen_core.families.FamilySpec`."""
+    _EXTRA[family] = model_cls
 
 
 def _resolve(family: str) -> type[nn.Module]:
-    if family not in _FAMILIES:
+    from vgen_core import families
+
+    spec = families.find(family)
+    if spec is not None and spec.name == family:
+        return spec.model_class
+    if family not in _EXTRA:
         raise ValueError(
-            f"model family '{family}' is not registered; known: {', '.join(sorted(_FAMILIES))}. "
-            "Call vgen_core.tokenizers.io.register_family(name, cls) first."
+            f"model family '{family}' is not registered; known: "
+            f"{', '.join(sorted({*families.names(), *_EXTRA}))}. Declare a FamilySpec "
+            "(vgen_core.families) or call vgen_core.tokenizers.io.register_family(name, cls)."
         )
-    target = _FAMILIES[family]
+    target = _EXTRA[family]
     if isinstance(target, str):
         module_name, _, attr = target.partition(":")
         target = getattr(importlib.import_module(module_name), attr)
-        _FAMILIES[family] = target
+        _EXTRA[family] = target
     return target
 
 

@@ -52,7 +52,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
-from vgen_core.tokenizers.io import load_mapped_state_dict, read_state_dict, register_family
+from vgen_core.families import FamilySpec, sized_config
+
+from vgen_core.tokenizers.io import load_mapped_state_dict, read_state_dict
 
 __all__ = [
     "KL_VAE_SIZES",
@@ -167,11 +169,7 @@ KL_VAE_SIZES: dict[str, KLVAEConfig] = {
 }
 
 
-def kl_vae_config(size: str, **overrides: Any) -> KLVAEConfig:
-    """Config for a registered size, with field overrides (validated)."""
-    if size not in KL_VAE_SIZES:
-        raise ValueError(f"KL-VAE size '{size}' not found; known: {', '.join(KL_VAE_SIZES)}.")
-    return KLVAEConfig.model_validate({**KL_VAE_SIZES[size].model_dump(), **overrides})
+kl_vae_config = sized_config("KL-VAE", KLVAEConfig, KL_VAE_SIZES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -426,7 +424,6 @@ class AutoencoderKL(nn.Module):
         return self.decode(z), {"mean": mean, "logvar": logvar, "kl": self.kl(mean, logvar)}
 
 
-register_family(AutoencoderKL.family, AutoencoderKL)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -518,3 +515,38 @@ def load_official(
         model, state, official_key_map(state), what=what, reshape_to_target=True
     )
     return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Family spec
+# --------------------------------------------------------------------------------------------------
+
+
+def kl_vae_loss(model: AutoencoderKL, batch: dict[str, Tensor], step: int, *,
+                kl_weight: float = 1e-6, **_: Any):
+    """LDM autoencoder: L1 reconstruction + kl_weight x KL (per sample, summed over latents)."""
+    from vgen_core.families import to_model_pixels
+
+    images = to_model_pixels(batch["image"], SPEC.pixel_range)
+    recon, d = model(images)
+    l1 = F.l1_loss(recon, images)
+    kl = d["kl"].mean()
+    return l1 + kl_weight * kl, {"l1": l1.detach(), "kl": kl.detach(),
+                                 "mse": F.mse_loss(recon, images).detach()}
+
+
+def _encode(model: AutoencoderKL, x_BCHW: Tensor) -> dict[str, Tensor]:
+    return {"moments": model.encode_moments(x_BCHW)}  # (B, 2Z, h, w): mean || logvar, raw
+
+
+def _decode(model: AutoencoderKL, latents: Tensor, grid_hw: Any = None) -> Tensor:
+    return model.decode_latents(latents)
+
+
+SPEC = FamilySpec(
+    name="kl_vae", role="tokenizer", config_class=KLVAEConfig, sizes=KL_VAE_SIZES,
+    model_class=AutoencoderKL, data="images", loss=kl_vae_loss, produces=("latents",),
+    pixel_range="signed", encode=_encode, decode=_decode, load_official=load_official,
+    resolution_free=True, default_for=("cache.latents",),
+    summary="SD / MAR KL autoencoder: posterior moments cached as latents",
+)

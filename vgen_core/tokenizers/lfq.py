@@ -38,6 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from vgen_core.families import FamilySpec, sized_config
+
 __all__ = [
     "LFQ_SIZES",
     "LFQConfig",
@@ -386,11 +388,7 @@ LFQ_SIZES: dict[str, LFQConfig] = {
 }
 
 
-def lfq_config(size: str, **overrides: Any) -> LFQConfig:
-    """Config for a registered size, with field overrides (validated)."""
-    if size not in LFQ_SIZES:
-        raise ValueError(f"LFQ size '{size}' not found; known: {', '.join(LFQ_SIZES)}.")
-    return LFQConfig.model_validate({**LFQ_SIZES[size].model_dump(), **overrides})
+lfq_config = sized_config("LFQ", LFQConfig, LFQ_SIZES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -590,3 +588,47 @@ class LFQTokenizer(nn.Module):
         losses["entropy_multiplier"] = losses["commitment"].new_tensor(mult).detach()
         return self.decode(quantized_BKhw), losses
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Family spec
+# --------------------------------------------------------------------------------------------------
+
+
+def lfq_loss(model: LFQTokenizer, batch: dict[str, Tensor], step: int, **_: Any):
+    """Training loss on curated images (uint8 ``image`` (B, H, W, 3)): MSE in [-1, 1] pixels
+    plus the quantizer's commitment + annealed entropy terms."""
+    from vgen_core.families import to_model_pixels
+
+    images = to_model_pixels(batch["image"], SPEC.pixel_range)
+    recon, losses = model(images, step=step)
+    mse = F.mse_loss(recon, images)
+    total = mse + losses["total_quant"]
+    return total, {"mse": mse.detach(), "commitment": losses["commitment"].detach(),
+                   "entropy": losses["entropy"].detach()}
+
+
+def _encode(model: LFQTokenizer, x_BCHW: Tensor) -> dict[str, Tensor]:
+    _, bits_BhwK, indices_Bhw, _ = model.encode(x_BCHW)
+    return {"bits": bits_BhwK, "indices": indices_Bhw}
+
+
+def _decode(model: LFQTokenizer, tokens: Tensor, grid_hw: tuple[int, int] | None) -> Tensor:
+    if grid_hw is None:
+        raise ValueError("LFQ decoding needs the token grid (grid_h, grid_w) of the side table")
+    return model.decode_indices(tokens.view(-1, *grid_hw))
+
+
+def _load_official(path: Any, config: LFQConfig) -> LFQTokenizer:
+    from vgen_core.tokenizers.maskbit_keys import load_official_maskbit
+
+    return load_official_maskbit(path, config)
+
+
+SPEC = FamilySpec(
+    name="lfq", role="tokenizer", config_class=LFQConfig, sizes=LFQ_SIZES,
+    model_class=LFQTokenizer, data="images", loss=lfq_loss, produces=("bit_tokens",),
+    pixel_range="signed", encode=_encode, decode=_decode, load_official=_load_official,
+    resolution_free=True, default_for=("tokenize.lfq", "train.tokenizer", "evaluate.tokenizer"),
+    summary="MaskBit lookup-free quantization: K sign bits per conv-grid position",
+)

@@ -87,9 +87,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from vgen_core.families import FamilySpec
+
 from ._vit import MLP as _MLP, Attention as _Attention, Block as _Block
 
-from vgen_core.tokenizers.io import register_family
 
 __all__ = [
     "TATiTok",
@@ -824,5 +825,76 @@ def load_official(
     return model.to(device).eval()
 
 
-register_family(TiTok.family, TiTok)
-register_family(TATiTok.family, TATiTok)
+
+
+# --------------------------------------------------------------------------------------------------
+# Family specs
+# --------------------------------------------------------------------------------------------------
+
+
+def titok_loss(model: TiTok, batch: dict[str, Tensor], step: int, **_: Any):
+    """Single-stage TiTok (RGB head): L2 in [0, 1] pixels + the quantizer (VQ) or KL term."""
+    from vgen_core.families import to_model_pixels
+
+    images = to_model_pixels(batch["image"], "unit")
+    recon, info = model(images)
+    if recon.shape != images.shape:
+        raise ValueError("TiTok training here needs the RGB head (is_legacy: false); the legacy "
+                         "head predicts MaskGIT-VQGAN proxy codes (two-stage recipe)")
+    mse = F.mse_loss(recon, images)
+    return mse + info["quantizer_loss"], {"mse": mse.detach(),
+                                         "quantizer": info["quantizer_loss"].detach()}
+
+
+def _produces(config: TiTokConfig) -> str:
+    return "id_tokens" if config.quantize_mode == "vq" else "latents"
+
+
+def _encode(model: TiTok, x_BCHW: Tensor) -> dict[str, Tensor]:
+    """VQ: ``indices`` (B, K); VAE: ``moments`` (B, 2C, 1, K) = posterior mean || logvar."""
+    if model.config.quantize_mode == "vq":
+        _, info = model.encode(x_BCHW)
+        return {"indices": info["min_encoding_indices"].reshape(x_BCHW.shape[0], -1)}
+    _, info = model.encode(x_BCHW, sample_posterior=False)
+    return {"moments": torch.cat([info["posterior_mean"], info["posterior_logvar"]], dim=1)}
+
+
+def _decode(model: TiTok, out: Tensor, grid_hw: Any = None) -> Tensor:
+    """Generated VQ ids (B, K), or latents (B, C, 1, K) / (B, K, C) (generator space, already
+    multiplied by ``scale_factor``) -> RGB in [0, 1]. The legacy head predicts MaskGIT-VQGAN
+    code logits, not pixels: refused."""
+    if model.config.is_legacy:
+        raise ValueError("a legacy TiTok (is_legacy: true) decodes to MaskGIT-VQGAN code logits, "
+                         "not pixels; it needs the MaskGIT-VQGAN pixel decoder, not built here")
+    if model.config.quantize_mode == "vq":
+        return model.decode_tokens(out)
+    C, K = model.config.token_size, model.config.num_latent_tokens
+    z = out.float()
+    if z.ndim == 3 and tuple(z.shape[1:]) == (K, C):
+        z = z.transpose(1, 2)
+    z = z.reshape(z.shape[0], C, 1, K) / float(getattr(model.config, "scale_factor", 1.0) or 1.0)
+    return model.decode(z)
+
+
+def _sizes(config_class: type) -> dict[str, TiTokConfig]:
+    return {k: v for k, v in TITOK_SIZES.items() if type(v) is config_class}
+
+
+SPECS = (
+    FamilySpec(
+        name="titok", role="tokenizer", config_class=TiTokConfig, sizes=_sizes(TiTokConfig),
+        model_class=TiTok, data="images", data_fields=("image_size",), loss=titok_loss,
+        produces=("id_tokens", "latents"), produces_for=_produces, pixel_range="unit",
+        encode=_encode, decode=_decode, load_official=load_official,
+        default_for=("tokenize.titok",),
+        summary="TiTok: K 1D tokens per image (VQ ids or KL latents), ViT encoder/decoder",
+    ),
+    FamilySpec(
+        name="tatitok", role="tokenizer", config_class=TATiTokConfig,
+        sizes=_sizes(TATiTokConfig), model_class=TATiTok, data="images",
+        data_fields=("image_size",), loss=None, produces=("id_tokens", "latents"),
+        produces_for=_produces, pixel_range="unit", encode=_encode, decode=None,
+        load_official=load_official,
+        summary="TA-TiTok: TiTok whose decoder reads CLIP text features (decoding needs them)",
+    ),
+)
