@@ -20,27 +20,18 @@ import time
 import torch
 
 
-def make_batch(family: str, model, batch: int, device):
+def make_batch(task, model, batch: int):
+    """A random batch of the family's data kind (its spec's ``example_batch``) and the tokens
+    per sample the transformer sees (sequence length, or latent patches)."""
     cfg = model.config
-    g = torch.Generator(device="cpu").manual_seed(0)
-    if family in ("maskgit", "rar"):
-        L = cfg.seq_len
-        return {"tokens": torch.randint(0, cfg.codebook_size, (batch, L), generator=g),
-                "label": torch.randint(0, cfg.num_classes, (batch,), generator=g)}, L
-    if family in ("maskbit", "bar"):
-        L = cfg.seq_len
-        return {"tokens": torch.randint(0, 1 << cfg.token_bits, (batch, L), generator=g),
-                "label": torch.randint(0, cfg.num_classes, (batch,), generator=g)}, L
-    if family in ("deepflow",):
-        s = cfg.input_size
-        return {"latents": torch.randn(batch, cfg.in_channels, s, s, generator=g),
-                "label": torch.randint(0, cfg.num_classes, (batch,), generator=g)}, \
-            (s // cfg.patch_size) ** 2
-    if family == "xar":
-        s = cfg.latent_size
-        return {"latents": torch.randn(batch, cfg.in_channels, s, s, generator=g),
-                "label": torch.randint(0, cfg.num_classes, (batch,), generator=g)}, s * s
-    raise SystemExit(f"no batch recipe for {family}")
+    data = task.example_batch(cfg, batch, generator=torch.Generator().manual_seed(0))
+    if "tokens" in data:
+        return data, cfg.seq_len
+    if "moments" in data:
+        m = data["moments"]
+        patch = getattr(cfg, "patch_size", 1) or 1
+        return data, (m.shape[-2] // patch) * (m.shape[-1] // patch)
+    raise SystemExit(f"no MFU token count for {task.name} (data: {task.data})")
 
 
 def attention_flops(model, seq: int) -> float:
@@ -72,7 +63,7 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         emb = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        batch, seq = make_batch(family, model, args.batch, device)
+        batch, seq = make_batch(task, model, args.batch)
         batch = {k: v.to(device) for k, v in batch.items()}
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else \
             torch.autocast("cpu", enabled=False)

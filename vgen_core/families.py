@@ -208,6 +208,41 @@ class FamilySpec:
         """The one image size a tokenizer takes (None: any, see ``resolution_free``)."""
         return None if self.resolution_free else getattr(config, "image_size", None)
 
+    def example_batch(self, config: Any, batch_size: int = 2, *, generator: Any = None,
+                      window: int = 4) -> dict[str, Any]:
+        """A random training batch of this family's data kind, shaped by ``config`` (tests,
+        benchmarks): what the train stage would feed its ``loss``."""
+        import torch
+
+        from vgen_core.generators.text import encode_text
+
+        n, g = batch_size, generator
+        classes = max(int(getattr(config, "num_classes", 1) or 1), 1)
+        out: dict[str, Any] = {"label": torch.randint(0, classes, (n,), generator=g)}
+        if self.data == "images":
+            r = self.native_resolution(config) or 32
+            out["image"] = torch.randint(0, 256, (n, r, r, 3), generator=g, dtype=torch.uint8)
+        elif self.data in ("id_tokens", "bit_tokens"):
+            size = (config.codebook_size if hasattr(config, "codebook_size")
+                    else 1 << config.token_bits)
+            out["tokens"] = torch.randint(0, size, (n, config.seq_len), generator=g)
+        elif self.data == "latents":
+            if hasattr(config, "num_tokens"):  # 1D tokens: (B, 2C, 1, N)
+                shape: tuple[int, ...] = (2 * config.token_dim, 1, config.num_tokens)
+            else:
+                side = getattr(config, "input_size", None) or config.latent_size
+                shape = (2 * config.in_channels, side, side)
+            out["moments"] = torch.randn(n, *shape, generator=g)
+        elif self.data == "delta_tokens":
+            out["delta"] = torch.randn(n, window, config.token_dim, generator=g)
+            out["timestamps"] = torch.arange(1, window + 1, dtype=torch.float32).repeat(n, 1)
+        else:
+            raise ValueError(f"model family '{self.name}' trains on nothing here")
+        if self.needs_text:
+            words = ["a red square on grass", "two cats on a mat", "a city at night"]
+            out["text_ids"] = encode_text([words[i % len(words)] for i in range(n)])
+        return out
+
     def accepts(self, data_kind: str) -> bool:
         """Whether this family trains on a side table of ``data_kind``."""
         return self.data is not None and data_kind in ACCEPTS.get(self.data, (self.data,))

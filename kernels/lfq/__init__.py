@@ -15,6 +15,10 @@ Backend: Triton (``triton.py``) when the tensor is on CUDA and Triton imports, t
 reference (``reference.py``) otherwise. ``VGEN_KERNELS=reference`` forces the reference;
 ``VGEN_KERNELS=triton`` forces Triton (e.g. on CPU tensors under ``TRITON_INTERPRET=1``).
 Maths, memory layout and bytes moved: README.md in this folder.
+
+The index convention as standalone helpers, plain PyTorch on every device (not dispatched):
+``bits_to_indices(bits_NK) -> indices_N`` and ``indices_to_bits(indices_N, K) -> bits_NK`` (bool),
+K <= 62; ``lfq_quantize(z).indices == bits_to_indices(z)``.
 """
 
 from __future__ import annotations
@@ -26,9 +30,17 @@ from torch import Tensor
 
 from . import reference
 from .._dispatch import choose_backend
-from .reference import LFQQuantized
+from .reference import MAX_TOKEN_BITS, LFQQuantized, bits_to_indices, indices_to_bits
 
-__all__ = ["LFQQuantized", "lfq_quantize", "unpack_to_signs"]
+__all__ = [
+    "MAX_TOKEN_BITS",
+    "LFQQuantized",
+    "bits_to_indices",
+    "indices_to_bits",
+    "lfq_quantize",
+    "unpack_to_signs",
+]
+
 
 def _triton_module() -> ModuleType | None:
     try:

@@ -2,10 +2,11 @@
 
 Shape legend: B batch, N tokens per sample, K bits per token (1..32), P = ceil(K / 8) packed bytes.
 
-Bit conventions are copied from ``vgen_core/tokenizers/lfq.py`` (``kernels`` may not import it):
-bit k of a token is set iff z_k > 0 (so z == 0 gives bit 0 and sign -1); index = sum_k bit_k * 2**k
-(LSB first); packed byte j holds bits 8j..8j+7 with bit k at position k % 8 (LSB first), so for
-K <= 8 the byte equals the index.
+This module is where the LFQ bit conventions are defined (``vgen_core/tokenizers/lfq.py`` imports
+them from here, through ``kernels.lfq``): bit k of a token is set iff z_k > 0 (so z == 0 gives bit 0
+and sign -1); index = sum_k bit_k * 2**k (LSB first, ``bits_to_indices`` / ``indices_to_bits``);
+packed byte j holds bits 8j..8j+7 with bit k at position k % 8 (LSB first), so for K <= 8 the byte
+equals the index.
 """
 
 from __future__ import annotations
@@ -16,15 +17,19 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "MAX_INDEX_BITS",
     "MAX_TOKEN_BITS",
     "LFQQuantized",
+    "bits_to_indices",
     "check_packed",
     "check_z",
+    "indices_to_bits",
     "lfq_quantize",
     "unpack_to_signs",
 ]
 
-MAX_TOKEN_BITS = 32
+MAX_TOKEN_BITS = 32  # lfq_quantize / unpack_to_signs (the Triton kernels' BLOCK_K)
+MAX_INDEX_BITS = 62  # bits_to_indices / indices_to_bits: the index must fit an int64
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -87,6 +92,52 @@ def _bit_weights(n: int, device: torch.device) -> Tensor:
     return torch.ones(n, dtype=torch.int64, device=device) << torch.arange(n, device=device)
 
 
+def bits_to_indices(bits_NK: Tensor) -> Tensor:
+    """Token bits -> code index, LSB first: index = sum_k [bit_k] * 2**k.
+
+    Plain PyTorch on every device (integer shifts and one sum; nothing for a kernel to fuse).
+
+    Args:
+        bits_NK: (..., K) bool, or real-valued where a bit is set iff the value is > 0 (so both
+            {0,1} and {-1,+1} encodings work, and z itself gives the bits of ``lfq_quantize(z)``).
+    Returns:
+        (...,) int64 indices in [0, 2**K).
+    """
+    K = bits_NK.shape[-1]
+    if K > MAX_INDEX_BITS:
+        raise ValueError(
+            f"bits_to_indices: K={K} bits do not fit an int64 index; use K <= {MAX_INDEX_BITS}."
+        )
+    set_NK = bits_NK if bits_NK.dtype == torch.bool else bits_NK > 0
+    return (set_NK.to(torch.int64) * _bit_weights(K, bits_NK.device)).sum(-1)
+
+
+def indices_to_bits(indices_N: Tensor, token_bits: int) -> Tensor:
+    """Code index -> token bits (inverse of ``bits_to_indices``); plain PyTorch on every device.
+
+    Args:
+        indices_N: (...,) integer tensor with values in [0, 2**token_bits).
+        token_bits: K.
+    Returns:
+        (..., K) bool; element k is bit k of the index (LSB first).
+    """
+    if not 1 <= token_bits <= MAX_INDEX_BITS:
+        raise ValueError(
+            f"indices_to_bits: token_bits must be in [1, {MAX_INDEX_BITS}], got {token_bits}."
+        )
+    if indices_N.dtype.is_floating_point or indices_N.dtype == torch.bool:
+        raise TypeError(f"indices_to_bits: expected an integer tensor, got {indices_N.dtype}.")
+    idx_N = indices_N.to(torch.int64)
+    if idx_N.numel() and (int(idx_N.min()) < 0 or int(idx_N.max()) >= (1 << token_bits)):
+        raise ValueError(
+            f"indices_to_bits: indices must lie in [0, 2**{token_bits}) = [0, {1 << token_bits}), "
+            f"got range [{int(idx_N.min())}, {int(idx_N.max())}]; check token_bits matches the "
+            "tokenizer that produced them."
+        )
+    shifts_K = torch.arange(token_bits, device=idx_N.device)
+    return ((idx_N.unsqueeze(-1) >> shifts_K) & 1).bool()
+
+
 def lfq_quantize(z_BNK: Tensor, temperature: float = 0.01) -> LFQQuantized:
     """Quantize z to sign bits; also return code indices, packed bytes and bit probabilities.
 
@@ -101,7 +152,7 @@ def lfq_quantize(z_BNK: Tensor, temperature: float = 0.01) -> LFQQuantized:
     B, N, K = z_BNK.shape
     bits_BNK = z_BNK.detach() > 0
     signs_BNK = _SignSTE.apply(z_BNK)
-    indices_BN = (bits_BNK.to(torch.int64) * _bit_weights(K, z_BNK.device)).sum(-1)
+    indices_BN = bits_to_indices(bits_BNK)
 
     P = (K + 7) // 8
     bits_BNQ = torch.zeros(B, N, 8 * P, dtype=torch.int64, device=z_BNK.device)

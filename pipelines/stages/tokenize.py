@@ -205,12 +205,10 @@ class ImageTokenizeStage(MapStage):
             return self.config.resolution
         ref = self.tokenizer_ref()
         if ref is not None:
-            fs, path = filesystem_for(ref.uri)
-            cfg = json.loads(fs.cat_file(f"{path.rstrip('/')}/config.json"))
-            return families.get(cfg["family"]).native_resolution(
-                families.get(cfg["family"]).config_class.model_validate(
-                    {k: v for k, v in cfg.items()
-                     if k not in ("family", "format_version", "weights_digest")}))
+            from vgen_core.tokenizers.io import read_config
+
+            spec, config = read_config(ref.uri)
+            return spec.native_resolution(config)
         return self.spec.native_resolution(self.model_config())
 
     # -- the tokenizer as an output -------------------------------------------------------

@@ -103,4 +103,37 @@ def test_every_generator_trains_and_samples(ray_cluster, tmp_path):
             out = sample(model, ctx, torch.tensor([[0.0, 0.1, 0.2, 0.3]]), horizon=1,
                          num_samples=5, generator=g)
             assert out.shape == (1, 5, 1, model.config.token_dim) and torch.isfinite(out).all()
+    # FlowTok trained on the TiTok-VAE caption latents; its loss is finite and logged
+    fs, path = filesystem_for(stages["flowtok"]["outputs"]["generator"]["uri"])
+    summary = json.loads(fs.cat_file(f"{path}/train_summary.json"))
+    assert summary["step"] == 30 and np.isfinite(summary["final"]["loss"])
+    finals["flowtok"] = summary["final"]["loss"]
     print("final losses:", finals)
+    # every generator family evaluated: image metrics from samples decoded by the tokenizer the
+    # tokens stage recorded; DeltaWorld by its best-of-N prediction error
+    image_metrics = {"fid", "sfid", "is", "precision", "recall"}
+    for family in [*BOUNDS, "flowtok"]:
+        ref = stages[f"eval_{family}"]["outputs"]["results"]
+        rows = store.read(ref["name"]).to_pylist()
+        got = {r["metric"]: r["value"] for r in rows}
+        want = ({"delta/best_of_n_mse", "delta/copy_last_mse"} if family == "deltaworld"
+                else image_metrics)
+        assert want <= set(got), (family, sorted(got))
+        assert all(np.isfinite(v) for k, v in got.items() if k != "is_std"), (family, got)
+        lineage = json.loads(rows[0]["details"])["lineage"]
+        assert lineage["generator"]["uri"] == stages[family]["outputs"]["generator"]["uri"]
+        if family != "deltaworld":
+            tokens_stage = next(u for u in ("bits", "latents", "caption_bits", "caption_latents")
+                                if stages[u]["outputs"]["samples"]["uri"] ==
+                                lineage["tokens"]["uri"])
+            assert lineage["tokenizer"]["uri"] == \
+                stages[tokens_stage]["outputs"]["tokenizer"]["uri"]
+    # the MLflow runs carry the evaluation metrics
+    import mlflow
+
+    from vgen_core.tracking import default_tracking_uri
+
+    client = mlflow.MlflowClient(default_tracking_uri(str(storage)))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="tags.`vgen.stage` = 'eval_flowtok'")
+    assert runs and "fid" in runs[0].data.metrics

@@ -205,7 +205,7 @@ def test_vgen_kernels_triton_forces_triton_in_child(interp):
 
 
 # --------------------------------------------------------------------------------------------------
-# Reference: the maths and the conventions of vgen_core/tokenizers/lfq.py
+# Reference: the maths, and the bit conventions that vgen_core/tokenizers/lfq.py imports from here
 # --------------------------------------------------------------------------------------------------
 
 
@@ -286,6 +286,46 @@ def test_unpack_ignores_bits_past_K(K, seed):
     if high:
         mask[..., -1] = (1 << high) - 1
     assert torch.equal(repacked, packed & mask)
+
+
+@settings(max_examples=60, deadline=None)
+@given(z=_SHAPES_BNK.flatmap(lambda shape: hnp.arrays(
+    np.float32, shape,
+    elements=st.one_of(st.just(0.0), st.just(-0.0), st.floats(-3, 3, width=32)))))
+def test_index_helpers_are_the_quantizer_convention(z):
+    """bits_to_indices(z) is lfq_quantize(z).indices (real input: set iff > 0, so +-0 is bit 0),
+    and indices_to_bits inverts it back to the bits of the signs."""
+    z_BNK = torch.from_numpy(z)
+    out = lfq.lfq_quantize(z_BNK)
+    assert torch.equal(lfq.bits_to_indices(z_BNK), out.indices)
+    assert torch.equal(lfq.bits_to_indices(out.signs), out.indices)  # {-1,+1} codes
+    bits_BNK = lfq.indices_to_bits(out.indices, z_BNK.shape[-1])
+    assert bits_BNK.dtype == torch.bool and torch.equal(bits_BNK, out.signs > 0)
+    assert torch.equal(lfq.bits_to_indices(bits_BNK), out.indices)
+
+
+@settings(max_examples=40, deadline=None)
+@given(K=st.integers(1, ref.MAX_INDEX_BITS), seed=st.integers(0, 2**31 - 1))
+def test_index_helpers_round_trip_up_to_62_bits(K, seed):
+    g = torch.Generator().manual_seed(seed)
+    bits = torch.rand(3, 5, K, generator=g) < 0.5
+    bits[0, 0] = True  # the largest index, 2**K - 1
+    idx = lfq.bits_to_indices(bits)
+    assert idx.dtype == torch.int64 and idx.shape == (3, 5) and idx.min() >= 0
+    assert int(idx[0, 0]) == 2**K - 1
+    assert torch.equal(lfq.indices_to_bits(idx, K), bits)
+
+
+def test_index_helpers_bad_inputs():
+    with pytest.raises(ValueError, match="K=63 bits do not fit an int64 index"):
+        lfq.bits_to_indices(torch.zeros(2, 63, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 2\*\*4\)"):
+        lfq.indices_to_bits(torch.tensor([16]), 4)
+    with pytest.raises(ValueError, match=r"token_bits must be in \[1, 62\]"):
+        lfq.indices_to_bits(torch.tensor([1]), 0)
+    with pytest.raises(TypeError, match="integer tensor"):
+        lfq.indices_to_bits(torch.tensor([1.0]), 4)
+    assert lfq.indices_to_bits(torch.zeros(0, dtype=torch.int64), 5).shape == (0, 5)
 
 
 def test_bad_inputs_say_what_and_how_to_fix():

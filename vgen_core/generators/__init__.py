@@ -1,7 +1,10 @@
 """Generators over tokenizer outputs.
 
 `masked` holds the MaskGIT family (bidirectional transformer, arccos-masked training, confidence
-sampler with classifier-free guidance).
+sampler with classifier-free guidance). One module per family; the building blocks they share
+(attention, RoPE, RMSNorm, SwiGLU, adaLN, BERT / causal adaLN blocks, Gumbel noise) are in
+`common`, the mask / guidance / temperature schedules in `schedules`. No family module imports
+another one's private names.
 """
 
 from vgen_core.generators.masked import (

@@ -37,6 +37,7 @@ rows P .. P + L - 1, so our row j = target j), `timesteps_embeddings` L + 100 (w
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -46,19 +47,29 @@ from torch import Tensor, nn
 
 from vgen_core.families import FamilySpec, sized_config
 
-from vgen_core.generators.rar import (
+from vgen_core.generators.common import (
+    AdaLNFinalLayer,
+    CausalAdaLNBlock,
     KVCache,
     RopeFn,
-    _Block,
-    _check_orders,
-    _FinalLayer,
-    _init_weights,
-    _raster,
-    _unshuffle,
-    _zero_adaln,
-    rar_permutation_prob,
-    sample_orders,
+    SwiGLUFFN,
+    adaln_modulation,
+    apply_rope_interleaved,
+    gumbel_noise,
+    modulate,
+    rope_2d_angles,
+    swiglu_hidden,
+    trunc_normal_init,
+    zero_adaln,
 )
+from vgen_core.generators.rar import (
+    check_orders,
+    rar_permutation_prob,
+    raster_orders,
+    sample_orders,
+    unshuffle,
+)
+from vgen_core.generators.schedules import gumbel_temperature, linear_guidance
 from vgen_core.tokenizers.lfq import bits_to_indices, indices_to_bits
 
 __all__ = [
@@ -149,28 +160,6 @@ bar_config = sized_config("BAR", BARConfig, BAR_SIZES)
 # --------------------------------------------------------------------------------------------------
 
 
-def _rms(dim: int) -> nn.Module:
-    return nn.RMSNorm(dim, eps=1e-6)
-
-
-class _SwiGLU(nn.Module):
-    """SwiGLUFFN: w12 -> silu(x1) * x2 -> dropout -> w3."""
-
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
-        super().__init__()
-        self.w12 = nn.Linear(dim, 2 * hidden)
-        self.w3 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x1, x2 = self.w12(x).chunk(2, dim=-1)
-        return self.w3(self.drop(F.silu(x1) * x2))
-
-
-def _swiglu_hidden(dim: int) -> int:
-    return int(2 / 3 * int(dim * 4.0))
-
-
 def rope_table(
     side: int, head_dim: int, prefix: int, theta: float = 10000.0
 ) -> tuple[Tensor, Tensor]:
@@ -178,26 +167,16 @@ def rope_table(
 
     Row p < prefix is the identity (cos 1, sin 0); row prefix + h * side + w rotates the first
     head_dim / 2 channels by h * f and the last head_dim / 2 by w * f, with the frequencies
-    f = theta ** (-2j / (head_dim / 2)), each used for one interleaved channel pair.
+    f = theta ** (-2j / (head_dim / 2)), each used for one interleaved channel pair
+    (`common.rope_2d_angles`, in float64; rotate with `common.apply_rope_interleaved`).
     """
-    half = head_dim // 2
-    freqs = 1.0 / theta ** (torch.arange(0, half, 2, dtype=torch.float64)[: half // 2] / half)
+    if head_dim % 4:
+        raise ValueError(f"rope_table: head_dim={head_dim} must be divisible by 4 (2D RoPE).")
     t = torch.arange(side, dtype=torch.float64)
-    f_SF = torch.outer(t, freqs).repeat_interleave(2, dim=-1)  # (side, half)
-    grid = torch.cat(
-        [f_SF[:, None].expand(side, side, half), f_SF[None, :].expand(side, side, half)], dim=-1
-    ).reshape(side * side, head_dim)
+    grid = rope_2d_angles(t.repeat_interleave(side), t.repeat(side), head_dim, theta)
     cos = torch.cat([torch.ones(prefix, head_dim, dtype=torch.float64), grid.cos()])
     sin = torch.cat([torch.zeros(prefix, head_dim, dtype=torch.float64), grid.sin()])
     return cos.float(), sin.float()
-
-
-def _rotate(t_BHSd: Tensor, cos_B1Sd: Tensor, sin_B1Sd: Tensor) -> Tensor:
-    """t * cos + rotate_half(t) * sin with interleaved pairs (x0, x1) -> (-x1, x0), in >= fp32."""
-    dtype = torch.promote_types(t_BHSd.dtype, torch.float32)
-    x = t_BHSd.to(dtype)
-    rot = torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
-    return (x * cos_B1Sd.to(dtype) + rot * sin_B1Sd.to(dtype)).to(t_BHSd.dtype)
 
 
 class _ResBlock(nn.Module):
@@ -205,13 +184,13 @@ class _ResBlock(nn.Module):
 
     def __init__(self, width: int) -> None:
         super().__init__()
-        self.in_ln = _rms(width)
-        self.mlp = _SwiGLU(width, _swiglu_hidden(width))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+        self.in_ln = nn.RMSNorm(width, eps=1e-6)
+        self.mlp = SwiGLUFFN(width, swiglu_hidden(width))
+        self.adaLN_modulation = adaln_modulation(width, 3)
 
     def forward(self, x_MW: Tensor, s_MW: Tensor) -> Tensor:
         shift, scale, gate = self.adaLN_modulation(s_MW).chunk(3, dim=-1)
-        return x_MW + gate * self.mlp(self.in_ln(x_MW) * (1 + scale) + shift)
+        return x_MW + gate * self.mlp(modulate(self.in_ln(x_MW), shift, scale))
 
 
 class _FourierEmbedding(nn.Module):
@@ -240,11 +219,11 @@ class MBMHead(nn.Module):
         e = math.ceil(width / token_bits)
         self.input_embed = nn.Embedding(3, e)
         self.input_proj = nn.Linear(e * token_bits, width)
-        self.ln_pre = _rms(width)
+        self.ln_pre = nn.RMSNorm(width, eps=1e-6)
         self.transformer = nn.ModuleList(_ResBlock(width) for _ in range(num_layers))
         self.output_embed = nn.Linear(width, 2 * token_bits)
         self.t_embedder = _FourierEmbedding(width)
-        self.adaln_before_head = _FinalLayer(width, _rms(width))
+        self.adaln_before_head = AdaLNFinalLayer(width, nn.RMSNorm(width, eps=1e-6))
 
     def forward(self, ids_MK: Tensor, cond_MW: Tensor, mask_ratio_M: Tensor) -> Tensor:
         """ids_MK (M, K) in {0, 1, 2}, cond_MW (M, W), mask_ratio_M (M,) -> logits (M, K, 2)."""
@@ -285,23 +264,23 @@ class BAR(nn.Module):
         self.target_aware_pos_embed = nn.Parameter(torch.zeros(1, L, D))
         self.timesteps_embeddings = nn.Parameter(torch.zeros(1, P + L, D))
         self.blocks = nn.ModuleList(
-            _Block(D, config.heads, _SwiGLU(D, _swiglu_hidden(D), config.dropout), _rms, 0.0,
-                   config.dropout)
+            CausalAdaLNBlock(D, config.heads, SwiGLUFFN(D, swiglu_hidden(D), config.dropout),
+                             partial(nn.RMSNorm, eps=1e-6), 0.0, config.dropout)
             for _ in range(config.depth)
         )
-        self.norm = _rms(D)
+        self.norm = nn.RMSNorm(D, eps=1e-6)
         self.latent_condition_proj = nn.Linear(D, config.head_width)
         self.lm_head = MBMHead(K, config.head_width, config.head_layers)
         if config.rope:
             cos, sin = rope_table(math.isqrt(L), D // config.heads, P, config.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(lambda m: _init_weights(m, config.init_std))
+        self.apply(lambda m: trunc_normal_init(m, config.init_std))
         for p in (self.cls_token, self.pos_embed, self.target_aware_pos_embed,
                   self.timesteps_embeddings):
             nn.init.trunc_normal_(p, std=config.init_std)
         for m in [*self.blocks, *self.lm_head.transformer, self.lm_head.adaln_before_head]:
-            _zero_adaln(m)
+            zero_adaln(m)
 
     @property
     def prefix_len(self) -> int:
@@ -366,9 +345,10 @@ class BAR(nn.Module):
         def apply(q_BHSd: Tensor, k_BHSd: Tensor) -> tuple[Tensor, Tensor]:
             h = q_BHSd.shape[1] // 2
             q_BHSd = torch.cat(
-                [_rotate(q_BHSd[:, :h], cos_p, sin_p), _rotate(q_BHSd[:, h:], cos_t, sin_t)], 1
+                [apply_rope_interleaved(q_BHSd[:, :h], cos_p, sin_p, upcast=True),
+                 apply_rope_interleaved(q_BHSd[:, h:], cos_t, sin_t, upcast=True)], 1
             )
-            return q_BHSd, _rotate(k_BHSd, cos_p, sin_p)
+            return q_BHSd, apply_rope_interleaved(k_BHSd, cos_p, sin_p, upcast=True)
 
         return apply
 
@@ -412,13 +392,13 @@ class BAR(nn.Module):
                 f"BAR expects bits (B, {self.seq_len}, K), got {tuple(bits_BLK.shape)}."
             )
         self._check(bits_BLK, labels_B, L)
-        orders_BL = _raster(B, L, bits_BLK.device) if orders_BL is None else orders_BL
-        _check_orders(orders_BL, B, L)
+        orders_BL = raster_orders(B, L, bits_BLK.device) if orders_BL is None else orders_BL
+        check_orders(orders_BL, B, L)
         shuffled_BLK = bits_BLK.long().gather(1, orders_BL[..., None].expand(B, L, K))
         h_BSD = self._run(self.slot_inputs(shuffled_BLK, labels_B, orders_BL), 0, None)
         P = self.prefix_len
         cond_BLW = self.latent_condition_proj(self.norm(h_BSD[:, P - 1 : P - 1 + L]))
-        return _unshuffle(cond_BLW, orders_BL)
+        return unshuffle(cond_BLW, orders_BL)
 
     def next_condition(
         self, bits_BNK: Tensor, labels_B: Tensor, cache: KVCache | None = None
@@ -435,7 +415,7 @@ class BAR(nn.Module):
             raise ValueError(
                 f"KV cache holds {start} slots but only {self.prefix_len + N} are given."
             )
-        orders_BL = _raster(B, self.seq_len, bits_BNK.device)
+        orders_BL = raster_orders(B, self.seq_len, bits_BNK.device)
         inputs = self.slot_inputs(bits_BNK.long(), labels_B, orders_BL)
         h_BSD = self._run(inputs, start, cache)
         return self.latent_condition_proj(self.norm(h_BSD[:, -1]))
@@ -541,7 +521,7 @@ def bar_guidance(step: int, num_steps: int, guidance_scale: float) -> float:
     """CFG scale at AR step `step`: 1 + (g - 1) * step / N for g > 1, else 1 (linear ramp)."""
     if guidance_scale <= 1.0:
         return 1.0
-    return 1.0 + (guidance_scale - 1.0) * step / num_steps
+    return linear_guidance(step, num_steps, guidance_scale)
 
 
 def default_tokens_allocation(token_bits: int, steps: int = 4) -> tuple[int, ...]:
@@ -549,11 +529,6 @@ def default_tokens_allocation(token_bits: int, steps: int = 4) -> tuple[int, ...
     n = min(steps, token_bits)
     base, extra = divmod(token_bits, n)
     return tuple(base + (i >= n - extra) for i in range(n))
-
-
-def _gumbel(shape: torch.Size, device: torch.device, generator: torch.Generator | None) -> Tensor:
-    u = torch.rand(shape, device=device, generator=generator)
-    return -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
 
 
 @torch.no_grad()
@@ -591,21 +566,22 @@ def mbm_sample(
     ids_MK = torch.full((M, K), MASK_BIT, dtype=torch.long, device=dev)
     done = 0
     for j, a in enumerate(alloc):
-        tau = temperature * (1.0 - j / n)
+        tau = gumbel_temperature(j / n, temperature)
         ratio = torch.full((cond_MW.shape[0],), 1.0 - done / K, dtype=cond_MW.dtype, device=dev)
         inputs = torch.cat([ids_MK, ids_MK]) if use_cfg else ids_MK
         logits_MK2 = head(inputs, cond_MW, ratio).float()
         if use_cfg:
             cond, uncond = logits_MK2.chunk(2)
             logits_MK2 = uncond + guidance_scale * (cond - uncond)
-        sampled_MK = (logits_MK2 + tau * _gumbel(logits_MK2.shape, dev, generator)).argmax(-1)
+        noise_MK2 = gumbel_noise(logits_MK2.shape, device=dev, generator=generator)
+        sampled_MK = (logits_MK2 + tau * noise_MK2).argmax(-1)
         is_mask_MK = ids_MK == MASK_BIT
         sampled_MK = torch.where(is_mask_MK, sampled_MK, ids_MK)
         done += a
         if j == n - 1:
             break
         conf_MK = logits_MK2.gather(-1, sampled_MK[..., None]).squeeze(-1)
-        conf_MK = conf_MK + tau * _gumbel(conf_MK.shape, dev, generator)
+        conf_MK = conf_MK + tau * gumbel_noise(conf_MK.shape, device=dev, generator=generator)
         conf_MK = torch.where(is_mask_MK, conf_MK, torch.inf)
         lowest = conf_MK.topk(K - done, dim=-1, largest=False).indices
         remask_MK = torch.zeros_like(is_mask_MK).scatter_(-1, lowest, True)

@@ -86,7 +86,7 @@ ATTENTION_BACKENDS: dict[str, AttentionFn] = {"sdpa": _sdpa, "grat": _grat}
 
 
 def register_attention_backend(name: str, fn: AttentionFn) -> None:
-    """Make `fn(q, k, v, *, mask, causal, dropout_p, scale, **options)` available as `backend=name`."""
+    """Make `fn(q, k, v, *, mask, causal, dropout_p, scale, **options)` usable as backend=name."""
     ATTENTION_BACKENDS[name] = fn
 
 
@@ -141,7 +141,9 @@ def rope_1d_angles(pos: Tensor, inv_freq_F: Tensor) -> Tensor:
     return pos[..., None] * inv_freq_F
 
 
-def rope_2d_angles(rows_S: Tensor, cols_S: Tensor, head_dim: int, theta: float = 10000.0) -> Tensor:
+def rope_2d_angles(
+    rows_S: Tensor, cols_S: Tensor, head_dim: int, theta: float = 10000.0
+) -> Tensor:
     """(S, head_dim) angles of 2D RoPE in the EVA-02 VisionRotaryEmbeddingFast layout.
 
     Channels [0, d/2) rotate with the row, [d/2, d) with the column; frequency j =
@@ -185,7 +187,7 @@ def apply_rope_interleaved(x: Tensor, cos: Tensor, sin: Tensor, *, upcast: bool 
 
 
 def apply_rope_half(x: Tensor, cos: Tensor, sin: Tensor, *, upcast: bool = False) -> Tensor:
-    """x * cos + rotate_half(x) * sin (half-split convention); `upcast` as `apply_rope_interleaved`."""
+    """x * cos + rotate_half(x) * sin (half-split layout); `upcast` as in apply_rope_interleaved."""
     return _apply(rotate_half, x, cos, sin, upcast)
 
 
@@ -263,7 +265,7 @@ def swiglu_hidden(dim: int, mlp_ratio: float = 4.0) -> int:
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """adaLN: x * (1 + scale) + shift (shift/scale broadcast; per-sample (B, D) -> pass [:, None])."""
+    """adaLN: x * (1 + scale) + shift, broadcast (per-sample (B, D) conditions: pass [:, None])."""
     return x * (1 + scale) + shift
 
 
@@ -374,7 +376,7 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self, x_BSD: Tensor, kv: LayerKV | None = None, rope: RopeFn | None = None
     ) -> Tensor:
-        """x_BSD (B, S, D): S new slots after the `kv` cached ones (which it extends) -> (B, S, D)."""
+        """x_BSD (B, S, D): S new slots after the cached ones (`kv` is extended) -> (B, S, D)."""
         B, S, D = x_BSD.shape
         qkv = self.qkv(x_BSD).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         q_BHSd, k_BHSd, v_BHSd = qkv.unbind(0)

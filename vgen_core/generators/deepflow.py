@@ -31,12 +31,12 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from vgen_core.families import FamilySpec, sized_config
 
+from vgen_core.generators.common import Mlp, adaln_modulation, attention, modulate
 from vgen_core.generators.flow import (
     TimestepEmbedder,
     euler_maruyama_sample,
@@ -150,22 +150,6 @@ deepflow_config = sized_config("DeepFlow", DeepFlowConfig, DEEPFLOW_SIZES)
 # --------------------------------------------------------------------------------------------------
 
 
-def _modulate(x_BTD: Tensor, shift_BD: Tensor, scale_BD: Tensor) -> Tensor:
-    return x_BTD * (1 + scale_BD[:, None]) + shift_BD[:, None]
-
-
-class _Mlp(nn.Module):
-    """timm Mlp: fc1 -> GELU(tanh) -> fc2."""
-
-    def __init__(self, dim: int, hidden: int, out: int | None = None) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, out or dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
 class _Attention(nn.Module):
     """timm Attention (qkv bias, optional per-head LayerNorm on q and k) with SDPA."""
 
@@ -180,7 +164,7 @@ class _Attention(nn.Module):
     def forward(self, x_BTD: Tensor) -> Tensor:
         B, T, D = x_BTD.shape
         q, k, v = self.qkv(x_BTD).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        a = attention(self.q_norm(q), self.k_norm(k), v)
         return self.proj(a.transpose(1, 2).reshape(B, T, D))
 
 
@@ -192,13 +176,14 @@ class DiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = _Attention(dim, heads, qk_norm)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = _Mlp(dim, int(dim * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), approximate="tanh")
+        self.adaLN_modulation = adaln_modulation(dim, 6)
 
     def forward(self, x_BTD: Tensor, c_BD: Tensor) -> Tensor:
-        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c_BD).chunk(6, dim=-1)
-        x_BTD = x_BTD + g1[:, None] * self.attn(_modulate(self.norm1(x_BTD), sh1, sc1))
-        return x_BTD + g2[:, None] * self.mlp(_modulate(self.norm2(x_BTD), sh2, sc2))
+        """x_BTD (B, T, D), condition c_BD (B, D) -> (B, T, D)."""
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c_BD)[:, None].chunk(6, dim=-1)
+        x_BTD = x_BTD + g1 * self.attn(modulate(self.norm1(x_BTD), sh1, sc1))
+        return x_BTD + g2 * self.mlp(modulate(self.norm2(x_BTD), sh2, sc2))
 
 
 class _DynLayer(nn.Module):
@@ -208,11 +193,11 @@ class _DynLayer(nn.Module):
         super().__init__()
         self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(dim, out)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.adaLN_modulation = adaln_modulation(dim, 2)
 
     def forward(self, x_BTD: Tensor, c_BD: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(c_BD).chunk(2, dim=-1)
-        return self.linear(_modulate(self.norm_final(x_BTD), shift, scale))
+        shift, scale = self.adaLN_modulation(c_BD)[:, None].chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x_BTD), shift, scale))
 
 
 class _VelocityModulation(nn.Module):
@@ -221,15 +206,15 @@ class _VelocityModulation(nn.Module):
     def __init__(self, dim2: int, legacy_scaling: bool) -> None:
         super().__init__()
         self.norm_final = nn.LayerNorm(dim2, elementwise_affine=False, eps=1e-6)
-        self.mlp = _Mlp(dim2, dim2, dim2 // 2)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim2, 2 * dim2))
+        self.mlp = Mlp(dim2, dim2, dim2 // 2, approximate="tanh")
+        self.adaLN_modulation = adaln_modulation(dim2, 2)
         self.legacy_scaling = legacy_scaling
 
     def forward(self, va_BT2D: Tensor, dt_B2D: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(dt_B2D).chunk(2, dim=-1)
+        shift, scale = self.adaLN_modulation(dt_B2D)[:, None].chunk(2, dim=-1)
         if self.legacy_scaling:
             scale = scale.clamp(-5.0, 5.0)
-        return self.mlp(_modulate(self.norm_final(va_BT2D), shift, scale))
+        return self.mlp(modulate(self.norm_final(va_BT2D), shift, scale))
 
 
 class _CrossAttention(nn.Module):

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from vgen_core.families import FamilySpec, sized_config
 
+from vgen_core.generators.common import apply_rope_half, attention, rope_1d_angles
 from vgen_core.tokenizers.deltatok import log_cosh_loss
 
 __all__ = [
@@ -118,16 +119,18 @@ def causal_mask(q_index_Q: Tensor, k_index_K: Tensor) -> Tensor:
 
 def _rope_time(x_BHSd: Tensor, t_BS: Tensor, axis: int) -> Tensor:
     """Rotate the first `axis` dims of each head by angle 2 pi t f, f = 10^linspace(2, -2, axis/2)
-    (official `_apply_rope_axis`: halves, not interleaved pairs)."""
+    (official `_apply_rope_axis`: halves, not interleaved pairs, so `common.apply_rope_half`;
+    angles in >= fp32, cos/sin then cast to x's dtype)."""
     if axis == 0:
         return x_BHSd
     half = axis // 2
     dtype = torch.promote_types(x_BHSd.dtype, torch.float32)  # angles in >= fp32
     inv_freq = 1.0 / (10.0 ** torch.linspace(-2, 2, half, device=x_BHSd.device, dtype=dtype))
-    angle = (2 * math.pi) * t_BS[:, None, :, None].to(dtype) * inv_freq
-    sin, cos = angle.sin().to(x_BHSd.dtype), angle.cos().to(x_BHSd.dtype)
-    x1, x2, rest = x_BHSd[..., :half], x_BHSd[..., half:axis], x_BHSd[..., axis:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
+    angle_B1SF = rope_1d_angles((2 * math.pi) * t_BS[:, None, :].to(dtype), inv_freq)
+    cos = angle_B1SF.cos().to(x_BHSd.dtype).repeat(1, 1, 1, 2)
+    sin = angle_B1SF.sin().to(x_BHSd.dtype).repeat(1, 1, 1, 2)
+    rotated = apply_rope_half(x_BHSd[..., :axis], cos, sin)
+    return torch.cat([rotated, x_BHSd[..., axis:]], dim=-1)
 
 
 class _CrossAttn(nn.Module):
@@ -145,7 +148,7 @@ class _CrossAttn(nn.Module):
         q = self.q_proj(q_BQP).view(B, Q, H, P // H).transpose(1, 2)
         k, v = self.kv_proj(kv_BKD).view(B, K, 2, H, P // H).permute(2, 0, 3, 1, 4)
         q, k = _rope_time(q, tq_BQ, self.rope), _rope_time(k, tk_BK, self.rope)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_QK)
+        a = attention(q, k, v, mask=mask_QK)
         return self.out_proj(a.transpose(1, 2).reshape(B, Q, P))
 
 

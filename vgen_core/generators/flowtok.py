@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from vgen_core.families import FamilySpec, sized_config
 
+from vgen_core.generators.common import adaln_modulation, attention, modulate
 from vgen_core.generators.deepflow import DiTBlock
 from vgen_core.generators.flow import (
     TimestepEmbedder,
@@ -164,7 +165,7 @@ class _PreNormBlock(nn.Module):
     def forward(self, x_BND: Tensor) -> Tensor:
         B, N, D = x_BND.shape
         q, k, v = self.qkv(self.norm1(x_BND)).view(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D)
+        a = attention(q, k, v).transpose(1, 2).reshape(B, N, D)
         x_BND = x_BND + self.proj(a)
         return x_BND + self.fc2(F.gelu(self.fc1(self.norm2(x_BND))))
 
@@ -212,7 +213,9 @@ class FlowTok(nn.Module):
         self.proj_out = nn.Linear(P, 2 * C)
         # alignment
         self.align_mlp = nn.Sequential(nn.Linear(E, E), nn.GELU(), nn.Linear(E, C))
-        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
+        # shape (1,), not 0-dim: DeepSpeed broadcasts every parameter as bytes, which a 0-dim
+        # tensor cannot be viewed as
+        self.logit_scale = nn.Parameter(torch.full((1,), float(config.logit_scale_init)))
         # flow model
         self.x_embed = nn.Linear(C, D)
         self.pos_embed = nn.Parameter(torch.zeros(1, N, D))
@@ -221,7 +224,7 @@ class FlowTok(nn.Module):
             [DiTBlock(D, config.heads, config.mlp_ratio) for _ in range(config.depth)]
         )
         self.final_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+        self.final_adaLN = adaln_modulation(D, 2)
         self.final_linear = nn.Linear(D, C)
         self._init_weights()
 
@@ -280,7 +283,7 @@ class FlowTok(nn.Module):
         for blk in self.blocks:
             h = blk(h, c)
         shift, scale = self.final_adaLN(c).chunk(2, dim=-1)
-        return self.final_linear(self.final_norm(h) * (1 + scale[:, None]) + shift[:, None])
+        return self.final_linear(modulate(self.final_norm(h), shift[:, None], scale[:, None]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,7 +348,7 @@ def flowtok_loss(
     loss = fm + cfg.kl_weight * kl + cfg.align_weight * align
     metrics = {
         "loss": loss.detach(), "fm_loss": fm.detach(), "kl_loss": kl.detach(),
-        "align_loss": align.detach(), "logit_scale": model.logit_scale.detach().clone(),
+        "align_loss": align.detach(), "logit_scale": model.logit_scale.detach()[0].clone(),
     }  # fmt: skip
     return loss, metrics
 

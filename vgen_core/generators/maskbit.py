@@ -27,7 +27,6 @@ D width.
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
@@ -37,7 +36,13 @@ from torch import Tensor, nn
 
 from vgen_core.families import FamilySpec, sized_config
 
-from vgen_core.generators.masked import _gumbel, arccos_mask_ratio, remask_count
+from vgen_core.generators.common import BertBlock, gumbel_noise
+from vgen_core.generators.schedules import (
+    arccos_mask_ratio,
+    gumbel_temperature,
+    power_cosine_guidance,
+    remask_count,
+)
 
 __all__ = [
     "MASKBIT_SIZES",
@@ -146,29 +151,6 @@ def group_bits(groups_BLG: Tensor, bits_per_group: int) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-class _Block(nn.Module):
-    """Post-norm BERT block (official BertAttention + BertFeedForward)."""
-
-    def __init__(self, cfg: MaskBitConfig) -> None:
-        super().__init__()
-        self.heads = cfg.heads
-        self.p = cfg.dropout
-        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
-        self.proj = nn.Linear(cfg.hidden, cfg.hidden)
-        self.norm1 = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
-        self.fc1 = nn.Linear(cfg.hidden, cfg.mlp_dim)
-        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.hidden)
-        self.norm2 = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x_BSD: Tensor) -> Tensor:
-        B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.p if self.training else 0.0)
-        x_BSD = self.norm1(x_BSD + self.drop(self.proj(a.transpose(1, 2).reshape(B, S, D))))
-        return self.norm2(x_BSD + self.drop(self.fc2(F.gelu(self.fc1(x_BSD)))))
-
-
 class MaskBit(nn.Module):
     """Bits-in BERT: group ids (B, L, G) (mask id C allowed) + labels (B,) -> logits (B, L, G, C).
 
@@ -187,7 +169,11 @@ class MaskBit(nn.Module):
         self.pos_emb = nn.Parameter(torch.zeros(1, config.seq_len + 1, D))
         self.emb_norm = nn.LayerNorm(D, eps=config.layer_norm_eps)
         self.emb_drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList([_Block(config) for _ in range(config.depth)])
+        self.blocks = nn.ModuleList([
+            BertBlock(D, config.heads, config.mlp_dim, eps=config.layer_norm_eps,
+                      dropout=config.dropout, attn_dropout=config.dropout)
+            for _ in range(config.depth)
+        ])
         self.last_fc = nn.Linear(D, D)
         self.last_norm = nn.LayerNorm(D, eps=config.layer_norm_eps)
         self.head = nn.Linear(D, config.codebook_splits * config.group_size)
@@ -296,9 +282,9 @@ def cfg_scale_schedule(
     """Power-cosine guidance s at step `step` (0-based) for logits = c + s (c - u).
 
     s = g (1 - cos((step / N)^p pi)) / 2 (official `sample`, guidance_annealing="cosine"): 0 at the
-    first step, rising to g as step / N -> 1.
+    first step, rising to g as step / N -> 1; `schedules.power_cosine_guidance` with start 0.
     """
-    return guidance_scale * (1.0 - math.cos(((step / steps) ** scale_pow) * math.pi)) / 2.0
+    return power_cosine_guidance(step, steps, guidance_scale, scale_pow, start=0.0)
 
 
 @torch.no_grad()
@@ -348,14 +334,15 @@ def sample(
             else:
                 logits = model(ids_BLG, labels_B).float()
             logp_BNC = (logits / softmax_temperature).log_softmax(-1).flatten(1, 2)
-            drawn_BN = (logp_BNC + _gumbel(logp_BNC.shape, dev, generator)).argmax(-1)
+            noise_BNC = gumbel_noise(logp_BNC.shape, device=dev, generator=generator)
+            drawn_BN = (logp_BNC + noise_BNC).argmax(-1)
             drawn_BN = torch.where(is_mask_BN, drawn_BN, ids_BN)
             if step == steps - 1:
                 ids_BN = drawn_BN
                 break
             conf_BN = logp_BNC.gather(-1, drawn_BN.clamp_max(cfg.group_size - 1)[..., None])[..., 0]
-            conf_BN = conf_BN + randomize_temperature * (1.0 - r) * _gumbel(
-                conf_BN.shape, dev, generator
+            conf_BN = conf_BN + gumbel_temperature(r, randomize_temperature) * gumbel_noise(
+                conf_BN.shape, device=dev, generator=generator
             )
             conf_BN = torch.where(is_mask_BN, conf_BN, torch.inf)
             n_remask = remask_count(step, steps, L * G, int(is_mask_BN.sum(-1).min()))

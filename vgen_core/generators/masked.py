@@ -19,7 +19,6 @@ classifier-free guidance) instead of sharing the image-token vocabulary; that is
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
@@ -28,6 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from vgen_core.families import FamilySpec, sized_config
+from vgen_core.generators.common import BertBlock, gumbel_noise
+from vgen_core.generators.schedules import arccos_mask_ratio, gumbel_temperature, remask_count
 
 __all__ = [
     "MASKGIT_SIZES",
@@ -89,32 +90,6 @@ maskgit_config = sized_config("MaskGIT", MaskGITConfig, MASKGIT_SIZES)
 # --------------------------------------------------------------------------------------------------
 
 
-class _Block(nn.Module):
-    """Post-norm transformer block (BERT): x = LN(x + Attn(x)); x = LN(x + MLP(x))."""
-
-    def __init__(self, cfg: MaskGITConfig) -> None:
-        super().__init__()
-        self.heads = cfg.heads
-        self.attn_dropout = cfg.attn_dropout
-        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
-        self.proj = nn.Linear(cfg.hidden, cfg.hidden)
-        self.norm1 = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
-        self.fc1 = nn.Linear(cfg.hidden, cfg.mlp_dim)
-        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.hidden)
-        self.norm2 = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x_BSD: Tensor) -> Tensor:
-        B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        a_BHSd = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_dropout if self.training else 0.0
-        )
-        a_BSD = a_BHSd.transpose(1, 2).reshape(B, S, D)
-        x_BSD = self.norm1(x_BSD + self.drop(self.proj(a_BSD)))
-        return self.norm2(x_BSD + self.drop(self.fc2(F.gelu(self.fc1(x_BSD)))))
-
-
 class MaskGIT(nn.Module):
     """Bidirectional transformer over [class token, L image tokens] -> logits over the codebook.
 
@@ -134,7 +109,11 @@ class MaskGIT(nn.Module):
         self.pos_emb = nn.Parameter(torch.zeros(1, config.seq_len + 1, D))
         self.emb_norm = nn.LayerNorm(D, eps=config.layer_norm_eps)
         self.emb_drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList([_Block(config) for _ in range(config.depth)])
+        self.blocks = nn.ModuleList([
+            BertBlock(config.hidden, config.heads, config.mlp_dim, eps=config.layer_norm_eps,
+                      dropout=config.dropout, attn_dropout=config.attn_dropout)
+            for _ in range(config.depth)
+        ])
         self.head = nn.Linear(D, config.codebook_size)
         self.apply(self._init_weights)
         nn.init.normal_(self.pos_emb, std=config.init_std)
@@ -180,16 +159,6 @@ class MaskGIT(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Schedule, loss, sampler
 # --------------------------------------------------------------------------------------------------
-
-
-def arccos_mask_ratio(r: float | Tensor) -> float | Tensor:
-    """Arccos mask schedule: fraction of tokens masked at progress r in [0, 1], arccos(r) / (pi/2).
-
-    1 at r = 0 (all masked), 0 at r = 1. Accepts a float or a tensor (returns the same kind).
-    """
-    if isinstance(r, Tensor):
-        return torch.arccos(r.clamp(0.0, 1.0)) / (math.pi / 2)
-    return math.acos(min(max(float(r), 0.0), 1.0)) / (math.pi / 2)
 
 
 def masked_token_loss(
@@ -245,22 +214,6 @@ def masked_token_loss(
     return loss, metrics
 
 
-def _gumbel(shape: torch.Size, device: torch.device, generator: torch.Generator | None) -> Tensor:
-    u = torch.rand(shape, device=device, generator=generator)
-    neg_log_u = (-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20)
-    return -torch.log(neg_log_u)
-
-
-def remask_count(step: int, steps: int, seq_len: int, num_masked: int) -> int:
-    """Tokens left masked after sampling step `step` (0-based).
-
-    floor(L * arccos((step + 1) / N) / (pi/2)), clamped to [1, num_masked - 1] so every step
-    commits at least one token (official ImageBert).
-    """
-    target = math.floor(seq_len * arccos_mask_ratio((step + 1) / steps))
-    return max(1, min(num_masked - 1, target))
-
-
 @torch.no_grad()
 def sample(
     model: MaskGIT,
@@ -297,7 +250,7 @@ def sample(
     try:
         for step in range(steps):
             r = (step + 1) / steps
-            tau = randomize_temperature * (1.0 - r)
+            tau = gumbel_temperature(r, randomize_temperature)
             is_mask_BL = ids_BL == model.mask_token_id
             if guidance_scale != 0.0:
                 both = model(torch.cat([ids_BL, ids_BL]), torch.cat([labels_B, null_B])).float()
@@ -305,14 +258,15 @@ def sample(
                 logits_BLV = cond + guidance_scale * (cond - uncond)
             else:
                 logits_BLV = model(ids_BL, labels_B).float()
-            noisy = logits_BLV + tau * _gumbel(logits_BLV.shape, dev, generator)
+            noise_BLV = gumbel_noise(logits_BLV.shape, device=dev, generator=generator)
+            noisy = logits_BLV + tau * noise_BLV
             sampled_BL = noisy.argmax(-1)
             sampled_BL = torch.where(is_mask_BL, sampled_BL, ids_BL)
             if step == steps - 1:
                 ids_BL = sampled_BL
                 break
             conf_BL = logits_BLV.gather(-1, sampled_BL[..., None]).squeeze(-1)
-            conf_BL = conf_BL + tau * _gumbel(conf_BL.shape, dev, generator)
+            conf_BL = conf_BL + tau * gumbel_noise(conf_BL.shape, device=dev, generator=generator)
             conf_BL = torch.where(is_mask_BL, conf_BL, torch.inf)
             n_remask = remask_count(step, steps, L, int(is_mask_BL.sum(-1).min()))
             lowest_Bn = conf_BL.topk(n_remask, dim=-1, largest=False).indices

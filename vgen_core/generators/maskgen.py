@@ -41,7 +41,16 @@ from torch import Tensor, nn
 
 from vgen_core.families import FamilySpec, sized_config
 
-from vgen_core.generators.masked import _gumbel, arccos_mask_ratio, remask_count
+from vgen_core.generators.common import Mlp, attention, gumbel_noise, modulate
+from vgen_core.generators.schedules import (
+    arccos_mask_ratio,
+    constant_guidance,
+    gumbel_temperature,
+    linear_guidance,
+    power_cosine_guidance,
+    remask_count,
+    softmax_temperature,
+)
 from vgen_core.generators.text import (
     TextEncoder,
     TextEncoderConfig,
@@ -128,7 +137,7 @@ class _AdaLNZero(nn.Module):
 
     def forward(self, x_BSD: Tensor, c_BD: Tensor) -> tuple[Tensor, ...]:
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.linear(F.silu(c_BD)).chunk(6, -1)
-        x_BSD = _ln(x_BSD) * (1 + scale_a[:, None]) + shift_a[:, None]
+        x_BSD = modulate(_ln(x_BSD), shift_a[:, None], scale_a[:, None])
         return x_BSD, gate_a, shift_m, scale_m, gate_m
 
 
@@ -141,17 +150,7 @@ class _AdaLNContinuous(nn.Module):
 
     def forward(self, x_BSD: Tensor, c_BD: Tensor) -> Tensor:
         scale, shift = self.linear(F.silu(c_BD)).chunk(2, -1)
-        return _ln(x_BSD) * (1 + scale[:, None]) + shift[:, None]
-
-
-class _MLP(nn.Module):
-    def __init__(self, dim: int, ratio: float) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, int(dim * ratio))
-        self.fc2 = nn.Linear(int(dim * ratio), dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return modulate(_ln(x_BSD), shift[:, None], scale[:, None])
 
 
 class _JointBlock(nn.Module):
@@ -166,10 +165,10 @@ class _JointBlock(nn.Module):
         self.to_qkv = nn.Linear(dim, 3 * dim)
         self.add_qkv = nn.Linear(dim, 3 * dim)
         self.to_out = nn.Linear(dim, dim)
-        self.ff = _MLP(dim, mlp_ratio)
+        self.ff = Mlp(dim, int(dim * mlp_ratio), approximate="tanh")
         if not context_pre_only:
             self.to_add_out = nn.Linear(dim, dim)
-            self.ff_context = _MLP(dim, mlp_ratio)
+            self.ff_context = Mlp(dim, int(dim * mlp_ratio), approximate="tanh")
 
     def _heads(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, S, three_d = t.shape
@@ -184,17 +183,15 @@ class _JointBlock(nn.Module):
             nctx, c_gate_a, c_shift_m, c_scale_m, c_gate_m = self.norm1_context(ctx_BTD, c_BD)
         qx, kx, vx = self._heads(self.to_qkv(nx))
         qc, kc, vc = self._heads(self.add_qkv(nctx))
-        a = F.scaled_dot_product_attention(
-            torch.cat([qx, qc], 2), torch.cat([kx, kc], 2), torch.cat([vx, vc], 2)
-        )
+        a = attention(torch.cat([qx, qc], 2), torch.cat([kx, kc], 2), torch.cat([vx, vc], 2))
         a = a.transpose(1, 2).reshape(B, -1, D)
         x_BLD = x_BLD + gate_a[:, None] * self.to_out(a[:, :L])
-        h = _ln(x_BLD) * (1 + scale_m[:, None]) + shift_m[:, None]
+        h = modulate(_ln(x_BLD), shift_m[:, None], scale_m[:, None])
         x_BLD = x_BLD + gate_m[:, None] * self.ff(h)
         if self.context_pre_only:
             return x_BLD, None
         ctx_BTD = ctx_BTD + c_gate_a[:, None] * self.to_add_out(a[:, L:])
-        h = _ln(ctx_BTD) * (1 + c_scale_m[:, None]) + c_shift_m[:, None]
+        h = modulate(_ln(ctx_BTD), c_shift_m[:, None], c_scale_m[:, None])
         return x_BLD, ctx_BTD + c_gate_m[:, None] * self.ff_context(h)
 
 
@@ -394,14 +391,15 @@ def cfg_scale_schedule(
       cosine: 1 + (g - 1) (1 - cos(r^p pi)) / 2   (1 at r = 0, g at r = 1)
       linear: 1 + (g - 1) r
       none:   g
+    (`schedules.power_cosine_guidance`, `linear_guidance`, `constant_guidance`.)
     """
     r = (step + 1) / steps
     if decay == "cosine":
-        return (guidance_scale - 1.0) * (1.0 - math.cos((r**scale_pow) * math.pi)) / 2.0 + 1.0
+        return power_cosine_guidance(step + 1, steps, guidance_scale, scale_pow)
     if decay == "linear":
-        return r * (guidance_scale - 1.0) + 1.0
+        return linear_guidance(r, 1.0, guidance_scale)
     if decay == "none":
-        return float(guidance_scale)
+        return constant_guidance(step, steps, guidance_scale)
     raise ValueError(f"cfg_scale_schedule: decay must be cosine, linear or none, got {decay!r}.")
 
 
@@ -448,7 +446,7 @@ def sample(
     try:
         for step in range(steps):
             r = (step + 1) / steps
-            tau = randomize_temperature * (1.0 - r)
+            tau = gumbel_temperature(r, randomize_temperature)
             is_mask_BL = ids_BL == model.mask_token_id
             s = cfg_scale_schedule(step, steps, guidance_scale, guidance_decay, guidance_scale_pow)
             if s != 0.0:
@@ -459,14 +457,15 @@ def sample(
             else:
                 logits_BLV = model(ids_BL, text, pooled, aes_B).float()
             if softmax_temperature_annealing:
-                logits_BLV = logits_BLV / (0.5 + 0.8 * (1.0 - r))
-            sampled_BL = (logits_BLV + tau * _gumbel(logits_BLV.shape, dev, generator)).argmax(-1)
+                logits_BLV = logits_BLV / softmax_temperature(r, 0.5, 0.8)
+            noise_BLV = gumbel_noise(logits_BLV.shape, device=dev, generator=generator)
+            sampled_BL = (logits_BLV + tau * noise_BLV).argmax(-1)
             sampled_BL = torch.where(is_mask_BL, sampled_BL, ids_BL)
             if step == steps - 1:
                 ids_BL = sampled_BL
                 break
             conf_BL = logits_BLV.gather(-1, sampled_BL[..., None]).squeeze(-1)
-            conf_BL = conf_BL + tau * _gumbel(conf_BL.shape, dev, generator)
+            conf_BL = conf_BL + tau * gumbel_noise(conf_BL.shape, device=dev, generator=generator)
             conf_BL = torch.where(is_mask_BL, conf_BL, torch.inf)
             n_remask = remask_count(step, steps, L, int(is_mask_BL.sum(-1).min()))
             lowest_Bn = conf_BL.topk(n_remask, dim=-1, largest=False).indices

@@ -30,8 +30,7 @@ L + 2), `target_aware_pos_embed` L + 1024 (we keep rows 2 .. L + 1, so our row j
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +38,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from vgen_core.families import FamilySpec, sized_config
+from vgen_core.generators.common import (
+    AdaLNFinalLayer,
+    CausalAdaLNBlock,
+    KVCache,
+    Mlp,
+    trunc_normal_init,
+    zero_adaln,
+)
+from vgen_core.generators.schedules import power_cosine_guidance
 
 __all__ = [
     "KVCache",
@@ -46,12 +54,15 @@ __all__ = [
     "RARConfig",
     "RAR_SAMPLING",
     "RAR_SIZES",
+    "check_orders",
     "power_cosine_guidance",
     "rar_config",
     "rar_loss",
     "rar_permutation_prob",
+    "raster_orders",
     "sample",
     "sample_orders",
+    "unshuffle",
 ]
 
 
@@ -108,160 +119,23 @@ rar_config = sized_config("RAR", RARConfig, RAR_SIZES)
 
 
 # --------------------------------------------------------------------------------------------------
-# Building blocks (shared with bar.py)
+# Generation orders (shared with bar.py; the blocks are in common.py)
 # --------------------------------------------------------------------------------------------------
 
-RopeFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
-
-class _LayerKV:
-    __slots__ = ("k", "v")
-
-    def __init__(self) -> None:
-        self.k: Tensor | None = None
-        self.v: Tensor | None = None
-
-
-class KVCache:
-    """Keys and values of the slots already processed, one entry per block (incremental decoding).
-
-    Made by `model.new_kv_cache()`; `length` is the number of cached slots.
-    """
-
-    def __init__(self, depth: int) -> None:
-        self.layers = [_LayerKV() for _ in range(depth)]
-
-    @property
-    def length(self) -> int:
-        k = self.layers[0].k
-        return 0 if k is None else int(k.shape[2])
-
-
-def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale) + shift
-
-
-class _Attention(nn.Module):
-    """Causal multi-head attention with QK-norm, optional RoPE hook and optional KV cache."""
-
-    def __init__(
-        self, dim: int, heads: int, qk_norm: Callable[[int], nn.Module], attn_drop: float,
-        proj_drop: float,
-    ) -> None:
-        super().__init__()
-        self.heads = heads
-        self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        self.q_norm = qk_norm(dim // heads)
-        self.k_norm = qk_norm(dim // heads)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(
-        self, x_BSD: Tensor, kv: _LayerKV | None = None, rope: RopeFn | None = None
-    ) -> Tensor:
-        B, S, D = x_BSD.shape
-        qkv = self.qkv(x_BSD).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        q_BHSd, k_BHSd, v_BHSd = qkv.unbind(0)
-        q_BHSd, k_BHSd = self.q_norm(q_BHSd), self.k_norm(k_BHSd)
-        if rope is not None:
-            q_BHSd, k_BHSd = rope(q_BHSd, k_BHSd)
-        past = 0
-        if kv is not None:
-            if kv.k is not None:
-                past = kv.k.shape[2]
-                k_BHSd = torch.cat([kv.k, k_BHSd], dim=2)
-                v_BHSd = torch.cat([kv.v, v_BHSd], dim=2)
-            kv.k, kv.v = k_BHSd, v_BHSd
-        mask, causal = None, False
-        if S > 1 and past == 0:
-            causal = True
-        elif S > 1:  # several new slots after cached ones: slot i sees keys <= past + i
-            mask = torch.ones(S, past + S, dtype=torch.bool, device=x_BSD.device).tril(past)
-        a_BHSd = F.scaled_dot_product_attention(
-            q_BHSd, k_BHSd, v_BHSd, attn_mask=mask, is_causal=causal,
-            dropout_p=self.attn_drop if self.training else 0.0,
-        )
-        return self.proj_drop(self.proj(a_BHSd.transpose(1, 2).reshape(B, S, D)))
-
-
-class _Mlp(nn.Module):
-    """timm Mlp: fc1 -> GELU -> dropout -> fc2 -> dropout."""
-
-    def __init__(self, dim: int, hidden: int, drop: float) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
-
-
-class _Block(nn.Module):
-    """Pre-norm block with 6-way adaLN-Zero modulation from a per-slot condition (DiT style)."""
-
-    def __init__(
-        self, dim: int, heads: int, mlp: nn.Module, norm: Callable[[int], nn.Module],
-        attn_drop: float, proj_drop: float,
-    ) -> None:
-        super().__init__()
-        self.norm1 = norm(dim)
-        self.attn = _Attention(dim, heads, norm, attn_drop, proj_drop)
-        self.norm2 = norm(dim)
-        self.mlp = mlp
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-
-    def forward(
-        self, x_BSD: Tensor, c_BSD: Tensor, kv: _LayerKV | None = None, rope: RopeFn | None = None
-    ) -> Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c_BSD).chunk(6, -1)
-        x_BSD = x_BSD + gate1 * self.attn(_modulate(self.norm1(x_BSD), shift1, scale1), kv, rope)
-        return x_BSD + gate2 * self.mlp(_modulate(self.norm2(x_BSD), shift2, scale2))
-
-
-class _FinalLayer(nn.Module):
-    """norm -> adaLN from the condition (official FinalLayer; chunk order scale, shift)."""
-
-    def __init__(self, dim: int, norm: nn.Module) -> None:
-        super().__init__()
-        self.norm_final = norm
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        scale, shift = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return _modulate(self.norm_final(x), shift, scale)
-
-
-def _init_weights(module: nn.Module, std: float) -> None:
-    """Official init_weights: trunc-normal Linear/Embedding, zero biases, unit norms."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.trunc_normal_(module.weight, std=std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-        if module.weight is not None:
-            nn.init.ones_(module.weight)
-        if getattr(module, "bias", None) is not None:
-            nn.init.zeros_(module.bias)
-
-
-def _zero_adaln(module: nn.Module) -> None:
-    nn.init.zeros_(module.adaLN_modulation[-1].weight)
-    nn.init.zeros_(module.adaLN_modulation[-1].bias)
-
-
-def _raster(batch: int, seq_len: int, device: torch.device) -> Tensor:
+def raster_orders(batch: int, seq_len: int, device: torch.device | str = "cpu") -> Tensor:
+    """(B, L) int64 raster orders: every row is arange(L)."""
     return torch.arange(seq_len, device=device).expand(batch, seq_len)
 
 
-def _unshuffle(x_BLX: Tensor, orders_BL: Tensor) -> Tensor:
+def unshuffle(x_BLX: Tensor, orders_BL: Tensor) -> Tensor:
     """x in generation order (row i belongs to position orders[i]) -> x in position order."""
     inverse_BL = orders_BL.argsort(dim=1)
     return x_BLX.gather(1, inverse_BL[..., None].expand_as(x_BLX))
 
 
-def _check_orders(orders_BL: Tensor, batch: int, seq_len: int) -> None:
+def check_orders(orders_BL: Tensor, batch: int, seq_len: int) -> None:
+    """Raise unless orders_BL is (batch, seq_len)."""
     if orders_BL.shape != (batch, seq_len):
         raise ValueError(
             f"orders must be (B, L) = ({batch}, {seq_len}), got {tuple(orders_BL.shape)}."
@@ -297,19 +171,19 @@ class RAR(nn.Module):
         self.target_aware_pos_embed = nn.Parameter(torch.zeros(1, L, D))
         self.timesteps_embeddings = nn.Parameter(torch.zeros(1, L + 2, D))
         self.blocks = nn.ModuleList(
-            _Block(D, config.heads, _Mlp(D, config.mlp_dim, config.dropout), norm,
-                   config.attn_dropout, config.dropout)
+            CausalAdaLNBlock(D, config.heads, Mlp(D, config.mlp_dim, drop=config.dropout), norm,
+                             config.attn_dropout, config.dropout)
             for _ in range(config.depth)
         )
-        self.adaln_before_head = _FinalLayer(
+        self.adaln_before_head = AdaLNFinalLayer(
             D, nn.LayerNorm(D, eps=config.layer_norm_eps, elementwise_affine=False)
         )
         self.lm_head = nn.Linear(D, V)
-        self.apply(lambda m: _init_weights(m, config.init_std))
+        self.apply(lambda m: trunc_normal_init(m, config.init_std))
         for p in (self.pos_embed, self.target_aware_pos_embed, self.timesteps_embeddings):
             nn.init.trunc_normal_(p, std=config.init_std)
         for m in [*self.blocks, self.adaln_before_head]:
-            _zero_adaln(m)
+            zero_adaln(m)
 
     @property
     def null_class_id(self) -> int:
@@ -385,11 +259,11 @@ class RAR(nn.Module):
                 f"RAR expects tokens (B, {self.seq_len}), got {tuple(tokens_BL.shape)}."
             )
         self._check(tokens_BL, labels_B, L)
-        orders_BL = _raster(B, L, tokens_BL.device) if orders_BL is None else orders_BL
-        _check_orders(orders_BL, B, L)
+        orders_BL = raster_orders(B, L, tokens_BL.device) if orders_BL is None else orders_BL
+        check_orders(orders_BL, B, L)
         x_BSD, c_BSD = self.slot_inputs(tokens_BL.gather(1, orders_BL), labels_B, orders_BL)
         h_BSD = self._blocks(x_BSD, c_BSD, None)
-        return _unshuffle(self._logits(h_BSD[:, 1 : L + 1], c_BSD[:, 1 : L + 1]), orders_BL)
+        return unshuffle(self._logits(h_BSD[:, 1 : L + 1], c_BSD[:, 1 : L + 1]), orders_BL)
 
     def next_token_logits(
         self, tokens_BN: Tensor, labels_B: Tensor, cache: KVCache | None = None
@@ -406,7 +280,7 @@ class RAR(nn.Module):
         if start > N + 1:
             raise ValueError(f"KV cache holds {start} slots but only {N + 2} are given.")
         x_BSD, c_BSD = self.slot_inputs(
-            tokens_BN, labels_B, _raster(B, self.seq_len, tokens_BN.device)
+            tokens_BN, labels_B, raster_orders(B, self.seq_len, tokens_BN.device)
         )
         h_BSD = self._blocks(x_BSD[:, start:], c_BSD[:, start:], cache)
         return self._logits(h_BSD[:, -1], c_BSD[:, -1])
@@ -438,18 +312,7 @@ def sample_orders(
     """(B, L) int64 orders: per sample a uniform random permutation w.p. `prob`, else raster."""
     random_BL = torch.rand(batch, seq_len, device=device, generator=generator).argsort(dim=1)
     pick_B = torch.rand(batch, device=device, generator=generator) < prob
-    return torch.where(pick_B[:, None], random_BL, _raster(batch, seq_len, torch.device(device)))
-
-
-def power_cosine_guidance(
-    step: int, num_steps: int, guidance_scale: float, power: float
-) -> float:
-    """CFG scale at sampling step `step`: (g - 1) * (1 - cos((step / N) ** p * pi)) / 2 + 1.
-
-    1 at step 0, rising to g at step N (MDT schedule as used by RAR's generate).
-    """
-    ramp = (1.0 - math.cos(((step / num_steps) ** power) * math.pi)) / 2.0
-    return (guidance_scale - 1.0) * ramp + 1.0
+    return torch.where(pick_B[:, None], random_BL, raster_orders(batch, seq_len, device))
 
 
 def rar_loss(

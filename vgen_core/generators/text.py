@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from vgen_core.families import FamilySpec, sized_config
+from vgen_core.generators.common import attention
 
 __all__ = [
     "BOS_ID",
@@ -144,7 +145,7 @@ class _CausalBlock(nn.Module):
         B, T, E = x_BTE.shape
         qkv = self.qkv(self.ln_1(x_BTE)).view(B, T, 3, self.heads, E // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        a_BTE = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+        a_BTE = attention(q, k, v, causal=True).transpose(1, 2)
         x_BTE = x_BTE + self.proj(a_BTE.reshape(B, T, E))
         return x_BTE + self.fc2(F.gelu(self.fc1(self.ln_2(x_BTE))))
 

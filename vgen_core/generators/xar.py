@@ -35,12 +35,21 @@ import math
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from vgen_core.families import FamilySpec, sized_config
 
+from vgen_core.generators.common import (
+    RMSNorm,
+    SwiGLU,
+    adaln_modulation,
+    apply_rope_interleaved,
+    attention,
+    modulate,
+    rms_norm,
+    rope_2d_angles,
+)
 from vgen_core.generators.flow import (
     TimestepEmbedder,
     euler_maruyama_sample,
@@ -50,6 +59,7 @@ from vgen_core.generators.flow import (
     logit_normal_t,
     sde_time_grid,
 )
+from vgen_core.generators.schedules import linear_guidance
 
 __all__ = [
     "XAR",
@@ -181,51 +191,9 @@ def _cell_coords(latent_size: int, clusters: int) -> Tensor:
     return split_cells(grid, clusters)[0, :, :, :].reshape(-1, 2)
 
 
-def _rope_tables(coords_S2: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos/sin (S, d): dims [0, d/2) rotate with the row, [d/2, d) with the column; each frequency
-    repeated for an interleaved pair (EVA-02 VisionRotaryEmbeddingFast, dim = d/2)."""
-    half = head_dim // 2
-    freqs = 1.0 / theta ** (torch.arange(0, half, 2).float() / half)  # (d/4,)
-    ang_row = (coords_S2[:, :1] * freqs).repeat_interleave(2, dim=-1)
-    ang_col = (coords_S2[:, 1:] * freqs).repeat_interleave(2, dim=-1)
-    ang = torch.cat([ang_row, ang_col], dim=-1)
-    return ang.cos(), ang.sin()
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack([-x2, x1], dim=-1).flatten(-2)
-
-
 # --------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------
-
-
-def _rms_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
-    return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
-
-
-class _RMSNorm(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return _rms_norm(x) * self.weight
-
-
-class _SwiGLU(nn.Module):
-    """timm SwiGLU: fc2(silu(fc1_g(x)) * fc1_x(x))."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1_g = nn.Linear(dim, hidden)
-        self.fc1_x = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.silu(self.fc1_g(x)) * self.fc1_x(x))
 
 
 KV = tuple[Tensor, Tensor]
@@ -239,8 +207,8 @@ class _Block(nn.Module):
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.mlp = _SwiGLU(dim, int(dim * mlp_ratio * 2 / 3))
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.mlp = SwiGLU(dim, int(dim * mlp_ratio * 2 / 3))
+        self.ada_lin = adaln_modulation(dim, 6)
 
     def forward(
         self,
@@ -253,19 +221,19 @@ class _Block(nn.Module):
         """Returns the block output and this call's (k, v) (B, Hh, S, d), RoPE applied."""
         B, S, D = x_BSD.shape
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(c_BSD).chunk(6, dim=-1)
-        h = _rms_norm(x_BSD) * (1 + scale1) + shift1
+        h = modulate(rms_norm(x_BSD), shift1, scale1)
         q, k, v = self.qkv(h).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         if rope is not None:
             cos, sin = rope
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q = apply_rope_interleaved(q, cos, sin)
+            k = apply_rope_interleaved(k, cos, sin)
         new_kv = (k, v)
         if past is not None:
             k = torch.cat([past[0][:B], k], dim=2)
             v = torch.cat([past[1][:B], v], dim=2)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_SS)
+        a = attention(q, k, v, mask=mask_SS)
         x_BSD = x_BSD + self.proj(a.transpose(1, 2).reshape(B, S, D)) * gamma1
-        x_BSD = x_BSD + self.mlp(_rms_norm(x_BSD) * (1 + scale2) + shift2) * gamma2
+        x_BSD = x_BSD + self.mlp(modulate(rms_norm(x_BSD), shift2, scale2)) * gamma2
         return x_BSD, new_kv
 
 
@@ -285,27 +253,28 @@ class XAR(nn.Module):
         self.class_emb = nn.Embedding(config.num_classes + 1, D)
         self.time_embed = TimestepEmbedder(D)
         self.z_proj = nn.Linear(C, D)
-        self.z_proj_ln = _RMSNorm(D)
+        self.z_proj_ln = RMSNorm(D)
         self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, S, D))
         self.encoder_blocks = nn.ModuleList(
             [_Block(D, config.heads, config.mlp_ratio) for _ in range(config.encoder_depth)]
         )
-        self.encoder_norm = _RMSNorm(D)
+        self.encoder_norm = RMSNorm(D)
         self.decoder_embed = nn.Linear(D, D)
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, S, D))
         self.decoder_blocks = nn.ModuleList(
             [_Block(D, config.heads, config.mlp_ratio) for _ in range(config.decoder_depth)]
         )
-        self.decoder_norm = _RMSNorm(D)
+        self.decoder_norm = RMSNorm(D)
         self.pred = nn.Linear(D, C)
         self.register_buffer(
             "mask", block_causal_mask(config.clusters, config.cell_len), persistent=False
         )
-        cos, sin = _rope_tables(
-            _cell_coords(config.latent_size, config.clusters), D // config.heads, config.rope_theta
+        coords_S2 = _cell_coords(config.latent_size, config.clusters)
+        angles_Sd = rope_2d_angles(
+            coords_S2[:, 0], coords_S2[:, 1], D // config.heads, config.rope_theta
         )
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_cos", angles_Sd.cos(), persistent=False)
+        self.register_buffer("rope_sin", angles_Sd.sin(), persistent=False)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -458,7 +427,7 @@ def cell_cfg_scale(cell: int, clusters: int, cfg: float) -> float:
     """Guidance for `cell`: (cfg - 1) * k / (K - 1) + 1 (1 on the first cell, cfg on the last)."""
     if clusters == 1:
         return cfg
-    return (cfg - 1.0) * cell / (clusters - 1.0) + 1.0
+    return linear_guidance(cell, clusters - 1.0, cfg)
 
 
 @torch.no_grad()

@@ -165,6 +165,19 @@ def load_pretrained(
     return model.to(device).eval()
 
 
+def read_config(uri: str) -> tuple[Any, Any]:
+    """(FamilySpec, validated config) of an exported model directory (local or remote), from its
+    ``config.json`` alone (no weights read)."""
+    from vgen_core import families
+    from vgen_core.data.fsio import filesystem_for
+
+    fs, path = filesystem_for(uri)
+    payload = json.loads(fs.cat_file(f"{path.rstrip('/')}/{CONFIG_NAME}"))
+    spec = families.get(payload.get("family", "?"))
+    fields = {k: v for k, v in payload.items() if k not in _RESERVED_KEYS}
+    return spec, spec.config_class.model_validate(fields)
+
+
 # Released (official) checkpoints ----------------------------------------------------------
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

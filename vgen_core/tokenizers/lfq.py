@@ -5,7 +5,10 @@ Spec: methods.md §1.3; reference: markweberdev/maskbit `modeling/quantizer/look
 
 Encoder -> K channels -> sign(z) in {-1,+1} (straight-through) -> decoder. Each spatial position is
 one token of K bits; its index is sum_k [bit_k] * 2**k (LSB first), so the implicit codebook is all
-2**K sign vectors and never has to be stored.
+2**K sign vectors and never has to be stored. These bit conventions live in `kernels.lfq`: the
+quantizer calls its `lfq_quantize` (signs with the straight-through gradient, bits, indices; the
+fused Triton kernel on CUDA, its PyTorch reference elsewhere), and `bits_to_indices` /
+`indices_to_bits` are its helpers, re-exported here. The entropy losses stay in this module.
 
 Shape legend: B batch, C image channels, H/W image size, h/w token grid, K bits per token,
 D conv channels, N = B*h*w flattened tokens, V = 2**K implicit codes.
@@ -38,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from kernels.lfq import MAX_TOKEN_BITS, bits_to_indices, indices_to_bits, lfq_quantize
 from vgen_core.families import FamilySpec, sized_config
 
 __all__ = [
@@ -55,55 +59,13 @@ __all__ = [
     "unpack_bits",
 ]
 
-_MAX_INDEX_BITS = 62  # indices are int64
-
-
 # --------------------------------------------------------------------------------------------------
 # Pure bit helpers
 # --------------------------------------------------------------------------------------------------
 
-
-def bits_to_indices(bits_NK: Tensor) -> Tensor:
-    """Token bits -> code index, LSB first: index = sum_k [bit_k] * 2**k.
-
-    Args:
-        bits_NK: (..., K) bool, or real-valued where a bit is set iff the value is > 0 (so both
-            {0,1} and {-1,+1} encodings work).
-    Returns:
-        (...,) int64 indices in [0, 2**K).
-    """
-    K = bits_NK.shape[-1]
-    if K > _MAX_INDEX_BITS:
-        raise ValueError(f"bits_to_indices: K={K} bits do not fit an int64 index; use K <= 62.")
-    set_NK = bits_NK if bits_NK.dtype == torch.bool else bits_NK > 0
-    weights_K = torch.ones(K, dtype=torch.int64, device=bits_NK.device) << torch.arange(
-        K, device=bits_NK.device
-    )
-    return (set_NK.to(torch.int64) * weights_K).sum(-1)
-
-
-def indices_to_bits(indices_N: Tensor, token_bits: int) -> Tensor:
-    """Code index -> token bits (inverse of `bits_to_indices`).
-
-    Args:
-        indices_N: (...,) integer tensor with values in [0, 2**token_bits).
-        token_bits: K.
-    Returns:
-        (..., K) bool; element k is bit k of the index (LSB first).
-    """
-    if not 1 <= token_bits <= _MAX_INDEX_BITS:
-        raise ValueError(f"indices_to_bits: token_bits must be in [1, 62], got {token_bits}.")
-    if indices_N.dtype.is_floating_point or indices_N.dtype == torch.bool:
-        raise TypeError(f"indices_to_bits: expected an integer tensor, got {indices_N.dtype}.")
-    idx_N = indices_N.to(torch.int64)
-    if idx_N.numel() and (int(idx_N.min()) < 0 or int(idx_N.max()) >= (1 << token_bits)):
-        raise ValueError(
-            f"indices_to_bits: indices must lie in [0, 2**{token_bits}) = [0, {1 << token_bits}), "
-            f"got range [{int(idx_N.min())}, {int(idx_N.max())}]; check token_bits matches the "
-            "tokenizer that produced them."
-        )
-    shifts_K = torch.arange(token_bits, device=idx_N.device)
-    return ((idx_N.unsqueeze(-1) >> shifts_K) & 1).bool()
+# bits_to_indices / indices_to_bits (the LSB-first index convention) are kernels.lfq's, imported
+# above and re-exported. pack_bits / unpack_bits are the numpy storage codec in the byte order of
+# the kernel's `packed` output, for any K and numpy or CPU tensors; kernels.lfq has no equivalent.
 
 
 def pack_bits(bits_NK: np.ndarray | Tensor) -> np.ndarray | Tensor:
@@ -271,6 +233,11 @@ class LookupFreeQuantizer(nn.Module):
         entropy_chunk_size: int = 4096,
     ) -> None:
         super().__init__()
+        if not 1 <= token_bits <= MAX_TOKEN_BITS:
+            raise ValueError(
+                f"LookupFreeQuantizer: token_bits must be in [1, {MAX_TOKEN_BITS}] (kernels.lfq), "
+                f"got {token_bits}."
+            )
         self.token_bits = token_bits
         self.codebook_size = 1 << token_bits
         self.commitment_weight = commitment_weight
@@ -295,28 +262,32 @@ class LookupFreeQuantizer(nn.Module):
                 f"LookupFreeQuantizer expects (B, {self.token_bits}, h, w), "
                 f"got {tuple(z_BKhw.shape)}."
             )
-        z_BhwK = z_BKhw.permute(0, 2, 3, 1)
-        bits_BhwK = z_BhwK > 0
-        q_BhwK = torch.where(bits_BhwK, 1.0, -1.0).to(z_BhwK.dtype)
-        indices_Bhw = bits_to_indices(bits_BhwK)
+        B, _, h, w = z_BKhw.shape
+        z_BNK = z_BKhw.flatten(2).transpose(1, 2)  # (B, h*w, K) view: the kernel reads it in place
+        out = lfq_quantize(z_BNK, self.entropy_temperature)  # signs come back in z's layout
+        quantized_BKhw = out.signs.transpose(1, 2).unflatten(2, (h, w))
+        bits_BhwK = out.signs.detach().unflatten(1, (h, w)) > 0
+        indices_Bhw = out.indices.view(B, h, w)
 
-        commitment = self.commitment_weight * torch.mean((q_BhwK.detach() - z_BhwK) ** 2)
-        zero = z_BhwK.new_zeros((), dtype=torch.float32)
+        # Gradients reach z as (straight-through + entropy) + commitment: the entropy reads z_BNK,
+        # the commitment z_BKhw. That is the summation order from before this used kernels.lfq,
+        # so training is unchanged bit for bit.
+        commitment = self.commitment_weight * torch.mean((quantized_BKhw.detach() - z_BKhw) ** 2)
+        zero = z_BKhw.new_zeros((), dtype=torch.float32)
         ent_ps, ent_avg, entropy = zero, zero, zero
         if self.training and self.entropy_weight != 0.0:
-            z_NK = z_BhwK.reshape(-1, self.token_bits).float()
+            z_NK = z_BNK.reshape(-1, self.token_bits).float()
             ent_ps = per_sample_entropy(z_NK, self.entropy_temperature)
             ent_avg = avg_entropy(z_NK, self.entropy_temperature, self.entropy_chunk_size)
             entropy = self.entropy_weight * (ent_ps - self.entropy_gamma * ent_avg)
 
-        quantized_BhwK = z_BhwK + (q_BhwK - z_BhwK).detach()
         losses = {
             "commitment": commitment,
             "entropy": entropy,
             "per_sample_entropy": ent_ps.detach(),
             "avg_entropy": ent_avg.detach(),
         }
-        return quantized_BhwK.permute(0, 3, 1, 2).contiguous(), bits_BhwK, indices_Bhw, losses
+        return quantized_BKhw.contiguous(), bits_BhwK, indices_Bhw, losses
 
 
 # --------------------------------------------------------------------------------------------------
