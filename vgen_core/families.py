@@ -250,7 +250,8 @@ class FamilySpec:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "role": self.role, "sizes": list(self.sizes),
                 "capabilities": self.capabilities, "aliases": list(self.aliases),
-                "data": self.data, "produces": list(self.produces), "conditioning": self.conditioning,
+                "data": self.data, "produces": list(self.produces),
+                "conditioning": self.conditioning,
                 "output": self.output, "pixel_range": self.pixel_range, "summary": self.summary}
 
 

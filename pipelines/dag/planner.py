@@ -74,7 +74,8 @@ def plan_stage(dag: Dag, name: str, store: Any, inputs: dict[str, dict[str, Outp
     fp = digest_parts(parts)
     plan = StagePlan(stage=name, kind=spec.uses, state=TO_RUN, reason="", fingerprint=fp,
                      row_fingerprint=row_fp, parts=parts)
-    lacking = [k for k in getattr(stage, "required_outputs", ()) if done and k not in done["outputs"]]
+    lacking = [k for k in getattr(stage, "required_outputs", ())
+               if done and k not in done["outputs"]]
     if (done is not None and done["fingerprint"] == fp and not lacking
             and _outputs_exist(store, done["outputs"])):
         plan.state, plan.reason = UP_TO_DATE, "fingerprint and outputs unchanged"

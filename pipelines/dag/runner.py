@@ -26,7 +26,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.stages.base import Counts, MapStage, OutputRef, StageError
+from pipelines.stages.base import Counts, OutputRef, StageError
 
 from .planner import UP_TO_DATE, plan_dag, plan_stage
 from .spec import Dag

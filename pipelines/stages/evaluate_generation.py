@@ -17,9 +17,9 @@ table's captions (current rows, sorted by ``sample_id``, cycled). Samples are cu
 ``shard_size``; shard ``i`` draws with seed ``seed + i`` (ADM's ``42 + rank``, with the shard as
 the rank), so the images do not depend on how many actors ran. Shards run on a Ray actor pool
 from the stage's executor, sized like per-sample stages (:mod:`pipelines.stages.resources`: one
-actor on 2 cores; GPU actors when ``resources.gpus``); each actor loads generator, decoder and extractor once,
-samples, decodes, and returns features only (plus the few images of the grid). With the
-in-process executor (unit tests) the same actor class runs in this process.
+actor on 2 cores; GPU actors when ``resources.gpus``); each actor loads generator, decoder and
+extractor once, samples, decodes, and returns features only (plus the few images of the grid).
+With the in-process executor (unit tests) the same actor class runs in this process.
 
 **Metrics** (results table ``<dag>/<stage>``, one row per metric, the extractor named on every
 feature-based row; MLflow metrics on the stage run): ``fid`` and ``sfid`` from streaming
@@ -204,8 +204,6 @@ class _ReferenceActor:
     """Features of curated images, center-cropped to ``resolution`` (the tokenizer's input)."""
 
     def __init__(self, extractor: dict[str, Any], resolution: int, column: str, device: str):
-        import torch
-
         self._tmp = tempfile.TemporaryDirectory()
         self.device = _device(device)
         self.extractor = build_extractor(extractor, self._tmp.name, self.device)

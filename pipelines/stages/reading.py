@@ -168,7 +168,8 @@ def data_facts(store: Any, side: OutputRef, where: str) -> dict[str, Any]:
                      codebook_size=int(one("codebook_size")))
     elif "shape" in names:
         shape = list(one("shape"))
-        facts.update(kind="latents", shape=shape, in_channels=shape[0] // 2, scale_factor=float(one("scale_factor")))
+        facts.update(kind="latents", shape=shape, in_channels=shape[0] // 2,
+                     scale_factor=float(one("scale_factor")))
         if len(shape) == 3 and shape[1] == shape[2]:
             facts.update(input_size=shape[1], latent_size=shape[1])
         if len(shape) == 3 and shape[1] == 1:  # 1D tokens (B, C, 1, K): TiTok / TA-TiTok KL

@@ -22,7 +22,9 @@ exact model that encoded the rows: the upstream ``train.tokenizer`` export passe
 a ``weights:`` file or a seeded build, that model exported once under
 ``models/<dag>/<stage>/<row fingerprint>/``. Whoever decodes these tokens (train / evaluate
 stages) loads that reference, so the decoder cannot drift from the encoder. It is implied by the
-row fingerprint, so it does not enter downstream fingerprints (``derived_outputs``). The input is any curated table with image bytes: ``image_png`` (ingest.images)
+row fingerprint, so it does not enter downstream fingerprints (``derived_outputs``).
+
+The input is any curated table with image bytes: ``image_png`` (ingest.images)
 or ``image`` (curate.pancap's original JPEG); ``label`` and ``caption``/``caption_text`` are
 carried when present.
 
@@ -264,7 +266,8 @@ class ImageTokenizeStage(MapStage):
             raise StageError(f"stage '{self.ctx.stage}': upstream table {ref.uri} has no image "
                              f"column (expected one of {', '.join(IMAGE_COLUMNS)}); its columns "
                              f"are {', '.join(names)}")
-        extra = [c for c in ("label", "source", pick_column(names, CAPTION_COLUMNS)) if c and c in names]
+        extra = [c for c in ("label", "source", pick_column(names, CAPTION_COLUMNS))
+                 if c and c in names]
         return ["sample_id", "content_digest", image, *extra]
 
     # -- decode: ahead of the actor (``prepare_batch``) on Ray, inline in process ------------

@@ -33,7 +33,7 @@ in `vgen_core.tokenizers.deltatok`); loss defaults to log-cosh (the DeltaTok los
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F

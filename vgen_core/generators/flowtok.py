@@ -426,7 +426,8 @@ def _image_tokens(model: FlowTok, batch: dict[str, Tensor], generator: torch.Gen
     want = (model.config.num_tokens, model.config.token_dim)
     if tuple(z_BNC.shape[1:]) != want:
         raise ValueError(f"FlowTok expects image tokens (B, {want[0]}, {want[1]}), the latents "
-                         f"give {tuple(z_BNC.shape)}; set num_tokens / token_dim to the tokenizer's")
+                         f"give {tuple(z_BNC.shape)}; set num_tokens / token_dim to the "
+                         "tokenizer's")
     return z_BNC
 
 

@@ -16,7 +16,7 @@ Shape legend: B batch, T context length (77), E width.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F

@@ -32,7 +32,7 @@ S = K * L tokens, D hidden width, Hh heads, d head dim.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator

@@ -8,10 +8,10 @@ Directory layout written by `save_pretrained(model, directory)`:
                        family and digest
 
 A model class is saveable when it has `family: ClassVar[str]`, a pydantic `config` attribute and a
-constructor `Model(config)`. `load_pretrained` finds the class from the family name: the built-in
-families are found through their :class:`~vgen_core.families.FamilySpec` (imported on first use, so this
-module imports no model code), others are added with `register_family`. Loading reads JSON and safetensors only (no `torch.load`, no unpickling)
-and checks the recorded weights digest.
+constructor `Model(config)`. `load_pretrained` finds the class from the family name: the
+built-in families through their :class:`~vgen_core.families.FamilySpec` (imported on first use,
+so this module imports no model code), others added with `register_family`. Loading reads JSON
+and safetensors only (no `torch.load`, no unpickling) and checks the recorded weights digest.
 """
 
 from __future__ import annotations
