@@ -10,7 +10,8 @@ from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
-from pipelines.stages.base import BatchResult, MapStage, Work, filter_to_key_set, row_keys
+from pipelines.stages.base import (BatchResult, InProcessExecutor, MapStage, Work,
+                                   filter_to_key_set, row_keys)
 from pipelines.stages.resources import RESERVED_CPUS, actor_cpus, pool_size
 
 __all__ = ["cluster_resources", "pool_size", "actor_cpus", "RESERVED_CPUS", "RayDataExecutor"]
@@ -82,14 +83,22 @@ class RayDataExecutor:
 
     def map_actors(self, actor_cls: type, args: tuple, *, make_ds: Callable[[], Any],
                    local_batches: Callable[[], Iterator[pa.Table]], batch_size: int,
-                   resources: Any = None) -> Iterator[pa.Table]:
+                   resources: Any = None, num_batches: int | None = None
+                   ) -> Iterator[pa.Table]:
         """``actor_cls(*args)`` called on every batch of ``make_ds()`` (a Ray Dataset), on an
         actor pool sized from ``resources`` and the cluster (GPU actors when
-        ``resources.gpus``); yields the actors' output tables."""
+        ``resources.gpus``); yields the actors' output tables. Work the caller knows is one
+        batch (``num_batches=1``) and that asks for no GPU runs in this process instead: an
+        actor pool's start-up (a worker process importing the models) costs more than it."""
         import ray.data
 
         cluster = self.cluster or cluster_resources()
         gpus = float(getattr(resources, "gpus", 0.0) or 0.0)
+        if num_batches == 1 and not gpus:
+            yield from InProcessExecutor().map_actors(
+                actor_cls, args, make_ds=make_ds, local_batches=local_batches,
+                batch_size=batch_size, resources=resources)
+            return
         ds = make_ds().map_batches(
             actor_cls, fn_constructor_args=args, batch_format="pyarrow", batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool_size(resources, cluster)),

@@ -583,7 +583,8 @@ class InProcessExecutor:
 
     def map_actors(self, actor_cls: type, args: tuple, *, make_ds: Callable[[], Any],
                    local_batches: Callable[[], Iterator[pa.Table]], batch_size: int,
-                   resources: Any = None) -> Iterator[pa.Table]:
+                   resources: Any = None, num_batches: int | None = None
+                   ) -> Iterator[pa.Table]:
         """The in-process twin of ``RayDataExecutor.map_actors``: one ``actor_cls(*args)`` in
         this process over ``local_batches()`` (``make_ds`` is not called: no Ray)."""
         actor = actor_cls(*args)

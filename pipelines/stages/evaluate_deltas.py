@@ -119,7 +119,8 @@ def evaluate_predictions(stage: Any, executor: Any, spec: families.FamilySpec,
 
     parts = [b for b in executor.map_actors(_PredictActor, (plan,), make_ds=make_ds,
                                             local_batches=local, batch_size=bs,
-                                            resources=stage.ctx.resources) if b.num_rows]
+                                            resources=stage.ctx.resources,
+                                            num_batches=-(-t.num_rows // bs)) if b.num_rows]
     res = pa.concat_tables(parts)
     n = res.num_rows
     mean = {c: float(np.mean(res[c].to_numpy())) for c in ("best_mse", "mean_mse", "best_l1",

@@ -402,7 +402,7 @@ class EvaluateGeneration(JobStage):
         for b in executor.map_actors(
                 _SampleActor, (plan,), make_ds=lambda: _shards_ds(shards),
                 local_batches=lambda: (pa.Table.from_pylist([s]) for s in shards),
-                batch_size=1, resources=self.ctx.resources):
+                batch_size=1, resources=self.ctx.resources, num_batches=len(shards)):
             if not b.num_rows:
                 continue
             x = _unpack(b["pool"]).astype(np.float64)
@@ -539,7 +539,7 @@ class EvaluateGeneration(JobStage):
         hit = cache.get(key, digest)
         if hit is not None:
             return hit
-        ref = self._extract_reference(executor, key, ext, source, digest)
+        ref = self._extract_reference(executor, key, ext, source, digest, keys.num_rows)
         cache.put(ref)
         return ref
 
@@ -557,7 +557,7 @@ class EvaluateGeneration(JobStage):
                 raise StageError(f"{self._where()}: {e}") from None
 
     def _extract_reference(self, executor: Any, key: Any, ext: dict[str, Any],
-                           source: OutputRef, digest: str):
+                           source: OutputRef, digest: str, rows: int):
         from vgen_core.eval.fid import FeatureStats
         from vgen_core.eval.reference import FeatureSubset, ReferenceStats
 
@@ -584,7 +584,8 @@ class EvaluateGeneration(JobStage):
         subset = FeatureSubset(self.config.reference_features)
         args = (ext, key.resolution, col, self.config.device)
         for b in executor.map_actors(_ReferenceActor, args, make_ds=make_ds, local_batches=local,
-                                     batch_size=bs, resources=self.ctx.resources):
+                                     batch_size=bs, resources=self.ctx.resources,
+                                     num_batches=-(-rows // bs)):
             if not b.num_rows:
                 continue
             x = _unpack(b["pool"]).astype(np.float64)

@@ -76,7 +76,10 @@ def test_evaluate_generation_dag(ray_cluster, tmp_path):
     first = json.loads(by_metric["fid"]["details"])
     assert first["reference"]["cached"] is False
     assert first["reference"]["comparable_to_published"] is False
-    assert first["lineage"]["tokenizer"]["uri"] == "seeded:titok:tiny:init_seed=0"
+    # the decoder is the tokens stage's export of its seeded tokenizer (its `tokenizer` output)
+    tok = first["lineage"]["tokenizer"]
+    assert tok["family"] == "titok" and tok["stage"] == "tokens"
+    assert tok["uri"] == store.path(f"models/evalgen/tokens/{tok['fingerprint']}")
     assert store.read("_vgen/reference_stats").num_rows == 1
 
     # MLflow: metrics on the stage run, the sample grid, lineage tags
