@@ -11,10 +11,15 @@
     vgen logs ID --address http://HEAD:8265 [--follow]
     vgen stop ID --address http://HEAD:8265
     vgen report RUN_ID [RUN_ID ...] [--storage ROOT | --tracking-uri URI] [--out report.html]
+    vgen tracking sync [--storage ROOT | --tracking-uri URI]  # replay records of an MLflow outage
 
 ``--storage`` (env VGEN_STORAGE) overrides the DAG's storage root, so one DAG runs against several
 roots; ``--tracking-uri`` (env MLFLOW_TRACKING_URI) likewise for MLflow. Exit codes: 0 success,
-1 a stage failed, 2 invalid DAG/config or unusable storage (nothing was computed). The cluster
+1 a stage failed, 2 invalid DAG/config or unusable storage (nothing was computed). A config that
+points at a data root or file that cannot be read (``with.root``, ``weights:``, ...) is invalid:
+``vgen run`` refuses it before Ray starts or an MLflow run is opened, one ``vgen: invalid DAG:
+FILE: stage 'S': field 'with.F': ...`` line per problem on stderr; ``vgen plan`` / ``vgen status``
+show every stage (the bad ones as ``invalid``), print the same lines and exit 2. The cluster
 commands (see :mod:`pipelines.submit`): 0 ok or the job is pending/running/succeeded, 1 the job
 failed or was stopped, 2 nothing could be done (unreachable cluster, unknown job, bad arguments).
 """
@@ -138,8 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='print {"families": [{"name", "role", "sizes", "capabilities"}, ...]}')
 
     from pipelines.report import add_report_parser
+    from pipelines.tracking_cli import add_tracking_parser
 
     add_report_parser(sub)
+    add_tracking_parser(sub)
     return parser
 
 
@@ -177,6 +184,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from vgen_core.tracking import MlflowTracker
 
     dag, store, tracking = _load(args)
+    from pipelines.dag.planner import require_valid_config
+
+    require_valid_config(dag, store)  # before the MLflow run, Ray and any write: exit 2
     store.check_writable()
     from vgen_core.tracking import default_artifact_location
 
@@ -191,6 +201,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: Any, store: Any) -> None:
+    from vgen_core.tracking.redact import redact_text, redact_uri
+
     print(f"\nDAG '{summary.dag}' finished in {summary.seconds:.1f}s "
           f"({'ok' if summary.ok else 'FAILED'})")
     print(f"{'stage':<14} {'action':<8} {'processed':>9} {'skipped':>8} {'quarant.':>8} "
@@ -201,14 +213,14 @@ def _print_summary(summary: Any, store: Any) -> None:
         print(f"{o.stage:<14} {o.action:<8} {o.counts.processed:>9} {o.counts.skipped:>8} "
               f"{o.counts.quarantined:>8} {o.counts.filtered:>8}  {outs}")
         if o.error:
-            print(f"  error: {o.error}")
+            print(f"  error: {redact_text(o.error)}")
     print(f"\nTables under: {store.root}/tables")
-    print(f"MLflow: {summary.tracking_uri}  run {summary.run_id}")
+    print(f"MLflow: {redact_uri(summary.tracking_uri)}  run {summary.run_id}")
     print(f"Browse: vgen ui --storage {store.root}")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from pipelines.dag.planner import plan_dag, to_mermaid
+    from pipelines.dag.planner import check_dag, plan_dag, to_mermaid
     from pipelines.dag.state import StageState
 
     dag, store, _ = _load(args)
@@ -218,7 +230,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         cluster = cluster_resources(args.address)
         alloc = stage_allocations(dag, cluster)
-    plans = plan_dag(dag, store, StageState(store))
+    problems = check_dag(dag, store)
+    plans = plan_dag(dag, store, StageState(store), problems)
     if args.format == "json":
         out: dict[str, Any] = {"dag": dag.name, "storage": store.root,
                                "stages": [p.to_json() for p in plans]}
@@ -238,11 +251,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"  {p.stage:<14} {p.kind:<20} {p.state:<11} {p.reason}")
             if alloc is not None:
                 print(f"  {'':<14} on the cluster: {alloc[p.stage]['text']}")
-    return EXIT_OK
+    return _report_problems(problems)
+
+
+def _report_problems(problems: dict) -> int:
+    """``vgen plan`` / ``vgen status``: one stderr line per config problem; exit 2 if any."""
+    for errs in problems.values():
+        for e in errs:
+            print(f"vgen: invalid DAG: {e}", file=sys.stderr)
+    return EXIT_USAGE if problems else EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipelines.dag.planner import plan_dag
+    from pipelines.dag.planner import check_dag, plan_dag
     from pipelines.dag.state import StageState
 
     if args.job:
@@ -253,7 +274,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     dag, store, tracking = _load(args)
     state = StageState(store)
-    plans = plan_dag(dag, store, state)
+    problems = check_dag(dag, store)
+    plans = plan_dag(dag, store, state, problems)
     last, done = state.latest(dag.name)
     stages = []
     for p in plans:
@@ -266,19 +288,26 @@ def cmd_status(args: argparse.Namespace) -> int:
             "mlflow_run_id": rec.get("mlflow_run_id"),
         })
     if args.json:
-        print(json.dumps({"dag": dag.name, "storage": store.root, "tracking_uri": tracking,
-                          "stages": stages}, indent=2, default=str))
-        return EXIT_OK
-    print(f"DAG '{dag.name}' on {store.root} (MLflow {tracking})")
+        from vgen_core.tracking.redact import redact_uri
+
+        print(json.dumps({"dag": dag.name, "storage": store.root,
+                          "tracking_uri": redact_uri(tracking), "stages": stages},
+                         indent=2, default=str))
+        return _report_problems(problems)
+    from vgen_core.tracking.redact import redact_uri
+
+    print(f"DAG '{dag.name}' on {store.root} (MLflow {redact_uri(tracking)})")
     for s in stages:
         c = s["counts"]
         print(f"  {s['stage']:<14} {s['state']:<11} processed={c.get('processed', 0)} "
               f"skipped={c.get('skipped', 0)} quarantined={c.get('quarantined', 0)} "
               f"filtered={c.get('filtered', 0)}")
+        if s["state"] == "invalid":
+            print(f"      {s['reason']}")
         for k, o in s["outputs"].items():
             print(f"      {k}: {o['uri']}" + (f"@v{o['version']}" if o.get("version") is not None
                                              else ""))
-    return EXIT_OK
+    return _report_problems(problems)
 
 
 def _job_status(args: argparse.Namespace) -> int:
@@ -376,7 +405,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from vgen_core.tracking import default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri(TableStore(args.storage).root)
-    print(f"MLflow UI for {uri} on http://{args.host}:{args.port} (Ctrl-C to stop)")
+    from vgen_core.tracking.redact import redact_uri
+
+    print(f"MLflow UI for {redact_uri(uri)} on http://{args.host}:{args.port} (Ctrl-C to stop)")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
            "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)]
     # a personal UI over a local store: no background job runner (MLflow's default starts one
@@ -413,6 +444,12 @@ def _stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
     proc.wait()
 
 
+def _cmd_tracking(args: argparse.Namespace) -> int:
+    from pipelines.tracking_cli import cmd_tracking
+
+    return cmd_tracking(args)
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from pipelines.report import cmd_report
 
@@ -427,11 +464,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "gc": cmd_gc,
                "ui": cmd_ui, "submit": cmd_submit, "logs": cmd_logs,
-               "stop": cmd_stop, "report": _cmd_report, "families": cmd_families}[args.command]
+               "stop": cmd_stop, "report": _cmd_report, "tracking": _cmd_tracking,
+               "families": cmd_families}[args.command]
     try:
         return handler(args)
     except DagError as e:
-        print(f"vgen: invalid DAG: {e}", file=sys.stderr)
+        for line in str(e).splitlines() or [""]:  # ConfigErrors: one line per problem
+            print(f"vgen: invalid DAG: {line}", file=sys.stderr)
         return EXIT_USAGE
     except StorageError as e:
         print(f"vgen: storage error: {e}", file=sys.stderr)

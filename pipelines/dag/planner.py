@@ -3,6 +3,12 @@
 ``plan_stage`` is used twice: by ``vgen plan`` (before anything runs, assuming upstream stages
 keep their recorded outputs) and by the runner right before each stage (with the outputs its
 upstream stages just produced), so both always agree on what "changed" means.
+
+Before either, :func:`check_dag` asks every stage what its config points at outside the DAG
+(data roots, weights files: :meth:`Stage.check_config`). ``vgen run`` refuses a DAG with a
+problem before Ray starts, the MLflow run is opened or anything is written (:class:`ConfigErrors`,
+exit 2); ``vgen plan`` / ``vgen status`` show such a stage as ``invalid`` (its downstream stages
+as blocked) and still plan the others.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipelines.errors import DagError
 from pipelines.stages import get_kind
 from pipelines.stages.base import MapStage, OutputRef, Stage, StageContext
 
@@ -17,6 +24,59 @@ from .fingerprint import diff_parts, digest_parts
 from .spec import Dag
 
 UP_TO_DATE, PARTIAL, TO_RUN = "up-to-date", "partial", "to-run"
+#: a stage whose config points at something that is not there (see :func:`check_dag`)
+INVALID = "invalid"
+
+
+class ConfigErrors(DagError):
+    """One or more stages' configs point at data or files that cannot be read. ``problems``
+    holds one :class:`DagError` per bad field (file, stage and field set); the message has one
+    line per problem."""
+
+    def __init__(self, problems: list[DagError]):
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = list(problems)
+        first = self.problems[0] if self.problems else None
+        self.file = first.file if first else None
+        self.stage = first.stage if first else None
+        self.field = first.field if first else None
+
+
+def check_stage(dag: Dag, name: str, store: Any) -> list[DagError]:
+    """What is wrong with the inputs stage ``name``'s config names (data roots, weights files),
+    as DagErrors naming the DAG file, the stage and the field; nothing is computed or written."""
+    spec = dag.stage(name)
+    kind = get_kind(spec.uses)
+    ctx = StageContext(dag=dag.name, stage=name, store=store, row_fingerprint="",
+                       resources=spec.resources, error_budget=dag.spec.error_budget,
+                       chunk_size=dag.spec.chunk_size)
+    try:
+        problems = kind(dag.configs[name], ctx).check_config()
+    except Exception as e:  # a check that breaks is itself a problem to report, not a crash
+        problems = [("with", f"checking the config failed: {type(e).__name__}: {e}")]
+    out = []
+    for field_, why in problems:
+        err = DagError(why, file=dag.source, stage=name, field=field_)
+        err.detail = why  # the message without the file / stage / field prefix
+        out.append(err)
+    return out
+
+
+def check_dag(dag: Dag, store: Any) -> dict[str, list[DagError]]:
+    """:func:`check_stage` for every stage: {stage: problems} for the stages that have any."""
+    out = {}
+    for name in dag.order:
+        problems = check_stage(dag, name, store)
+        if problems:
+            out[name] = problems
+    return out
+
+
+def require_valid_config(dag: Dag, store: Any) -> None:
+    """Raise :class:`ConfigErrors` (one line per problem) if any stage has a problem."""
+    problems = check_dag(dag, store)
+    if problems:
+        raise ConfigErrors([p for ps in problems.values() for p in ps])
 
 
 @dataclass
@@ -134,12 +194,31 @@ def _fs(uri: str):
     return filesystem_for(uri)
 
 
-def plan_dag(dag: Dag, store: Any, state: Any) -> list[StagePlan]:
-    """Plan every stage, assuming up-to-date stages keep their recorded outputs."""
+def plan_dag(dag: Dag, store: Any, state: Any,
+             problems: dict[str, list[DagError]] | None = None) -> list[StagePlan]:
+    """Plan every stage, assuming up-to-date stages keep their recorded outputs. A stage with
+    config problems (``problems``, default :func:`check_dag`) is ``invalid``, with the problems
+    as its reason; the stages downstream of it are not planned further."""
+    if problems is None:
+        problems = check_dag(dag, store)
     last, done = state.latest(dag.name)
     plans: dict[str, StagePlan] = {}
+    unplanned: set[str] = set()  # invalid stages and everything downstream of them
     for name in dag.order:
         needs = dag.stage(name).needs
+        if name in problems:
+            plans[name] = StagePlan(name, dag.stage(name).uses, INVALID, "; ".join(
+                f"{p.field}: {getattr(p, 'detail', p)}" if p.field else str(p)
+                for p in problems[name]))
+            unplanned.add(name)
+            continue
+        behind = [u for u in needs if u in unplanned]
+        if behind:
+            plans[name] = StagePlan(name, dag.stage(name).uses, TO_RUN,
+                                    f"blocked: upstream {', '.join(repr(u) for u in behind)} "
+                                    "has an invalid config")
+            unplanned.add(name)
+            continue
         blocked = [u for u in needs if plans[u].state != UP_TO_DATE]
         if blocked:
             plans[name] = StagePlan(name, dag.stage(name).uses, TO_RUN,
@@ -165,7 +244,7 @@ def to_mermaid(dag: Dag, plans: list[StagePlan] | None = None) -> str:
             lines.append(f"  {u} --> {n}")
     if plans:
         lines += ["  classDef uptodate fill:#d4edda;", "  classDef torun fill:#fff3cd;",
-                  "  classDef partial fill:#f8d7da;"]
+                  "  classDef partial fill:#f8d7da;", "  classDef invalid fill:#f5c6cb;"]
         for n, s in state.items():
             lines.append(f"  class {n} {s.replace('-', '').replace('uptodate', 'uptodate')};")
     return "\n".join(lines)

@@ -123,9 +123,9 @@ class RayDataExecutor:
             n_blocks = max(1, min(work.items.num_rows, pool * 4))
             ds = ray.data.from_arrow(work.items).repartition(n_blocks)
         else:
-            ds = ray.data.read_delta(work.table_uri, version=work.table_version,
-                                     columns=work.columns,
-                                     storage_options=stage.ctx.store.storage_options or None)
+            ds = ray.data.read_delta(
+                work.table_uri, version=work.table_version, columns=work.columns,
+                storage_options=stage.ctx.store.worker_storage_options() or None)
             # every candidate is to do (a first run): nothing to filter
             keys = work.todo if work.todo_count < work.total else None
             if keys is not None or prepare is not None:

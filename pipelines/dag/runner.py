@@ -1,6 +1,9 @@
 """The runner: the driver of one Ray job that executes a DAG.
 
-1. Validate the DAG (done by the loader), check the storage root is writable: before any compute.
+1. Validate the DAG (done by the loader), check what every stage's config points at (data roots,
+   weights files: :func:`planner.require_valid_config`, a :class:`planner.ConfigErrors` naming
+   the file, stage and field), then that the storage root is writable: before Ray starts, before
+   the MLflow run is opened (``vgen run`` checks before creating it) and before any write.
 2. Connect to Ray: ``address`` / ``RAY_ADDRESS`` for an existing cluster, else an embedded local
    Ray sized to this machine.
 3. Open one MLflow run for the DAG run (params = the resolved DAG); each stage that runs gets a
@@ -28,7 +31,7 @@ from typing import Any
 
 from pipelines.stages.base import Counts, OutputRef, StageError
 
-from .planner import UP_TO_DATE, plan_dag, plan_stage
+from .planner import UP_TO_DATE, plan_dag, plan_stage, require_valid_config
 from .spec import Dag
 from .state import StageState
 
@@ -109,6 +112,11 @@ class Runner:
     # ---------------------------------------------------------------------------------
     def run(self) -> RunSummary:
         t0 = time.time()
+        try:
+            require_valid_config(self.dag, self.store)  # nothing started or written yet
+        except Exception:
+            self.tracker.finish("FAILED")  # a caller's already-open run does not stay open
+            raise
         self.store.check_writable()
         cluster = {"CPU": float(os.cpu_count() or 2), "GPU": 0.0}
         plans = self._plan_all()
@@ -145,7 +153,7 @@ class Runner:
         """The whole DAG's plan (None if planning failed: each stage then reports its own error
         when it is planned again right before it runs)."""
         try:
-            return plan_dag(self.dag, self.store, self.state)
+            return plan_dag(self.dag, self.store, self.state, problems={})  # checked in run()
         except Exception:
             return None
 

@@ -82,6 +82,8 @@ class Dag:
     def __init__(self, spec: DagSpec, configs: dict[str, BaseModel], source: str):
         self.spec, self.configs, self.source = spec, configs, source
         self.order = _topological_order(spec, source)
+        #: path -> template (as written in the file) of each value a ``${VAR}`` filled in
+        self.env_substituted: dict[tuple, str] = {}
 
     @property
     def name(self) -> str:
@@ -93,21 +95,39 @@ class Dag:
     def downstream(self, name: str) -> list[str]:
         return [s for s in self.order if name in self.spec.stages[s].needs]
 
-    def resolved(self) -> dict[str, Any]:
-        """The DAG with every stage config filled with its defaults (what MLflow records)."""
+    def resolved(self, *, redact: bool = True) -> dict[str, Any]:
+        """The DAG with every stage config filled with its defaults (what MLflow records).
+
+        With ``redact`` (the default) it is safe to record: each value a ``${VAR}`` filled in
+        shows as its template (``${MLFLOW_PASSWORD}``), URIs lose their user-info and values
+        under credential-like keys are ``***`` (:func:`vgen_core.tracking.redact.redact_config`).
+        """
         out = self.spec.model_dump(by_alias=True)
         for s, cfg in self.configs.items():
             out["stages"][s]["with"] = cfg.model_dump(mode="json")
-        return out
+        if not redact:
+            return out
+        from vgen_core.tracking.redact import redact_config
+
+        return redact_config(out, self.env_substituted)
+
+    def stage_config(self, name: str, *, redact: bool = True) -> dict[str, Any]:
+        """Stage ``name``'s config with its defaults, redacted like :meth:`resolved`."""
+        return self.resolved(redact=redact)["stages"][name]["with"]
 
 
-def _interpolate(value: Any) -> Any:
+def _interpolate(value: Any, path: tuple = (), found: dict[tuple, str] | None = None) -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in strings; ``found`` receives path -> template
+    for each string that had a substitution (what :meth:`Dag.resolved` shows instead)."""
     if isinstance(value, str):
-        return _ENV_RE.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), value)
+        out = _ENV_RE.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), value)
+        if found is not None and _ENV_RE.search(value):
+            found[path] = value
+        return out
     if isinstance(value, dict):
-        return {k: _interpolate(v) for k, v in value.items()}
+        return {k: _interpolate(v, path + (k,), found) for k, v in value.items()}
     if isinstance(value, list):
-        return [_interpolate(v) for v in value]
+        return [_interpolate(v, path + (i,), found) for i, v in enumerate(value)]
     return value
 
 
@@ -123,11 +143,14 @@ def parse_dag(data: Any, source: str = "<dag>", *, storage: str | None = None,
     if not isinstance(data, dict):
         raise DagError(f"expected a mapping at the top level, got {type(data).__name__}",
                        file=source)
-    data = _interpolate(data)
+    substituted: dict[tuple, str] = {}
+    data = _interpolate(data, (), substituted)
     if storage:
         data["storage"] = storage
+        substituted.pop(("storage",), None)
     if tracking:
         data["tracking"] = tracking
+        substituted.pop(("tracking",), None)
     if not isinstance(data.get("stages"), dict) or not data["stages"]:
         raise DagError("expected a non-empty mapping 'stages: {name: {uses: ..., ...}}'",
                        file=source, field="stages")
@@ -164,7 +187,9 @@ def parse_dag(data: Any, source: str = "<dag>", *, storage: str | None = None,
                            f"fields: {', '.join(kind.Config.model_fields)}", file=source,
                            stage=name, field="with." + _loc_to_field(err["loc"])) from None
         kind.check_needs(name, st, spec, source)
-    return Dag(spec, configs, source)
+    dag = Dag(spec, configs, source)
+    dag.env_substituted = substituted
+    return dag
 
 
 def load_dag(path: str | os.PathLike, *, storage: str | None = None,

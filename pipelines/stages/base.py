@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Iterator
@@ -37,7 +38,7 @@ from vgen_core.tracking import NullTracker, Tracker
 __all__ = [
     "StageConfig", "OutputRef", "Counts", "StageContext", "StageResult", "StageError",
     "BatchResult", "Work", "Stage", "MapStage", "SourceStage", "JobStage", "InProcessExecutor",
-    "quarantine_record", "FILTER_PREFIX",
+    "quarantine_record", "FILTER_PREFIX", "BUILTIN_ROOTS", "root_problem", "file_problem",
 ]
 
 
@@ -163,6 +164,61 @@ def quarantine_record(sample_id: str, check: str, reason: str, *, content_digest
             "reason": reason, "source": source}
 
 
+#: roots of data built into vgen (nothing on disk to check before a run)
+BUILTIN_ROOTS = ("skimage://", "sample://")
+
+
+def _field_hint(config: StageConfig, name: str) -> str:
+    info = type(config).model_fields.get(name)
+    desc = getattr(info, "description", None)
+    return f"; expected {desc}" if desc else ""
+
+
+def root_problem(uri: str) -> str | None:
+    """Why the data root ``uri`` cannot be read (None when it can): it must exist and, when it
+    is a local folder, be listable. ``skimage://`` / ``sample://`` are built in. Cheap: one
+    ``exists`` (an S3 prefix: one LIST of at most one key), no listing of the tree."""
+    if uri.startswith(BUILTIN_ROOTS):
+        return None
+    return _path_problem(uri, want_file=False)
+
+
+def file_problem(uri: str) -> str | None:
+    """Why the file ``uri`` (weights, a reference batch) cannot be read (None when it can)."""
+    return _path_problem(uri, want_file=True)
+
+
+def _path_problem(uri: str, *, want_file: bool) -> str | None:
+    from fsspec.implementations.local import LocalFileSystem
+
+    from vgen_core.data.fsio import filesystem_for
+
+    try:
+        fs, path = filesystem_for(uri)
+    except Exception as e:  # unknown protocol, missing driver (s3fs), malformed URL
+        return f"cannot open {uri!r}: {type(e).__name__}: {e}"
+    local = isinstance(fs, LocalFileSystem)
+    try:
+        if not fs.exists(path):
+            what = "file" if want_file else "folder or prefix"
+            return f"{uri!r} does not exist (no such {what})"
+        is_dir = fs.isdir(path)
+    except Exception as e:  # credentials, endpoint, network
+        return f"{uri!r} cannot be reached: {type(e).__name__}: {e}"
+    if want_file and is_dir:
+        return f"{uri!r} is a folder, not a file"
+    if local:
+        if not os.access(path, os.R_OK | (os.X_OK if is_dir else 0)):
+            return f"{uri!r} is not readable (permission denied)"
+        if is_dir:
+            try:
+                with os.scandir(path) as it:
+                    next(it, None)
+            except OSError as e:
+                return f"{uri!r} cannot be listed: {e.strerror or e}"
+    return None
+
+
 class Stage:
     """Base of every stage kind. Subclasses set ``kind``, ``version``, ``Config``."""
 
@@ -171,6 +227,12 @@ class Stage:
     Config: ClassVar[type[StageConfig]] = StageConfig
     #: upstream stages this kind expects, as (min, max); max None = any number
     needs_range: ClassVar[tuple[int, int | None]] = (0, None)
+    #: config fields naming a data root (folder, s3:// prefix, or a built-in ``skimage://`` /
+    #: ``sample://``) the stage lists: checked to exist before anything runs
+    root_fields: ClassVar[tuple[str, ...]] = ()
+    #: config fields naming a file the stage reads when set (weights, a reference batch):
+    #: checked to exist before anything runs
+    file_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: StageConfig, ctx: StageContext):
         self.config, self.ctx = config, ctx
@@ -185,6 +247,23 @@ class Stage:
             want = f"exactly {lo}" if lo == hi else f"{lo}..{hi if hi is not None else 'any'}"
             raise DagError(f"`{cls.kind}` needs {want} upstream stage(s), got {n}", file=source,
                            stage=name, field="needs")
+
+    def check_config(self) -> list[tuple[str, str]]:
+        """Problems with what the config points at outside the DAG, found without computing or
+        writing anything: ``(field, what is wrong)`` pairs (field as ``with.<name>``), ``[]``
+        when there are none. The default checks ``root_fields`` and ``file_fields``; a kind
+        with other inputs extends it (``super().check_config() + [...]``). The runner asks
+        every stage before Ray starts and before the MLflow run is opened (``vgen run`` then
+        exits 2); ``vgen plan`` / ``vgen status`` show the problems as state ``invalid``."""
+        problems = []
+        for name, check in ([(n, root_problem) for n in self.root_fields]
+                            + [(n, file_problem) for n in self.file_fields]):
+            value = getattr(self.config, name, None)
+            if isinstance(value, str) and value:
+                why = check(value)
+                if why:
+                    problems.append((f"with.{name}", why + _field_hint(self.config, name)))
+        return problems
 
     def source_fingerprint(self) -> dict[str, Any]:
         """A cheap description of inputs outside the DAG (file listings); part of the fingerprint."""
@@ -361,19 +440,36 @@ class MapStage(Stage):
         pending_q: list[dict[str, Any]] = []
         pending_items: list[str] = []
         pending_ids: list[pa.Array] = []
+        self._budget_example = None
+        recorded: dict[tuple[str, str | None], tuple[str, str]] | None = None
 
         def flush() -> None:
+            nonlocal recorded
             if pending_rows:
                 rows = pa.concat_tables(pending_rows)
                 if rows.num_rows:
                     self._write(out_name, rows, meta)
                 counts.processed += rows.num_rows
             if pending_q:
+                if recorded is None:  # read once per run, at the first chunk that quarantines
+                    recorded = self.recorded_quarantine()
+                fresh, replaced, known = self._new_quarantine(pending_q, recorded)
+                counts.skipped += known  # recorded by an earlier attempt (a crash re-run)
+                if replaced:  # same key, another outcome: the latest outcome replaces it
+                    for i in range(0, len(replaced), 200):
+                        store.delete(q_name, self._quarantine_predicate(replaced[i:i + 200]),
+                                     commit_metadata=meta)
                 now = dt.datetime.now(dt.timezone.utc)
                 recs = [dict(r, stage=ctx.stage, fingerprint=ctx.row_fingerprint, created_at=now)
-                        for r in pending_q]
-                store.append(q_name, pa.Table.from_pylist(recs, schema=QUARANTINE),
-                             commit_metadata=meta)
+                        for r in fresh]
+                if recs:
+                    store.append(q_name, pa.Table.from_pylist(recs, schema=QUARANTINE),
+                                 commit_metadata=meta)
+                for r in recs:
+                    recorded[(r["sample_id"], r.get("content_digest"))] = (r["check"], r["reason"])
+                    if self._budget_example is None and not r["check"].startswith(FILTER_PREFIX):
+                        self._budget_example = (f"{r['sample_id']} ({r['check']}): "
+                                                f"{(r['reason'] or '').splitlines()[0][:300]}")
                 n_filtered = sum(1 for r in recs if r["check"].startswith(FILTER_PREFIX))
                 counts.filtered += n_filtered
                 counts.quarantined += len(recs) - n_filtered
@@ -438,6 +534,50 @@ class MapStage(Stage):
         """sample_ids the output table held when this run was planned (None: unknown)."""
         return None
 
+    # quarantine rows: one per (sample_id, content_digest, fingerprint) -----------------------
+    def recorded_quarantine(self) -> dict[tuple[str, str | None], tuple[str, str]]:
+        """(sample_id, content_digest) -> (check, reason) of the quarantine rows this row
+        fingerprint already has (read once per run, like :meth:`done_keys`)."""
+        store, name = self.ctx.store, self.table_name("__quarantine")
+        if not store.exists(name):
+            return {}
+        t = store.read(name, columns=["sample_id", "content_digest", "check", "reason"],
+                       filter=[("fingerprint", "=", self.ctx.row_fingerprint)])
+        return {(s, d): (c, r) for s, d, c, r in zip(
+            t["sample_id"].to_pylist(), t["content_digest"].to_pylist(),
+            t["check"].to_pylist(), t["reason"].to_pylist())}
+
+    @staticmethod
+    def _new_quarantine(pending: list[dict[str, Any]],
+                        recorded: dict[tuple[str, str | None], tuple[str, str]],
+                        ) -> tuple[list[dict[str, Any]], list[tuple[str, str | None]], int]:
+        """The records of ``pending`` to write: not those already recorded with the same check
+        and reason (a re-run after a crash between the quarantine commit and the sources record
+        re-reads the items and gets them again), one per key. Also the recorded keys whose
+        outcome changed (an edited file that still fails, differently): their old rows go.
+        Returns (records to write, keys to delete first, how many were already recorded)."""
+        fresh, replaced, seen, known = [], [], set(), 0
+        for r in pending:
+            key = (r["sample_id"], r.get("content_digest"))
+            if key in seen:
+                continue
+            seen.add(key)
+            old = recorded.get(key)
+            if old == (r["check"], r["reason"]):
+                known += 1
+                continue
+            if old is not None:
+                replaced.append(key)
+            fresh.append(r)
+        return fresh, replaced, known
+
+    def _quarantine_predicate(self, keys: list[tuple[str, str | None]]) -> str:
+        """SQL matching this fingerprint's quarantine rows of ``keys``."""
+        terms = [f"(sample_id = {_sql_str(s)} AND "
+                 + ("content_digest IS NULL)" if d is None else f"content_digest = {_sql_str(d)})")
+                 for s, d in keys]
+        return f"fingerprint = {_sql_str(self.ctx.row_fingerprint)} AND ({' OR '.join(terms)})"
+
     def filter_results(self, rows: pa.Table) -> tuple[pa.Table, int]:
         """Driver-side hook before commit: drop rows that need no write (returns the count)."""
         return rows, 0
@@ -451,13 +591,15 @@ class MapStage(Stage):
 
     def _check_budget(self, counts: Counts, total: int) -> None:
         budget = self.ctx.error_budget
+        example = getattr(self, "_budget_example", None)
         allowed = budget * max(total, 1)
         if counts.quarantined > allowed:
             q_uri = self.ctx.store.uri(self.table_name("__quarantine"))
             raise StageError(
                 f"stage '{self.ctx.stage}': {counts.quarantined} of {total} samples quarantined, "
                 f"over the DAG's error_budget {budget:g} ({int(allowed)} allowed). Reasons are in "
-                f"the quarantine table {q_uri}; fix the inputs or raise error_budget.")
+                f"the quarantine table {q_uri}; fix the inputs or raise error_budget."
+                + (f" First: {example}" if example else ""))
 
 
 class SourceStage(MapStage):
@@ -476,6 +618,8 @@ class SourceStage(MapStage):
 
     write_mode = "upsert"
     needs_range = (0, 0)
+    #: every source kind names its data with ``root`` (a kind without that field checks none)
+    root_fields = ("root",)
 
     def list_items(self) -> pa.Table:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -3,9 +3,16 @@
 The driver lists work items cheaply (:func:`vgen_core.formats.pancap.list_pancap`,
 :func:`vgen_core.formats.vicas.list_vicas`); a Ray Data actor pool reads and validates each
 sample; a :class:`~vgen_core.formats.SampleError` becomes a quarantine row naming the check, the
-file and what was wrong. Valid samples then pass the configured filters (a sample that fails a
-filter is recorded with check ``filter:<name>``, not counted against the error budget). One row
-per image / video, upserted by ``sample_id``; unchanged samples are not rewritten.
+file and what was wrong. Listing errors are reported the same way and do not stop the stage
+(short of the error budget): a listing that fails as a whole (a truncated split JSON, an
+unreadable caption archive, any exception) is one work item quarantined with check ``listing``
+(or the SampleError's check) and the exception; an item the listing returns that cannot be used
+(no string ``sample_id``, not serialisable) is quarantined alone, naming its position and id.
+That ``root`` exists is checked before anything runs (``Stage.check_config``); a root that is
+not there is a configuration error, never quarantined. Valid samples then pass the configured
+filters (a sample that fails a filter is recorded with check ``filter:<name>``, not counted
+against the error budget). One row per image / video, upserted by ``sample_id``; unchanged
+samples are not rewritten.
 
 After the last chunk the stage logs dataset statistics to MLflow (means as metrics, histograms as
 images) and reports near-duplicate images (64-bit dHash within ``near_duplicate_distance`` bits;
@@ -33,7 +40,8 @@ from pydantic import Field
 from vgen_core.data.phash import dhash, near_duplicates
 from vgen_core.formats import SampleError
 
-from .base import BatchResult, FILTER_PREFIX, SourceStage, StageConfig, quarantine_record
+from .base import (BatchResult, FILTER_PREFIX, SourceStage, StageConfig, StageError,
+                   quarantine_record, root_problem)
 
 SAMPLE_SCHEME = "sample://"
 
@@ -100,16 +108,53 @@ class _Curate(SourceStage):
 
     # driver ---------------------------------------------------------------------------
     def _items(self) -> list[dict[str, Any]]:
-        """The listing; a listing-level defect (e.g. a truncated split JSON) becomes one work
-        item that is quarantined with its reason, so it is reported like any bad sample."""
+        """The listing. A listing-level defect (e.g. a truncated split JSON: a SampleError, or
+        any other exception) becomes one work item quarantined with its reason, and an unusable
+        item just that item's, so they are reported like any bad sample (module docs)."""
         if not hasattr(self, "_cached_items"):
+            root = self.config.root
+            why = root_problem(root)  # a root that is not there is a config error, not data
+            if why:
+                raise StageError(f"stage '{self.ctx.stage}': with.root: {why}; point it at the "
+                                 "dataset's top folder (local or s3://), or use sample://")
             try:
-                self._cached_items = self._list(self._root())
+                raw = self._list(self._root())
             except SampleError as e:
-                self._cached_items = [{
-                    "sample_id": f"{self.dataset}/_listing", "stamp": str(e),
-                    "listing_error": {"check": e.check, "reason": e.reason, "source": e.source}}]
+                raw = [self._listing_error(f"{self.dataset}/_listing", e.check, e.reason,
+                                           e.source, stamp=str(e))]
+            except Exception as e:  # noqa: BLE001 - any listing failure is reported, not fatal
+                raw = [self._listing_error(
+                    f"{self.dataset}/_listing", "listing",
+                    f"listing the dataset under {root} failed: {type(e).__name__}: {e}", root)]
+            self._cached_items, self._records = self._checked_items(raw)
         return self._cached_items
+
+    def _listing_error(self, sample_id: str, check: str, reason: str, source: str | None,
+                       stamp: str | None = None) -> dict[str, Any]:
+        return {"sample_id": sample_id, "stamp": stamp or f"{check}: {reason}",
+                "listing_error": {"check": check, "reason": reason, "source": source}}
+
+    def _checked_items(self, raw: Any) -> tuple[list[dict[str, Any]], list[str]]:
+        """Each listed item with its JSON record; an item that has no string ``sample_id`` or
+        does not serialise is replaced by a listing-error item naming it (the others go on)."""
+        items, records = [], []
+        for k, item in enumerate(raw):
+            sid = item.get("sample_id") if isinstance(item, dict) else None
+            try:
+                if not isinstance(item, dict):
+                    raise TypeError(f"expected a dict, got {type(item).__name__}")
+                if not isinstance(sid, str) or not sid:
+                    raise ValueError(f"no string 'sample_id' (got {sid!r})")
+                record = json.dumps(item, default=str, sort_keys=True)
+            except Exception as e:  # noqa: BLE001 - one bad item, not the stage
+                name = sid if isinstance(sid, str) and sid else f"{self.dataset}/_listing-{k}"
+                item = self._listing_error(
+                    name, "listing", f"listed item {k} ({sid!r}) under {self.config.root} "
+                    f"cannot be used: {type(e).__name__}: {e}", self.config.root)
+                record = json.dumps(item, default=str, sort_keys=True)
+            items.append(item)
+            records.append(record)
+        return items, records
 
     def source_fingerprint(self) -> dict[str, Any]:
         from vgen_core.data import content_digest
@@ -118,7 +163,7 @@ class _Curate(SourceStage):
 
     def list_items(self) -> pa.Table:
         items = self._items()
-        records = [json.dumps(i, default=str, sort_keys=True) for i in items]
+        records = self._records
         return pa.table({
             "sample_id": [i["sample_id"] for i in items],
             "item": records,

@@ -154,6 +154,7 @@ class EvaluateTokenizer(JobStage):
     version = 1
     Config = EvaluateTokenizerConfig
     needs_range = (1, 3)
+    file_fields = ("inception_weights",)  # checked to exist before anything runs
     config: EvaluateTokenizerConfig
 
     # -- inputs ---------------------------------------------------------------------------
@@ -301,7 +302,7 @@ class EvaluateTokenizer(JobStage):
             import ray.data
 
             ds = ray.data.read_delta(source.uri, version=source.version, columns=cols,
-                                     storage_options=store.storage_options or None)
+                                     storage_options=store.worker_storage_options() or None)
             return ds.map_batches(_keep_keys, fn_args=(wanted,), batch_format="pyarrow")
 
         def local():

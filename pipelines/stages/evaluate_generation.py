@@ -271,6 +271,7 @@ class EvaluateGeneration(JobStage):
     version = 1
     Config = EvaluateGenerationConfig
     needs_range = (2, 3)
+    file_fields = ("extractor_weights", "reference_npz")  # checked to exist before anything runs
     config: EvaluateGenerationConfig
 
     # -- inputs ---------------------------------------------------------------------------
@@ -573,7 +574,7 @@ class EvaluateGeneration(JobStage):
             import ray.data
 
             return ray.data.read_delta(source.uri, version=source.version, columns=cols,
-                                       storage_options=store.storage_options or None)
+                                       storage_options=store.worker_storage_options() or None)
 
         def local():
             t = store.read(source.name, version=source.version, columns=cols)

@@ -2,14 +2,32 @@
 image table, several deterministic random crops per image.
 
 Config ``root`` is a local folder, an ``s3://`` prefix, or ``skimage://`` for the built-in
-photographs. Each source image becomes ``crops_per_image`` samples with ids
-``<dataset>/<stem>-c<k>``; the crop box depends only on (seed, stem, k), so ids and pixels are the
-same on every run and every number of workers. Labels (``labels: auto``): when every image sits
-in a class sub-folder (the ImageFolder / ImageNet layout ``root/<class>/<image>``) the label is
-the class folder's index among the sorted class folders, so adding or deleting an image never
-relabels the others; for a flat folder (and skimage://) it is the image's index in the sorted
-listing. ``labels: none`` gives -1 everywhere. A file that does not decode is quarantined with
-the decoder's message.
+photographs. Each source image becomes ``crops_per_image`` samples.
+
+Sample ids: ``<dataset>/<key>-c<k>``, where ``key`` is the image's path relative to ``root``
+(sub-folders, file name and extension) through :func:`vgen_core.data.identity.escape_key`
+(``%``, ``/``, whitespace and control characters percent-encoded, everything else kept), and
+``k`` the crop index. ``root/cats/my photo.png`` gives ``images/cats%2Fmy%20photo.png-c0``,
+``-c1``, ...; :func:`parse_image_sample_id` turns an id back into (dataset, relative path, k).
+So two files never share an id (``a/cat.png`` and ``b/cat.png`` are ``images/a%2Fcat.png-c0``
+and ``images/b%2Fcat.png-c0``) and any file name is ingested, none refused (a local name that
+is not valid UTF-8 too: Python lists its bytes as lone surrogates, which the id escapes and
+``source`` shows as ``\\udcXX``). For skimage:// the
+relative path is the photo's name: ``images/astronaut-c0``. The crop box depends only on
+(seed, key, k), so ids and pixels are the same on every run and every number of workers, and
+same-named files in different folders get different crops.
+
+Versions: ``version`` 2 keyed samples by the file stem alone (``images/cat-c0``), so same-named
+files overwrote each other and a name with a space failed the stage. Version 3 (this scheme)
+changes the row fingerprint, so a re-run over a version-2 table reads every file again, writes
+the new ids, and deletes the old-scheme ids as no longer listed (skimage ids and crops are the
+same in both, so those rows are left as they are).
+
+Labels (``labels: auto``): when every image sits in a class sub-folder (the ImageFolder /
+ImageNet layout ``root/<class>/<image>``) the label is the class folder's index among the sorted
+class folders, so adding or deleting an image never relabels the others; for a flat folder (and
+skimage://) it is the image's index in the sorted listing. ``labels: none`` gives -1
+everywhere. A file that does not decode is quarantined with the decoder's message.
 """
 
 from __future__ import annotations
@@ -24,12 +42,33 @@ from pydantic import Field
 
 from vgen_core.data import content_digest, make_sample_id
 from vgen_core.data.fsio import filesystem_for
+from vgen_core.data.identity import escape_key, parse_sample_id, unescape_key
 from vgen_core.data.sample_images import PHOTOS, decode_png, encode_png, load_photo, to_rgb
 from vgen_core.data.schemas import IMAGE_SAMPLES
 
 from .base import BatchResult, SourceStage, StageConfig, quarantine_record
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+_CROP_SUFFIX = "-c"
+
+
+def image_sample_id(dataset: str, key: str, k: int) -> str:
+    """Id of crop ``k`` of the image whose escaped relative path is ``key``."""
+    return make_sample_id(dataset, f"{key}{_CROP_SUFFIX}{k}")
+
+
+def parse_image_sample_id(sample_id: str) -> tuple[str, str, int]:
+    """``(dataset, relative path, crop index)`` of an ``ingest.images`` sample id.
+
+    >>> parse_image_sample_id("images/cats%2Fmy%20photo.png-c3")
+    ('images', 'cats/my photo.png', 3)
+    """
+    dataset, key = parse_sample_id(sample_id)
+    head, sep, k = key.rpartition(_CROP_SUFFIX)
+    if not sep or not head or not (k.isascii() and k.isdigit()) or str(int(k)) != k:
+        raise ValueError(f"not an ingest.images sample id (<dataset>/<key>-c<k>): {sample_id!r}")
+    return dataset, unescape_key(head), int(k)
 
 
 class IngestImagesConfig(StageConfig):
@@ -45,7 +84,8 @@ class IngestImagesConfig(StageConfig):
 
 class IngestImages(SourceStage):
     kind = "ingest.images"
-    version = 2
+    #: 3: ids from the escaped relative path (2: from the file stem; see the module docs)
+    version = 3
     Config = IngestImagesConfig
     output_schema = IMAGE_SAMPLES
     config: IngestImagesConfig
@@ -62,7 +102,8 @@ class IngestImages(SourceStage):
         if root.startswith("skimage://"):
             import skimage
 
-            return [{"path": f"skimage://{n}", "stem": n, "stamp": f"skimage-{skimage.__version__}"}
+            return [{"path": f"skimage://{n}", "file": escape_key(f"skimage://{n}"),
+                     "key": escape_key(n), "stamp": f"skimage-{skimage.__version__}"}
                     for n in sorted(PHOTOS)]
         fs, base = filesystem_for(root)
         try:
@@ -70,16 +111,21 @@ class IngestImages(SourceStage):
         except FileNotFoundError:
             infos = {}
         items = []
+        prefix = base.rstrip("/") + "/"
         for path, info in sorted(infos.items()):
             if not path.lower().endswith(IMAGE_EXTENSIONS):
                 continue
-            stem = path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
             stamp = f"{info.get('size')}-{info.get('mtime') or info.get('LastModified') or info.get('ETag')}"
-            rel = path[len(base.rstrip("/")) + 1:] if path.startswith(base.rstrip("/") + "/") \
-                else path.rsplit("/", 1)[-1]
+            if path.startswith(prefix):
+                rel = path[len(prefix):]
+            elif path.rstrip("/") == base.rstrip("/"):  # root is the file itself
+                rel = path.rsplit("/", 1)[-1]
+            else:  # not under root as spelled (should not happen): the whole path, still unique
+                rel = path.lstrip("/")
             folder = rel.rsplit("/", 1)[0].split("/")[0] if "/" in rel else None
-            items.append({"path": _full_path(root, path), "stem": stem, "stamp": stamp,
-                          "folder": folder})
+            full = _full_path(root, path)
+            items.append({"path": _printable(full), "file": escape_key(full),
+                          "key": escape_key(rel), "stamp": stamp, "folder": folder})
         if not items:
             raise FileNotFoundError(
                 f"stage '{self.ctx.stage}': no images ({', '.join(IMAGE_EXTENSIONS)}) under "
@@ -96,9 +142,10 @@ class IngestImages(SourceStage):
         labels = self._labels(listing)
         return pa.table({
             "path": [i["path"] for i in listing],
-            "stem": [i["stem"] for i in listing],
+            "file": [i["file"] for i in listing],  # the exact path, escaped (see _printable)
+            "key": [i["key"] for i in listing],
             "label": labels,
-            "sample_ids": [[make_sample_id(self.config.dataset, f"{i['stem']}-c{k}") for k in crops]
+            "sample_ids": [[image_sample_id(self.config.dataset, i["key"], k) for k in crops]
                            for i in listing],
             # a file's rows depend on its bytes (size + mtime) and the label the listing gives it
             "item_key": [i["path"] for i in listing],
@@ -126,17 +173,17 @@ class IngestImages(SourceStage):
         quarantine = []
         for item in batch.to_pylist():
             try:
-                rgb = self._load(item["path"])
+                rgb = self._load(unescape_key(item["file"]))
             except Exception as e:  # undecodable file: quarantine every crop of it
                 for k in range(cfg.crops_per_image):
                     quarantine.append(quarantine_record(
-                        make_sample_id(cfg.dataset, f"{item['stem']}-c{k}"), "decode",
+                        image_sample_id(cfg.dataset, item["key"], k), "decode",
                         f"cannot decode image {item['path']}: {type(e).__name__}: {e}",
                         source=item["path"]))
                 continue
             for k in range(cfg.crops_per_image):
-                crop = self._crop(rgb, item["stem"], k)
-                sid = make_sample_id(cfg.dataset, f"{item['stem']}-c{k}")
+                crop = self._crop(rgb, item["key"], k)
+                sid = image_sample_id(cfg.dataset, item["key"], k)
                 rows.append({
                     "sample_id": sid,
                     "content_digest": content_digest(crop, int(item["label"]), None),
@@ -158,10 +205,12 @@ class IngestImages(SourceStage):
             im.load()
             return to_rgb(np.asarray(im.convert("RGB")))
 
-    def _crop(self, rgb: np.ndarray, stem: str, k: int) -> np.ndarray:
+    def _crop(self, rgb: np.ndarray, key: str, k: int) -> np.ndarray:
+        """Crop ``k`` of the image with escaped relative path ``key``: depends on nothing else
+        (for skimage:// the key is the photo name, as the stem was in version 2)."""
         cfg = self.config
         h, w = rgb.shape[:2]
-        seed = int.from_bytes(hashlib.blake2b(f"{cfg.seed}/{stem}/{k}".encode(),
+        seed = int.from_bytes(hashlib.blake2b(f"{cfg.seed}/{key}/{k}".encode(),
                                               digest_size=8).digest(), "little")
         rng = np.random.default_rng(seed)
         side = int(min(h, w) * rng.uniform(cfg.min_scale, max(cfg.min_scale, cfg.max_scale)))
@@ -170,6 +219,18 @@ class IngestImages(SourceStage):
         x0 = int(rng.integers(0, w - side + 1))
         crop = Image.fromarray(rgb[y0:y0 + side, x0:x0 + side])
         return np.asarray(crop.resize((cfg.size, cfg.size), Image.BICUBIC))
+
+
+def _printable(path: str) -> str:
+    """``path`` as it is, unless it is not valid UTF-8 (a local file name with undecodable
+    bytes, which Python lists as lone surrogates and Arrow cannot store): then with those
+    written as ``\\udcXX``. Used for display, ``source`` and ``item_key``; the file is opened
+    through the exact path (the escaped ``file`` column)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _full_path(root: str, found: str) -> str:

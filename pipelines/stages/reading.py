@@ -124,7 +124,7 @@ def training_dataset(store: Any, samples: OutputRef, side: OutputRef,
     if columns is not None:
         columns = list(dict.fromkeys(["sample_id", "content_digest", "fingerprint", *columns]))
     ds = ray.data.read_delta(side.uri, version=side.version, columns=columns,
-                             storage_options=store.storage_options or None)
+                             storage_options=store.worker_storage_options() or None)
     return ds.map_batches(current_rows, fn_args=(keys, side.digest), batch_format="pyarrow")
 
 

@@ -88,6 +88,7 @@ class ImageTokenizeStage(MapStage):
     Config = ImageTokenizeConfig
     write_mode = "append"
     needs_range = (1, 2)
+    file_fields = ("weights",)  # checked to exist before anything runs
     #: the side-table kind this stage writes (tokenizer families that can fill it are taken)
     produces: ClassVar[str]
     #: outputs every completed run records (an older record without one is re-run)

@@ -328,7 +328,7 @@ class TrainTokenizer(JobStage):
                              "image table (ingest.images, curate.pancap)")
         cols = [col] + (["label"] if "label" in names else [])
         ds = ray.data.read_delta(ref.uri, version=ref.version, columns=cols,
-                                 storage_options=self.ctx.store.storage_options or None)
+                                 storage_options=self.ctx.store.worker_storage_options() or None)
         n = self.ctx.store.read(ref.name, version=ref.version, columns=[col]).num_rows
         info: dict[str, Any] = {"num_rows": n}
         if self.config.resolution:

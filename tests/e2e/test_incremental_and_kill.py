@@ -87,7 +87,7 @@ def test_changed_image_recomputes_only_its_samples(setup):
     after = {r["sample_id"]: r["content_digest"]
              for r in TableStore(str(storage)).read("inc/images").to_pylist()}
     changed = sorted(s for s in after if after[s] != before[s])
-    assert changed == [f"images/coffee-c{k}" for k in range(CROPS)]
+    assert changed == [f"images/coffee.png-c{k}" for k in range(CROPS)]
 
     # the 4 old-digest token rows are unreachable now: `vgen gc` deletes exactly those
     g = subprocess.run(vgen_cmd() + ["gc", str(dag), "--storage", str(storage)], env=env,
@@ -107,7 +107,7 @@ def test_undecodable_image_is_quarantined_within_budget(setup):
     dag.write_text(yaml.safe_dump(d))
     assert run(dag, storage, env).returncode == 0
     q = TableStore(str(storage)).read("inc/images__quarantine").to_pylist()
-    assert sorted(r["sample_id"] for r in q) == [f"images/broken-c{k}" for k in range(CROPS)]
+    assert sorted(r["sample_id"] for r in q) == [f"images/broken.png-c{k}" for k in range(CROPS)]
     assert all(r["check"] == "decode" and "broken.png" in r["reason"] for r in q)
     st = counts(dag, storage, env)
     assert st["images"]["counts"] == C(N, quarantined=CROPS)

@@ -86,7 +86,9 @@ def test_one_percent_changed_one_deleted_then_tokenizer_switch(ray_cluster, tmp_
     (side,) = store.list_tables("tok/tokens")
     first = {r["sample_id"]: r for r in store.read(side).to_pylist()}
 
-    # 1% modified, one deleted
+    # 1% modified, one deleted (ingest ids: the escaped path under root, then the crop)
+    CHANGED, DELETED, SAME = ("images/class7%2Fsrc007.png-c0", "images/class2%2Fsrc042.png-c0",
+                              "images/class8%2Fsrc008.png-c0")
     path = images / "class7" / "src007.png"
     Image.fromarray(255 - np.asarray(Image.open(path))).save(path)
     (images / "class2" / "src042.png").unlink()
@@ -106,18 +108,18 @@ def test_one_percent_changed_one_deleted_then_tokenizer_switch(ray_cluster, tmp_
         curated = {r["sample_id"]: r["content_digest"]
                    for r in store.read("tok/images", columns=["sample_id",
                                                               "content_digest"]).to_pylist()}
-        assert len(curated) == N - 1 and "images/src042-c0" not in curated
+        assert len(curated) == N - 1 and DELETED not in curated
         assert {r["sample_id"]: r["content_digest"] for r in served} == curated
-        changed = next(r for r in served if r["sample_id"] == "images/src007-c0")
-        assert changed["content_digest"] != first["images/src007-c0"]["content_digest"]
-        same = next(r for r in served if r["sample_id"] == "images/src008-c0")
-        assert same["indices"] == first["images/src008-c0"]["indices"]
+        changed = next(r for r in served if r["sample_id"] == CHANGED)
+        assert changed["content_digest"] != first[CHANGED]["content_digest"]
+        same = next(r for r in served if r["sample_id"] == SAME)
+        assert same["indices"] == first[SAME]["indices"]
         # the changed sample's tokens are the tokenizer's encoding of the new crop
         from vgen_core.data.images import decode_image, preprocess
         from vgen_core.tokenizers.fsq import bar_fsq_config
 
         imgs = store.read("tok/images")
-        png = imgs.filter(pc.equal(imgs["sample_id"], "images/src007-c0"))["image_png"][0]
+        png = imgs.filter(pc.equal(imgs["sample_id"], CHANGED))["image_png"][0]
         torch.manual_seed(0)
         model = bar_fsq_config("tiny").build().eval()
         x = torch.from_numpy(preprocess(decode_image(png.as_py()), 32)).permute(2, 0, 1)

@@ -88,10 +88,10 @@ def test_ingest_rereads_only_changed_files(tmp_path, image_folder, monkeypatch):
     assert [os.path.basename(p) for p in loads.calls] == ["img2.png"]
     assert (r.counts.processed, r.counts.skipped, loads.take()) == (2, 12, 1)
     now = {x["sample_id"]: x for x in store.read("t/src").to_pylist()}
-    assert set(now) == set(first) - {"images/img5-c0", "images/img5-c1"}
+    assert set(now) == set(first) - {"images/class1%2Fimg5.png-c0", "images/class1%2Fimg5.png-c1"}
     for sid, row in now.items():
         same = row["content_digest"] == first[sid]["content_digest"]
-        assert same == (not sid.startswith("images/img2-")), sid
+        assert same == (not sid.startswith("images/class0%2Fimg2.png-")), sid
     recorded = store.read("t/src__sources")
     assert not any(k.endswith("img5.png") for k in recorded["item_key"].to_pylist())
 
@@ -102,7 +102,7 @@ def test_ingest_rereads_only_changed_files(tmp_path, image_folder, monkeypatch):
     assert {x["sample_id"] for x in store.read("t/src").to_pylist()} == set(first)
 
     # rows deleted behind the stage's back: that file is read again
-    store.delete("t/src", "sample_id = 'images/img3-c1'")
+    store.delete("t/src", "sample_id = 'images/class1%2Fimg3.png-c1'")
     r = run(store, IngestImages, cfg)
     assert (r.counts.processed, loads.take()) == (1, 1)
 
@@ -131,8 +131,8 @@ def test_ingest_label_shift_and_bad_file(tmp_path, monkeypatch):
     r = run(store, IngestImages, cfg)
     assert loads.take() == 5
     labels = {x["sample_id"]: x["label"] for x in store.read("t/src").to_pylist()}
-    assert labels == {"images/a0-c0": 0, "images/b1-c0": 1, "images/b2-c0": 2,
-                      "images/b3-c0": 3}
+    assert labels == {"images/a0.png-c0": 0, "images/b1.png-c0": 1, "images/b2.png-c0": 2,
+                      "images/b3.png-c0": 3}
 
 
 def test_crash_after_data_commit_rereads_but_rewrites_nothing(tmp_path, image_folder,

@@ -14,6 +14,24 @@ how many workers read the data or in which order, so every stage and every re-ru
   control characters. A str key made only of ASCII digits is padded like an int when ``width``
   is given; any other str key with ``width`` is an error.
 
+Escaped keys
+------------
+
+A key made from an arbitrary name (a file's path relative to its dataset root, say) goes
+through ``escape_key(text)`` first: ``%``, ``/``, whitespace and every non-printable character
+(control, format, unassigned, lone surrogates) are replaced by the percent-encoding of their
+UTF-8 bytes (``%XX``, uppercase hex; lone surrogates as ``surrogatepass`` bytes, so file names
+that are not valid UTF-8 survive too); everything else, printable non-ASCII included, is kept.
+So ``escape_key("a/my photo 100%.png") == "a%2Fmy%20photo%20100%25.png"``.
+``unescape_key`` is its exact inverse. ``escape_key`` is injective (``%`` itself is always
+escaped, so decoding is unambiguous), its output is always a valid str key for
+``make_sample_id``, and a name that needs no escaping is its own key. Only the empty string
+is refused (there is no empty key). ``unescape_key`` accepts only the canonical form
+(``escape_key(unescape_key(k)) == k``): ``%2f`` or ``%41`` are errors, so one text never has
+two keys. "Printable" is Python's ``str.isprintable`` (as in ``make_sample_id``), so it follows
+the interpreter's Unicode database: a character that a later Unicode version assigns (a new
+emoji) is escaped under an older Python and kept under a newer one. Everything else is fixed.
+
 Content digests
 ===============
 
@@ -84,6 +102,8 @@ __all__ = [
     "content_digest",
     "make_sample_id",
     "parse_sample_id",
+    "escape_key",
+    "unescape_key",
     "canonical_json",
 ]
 
@@ -153,6 +173,65 @@ def parse_sample_id(sample_id: str) -> tuple[str, str]:
     if make_sample_id(dataset, key) != sample_id:  # validates
         raise ValueError(f"not a sample id: {sample_id!r}")
     return dataset, key
+
+
+def _needs_escape(c: str) -> bool:
+    return c == "%" or c == "/" or c.isspace() or not c.isprintable()
+
+
+def escape_key(text: str) -> str:
+    """Reversible escape of any non-empty ``text`` into a valid sample key (see the module docs).
+
+    >>> escape_key("cats/my photo.png")
+    'cats%2Fmy%20photo.png'
+    >>> escape_key("100%.png")
+    '100%25.png'
+    >>> escape_key("été.jpg")
+    'été.jpg'
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"escape_key needs a str, got {type(text).__name__}")
+    if not text:
+        raise ValueError("cannot escape the empty string: a sample key must not be empty")
+    # fast path: only " " is both whitespace and printable
+    if text.isprintable() and "%" not in text and "/" not in text and " " not in text:
+        return text
+    return "".join(
+        "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass")) if _needs_escape(c)
+        else c
+        for c in text
+    )
+
+
+_ESCAPE_RUN = re.compile(r"(?:%[0-9A-F]{2})+")
+
+
+def unescape_key(key: str) -> str:
+    """Inverse of :func:`escape_key`: ``unescape_key(escape_key(t)) == t`` for every ``t``.
+
+    Raises ``ValueError`` for a string ``escape_key`` never returns (a bare ``%``, lowercase or
+    unneeded escapes, bytes that are not UTF-8, an unescaped character that needs escaping).
+
+    >>> unescape_key("cats%2Fmy%20photo.png")
+    'cats/my photo.png'
+    """
+    if not isinstance(key, str):
+        raise TypeError(f"unescape_key needs a str, got {type(key).__name__}")
+    if not key:
+        raise ValueError("not an escaped key: the empty string")
+
+    def decode(m: re.Match[str]) -> str:
+        try:
+            return bytes.fromhex(m.group(0).replace("%", "")).decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"not an escaped key (bad UTF-8 escape {m.group(0)!r}): "
+                             f"{key!r}") from None
+
+    text = _ESCAPE_RUN.sub(decode, key)
+    canonical = escape_key(text)  # text is not empty: key was not
+    if canonical != key:
+        raise ValueError(f"not an escaped key (escape_key would give {canonical!r}): {key!r}")
+    return text
 
 
 # --------------------------------------------------------------------------------------------

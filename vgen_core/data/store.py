@@ -31,9 +31,13 @@ S3 configuration comes from the standard AWS environment (``AWS_ENDPOINT_URL_S3`
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``), overridden by ``storage_options``
 (delta-rs / object_store keys, e.g. ``{"AWS_ENDPOINT_URL": "http://127.0.0.1:9000"}``).
 An ``http://`` endpoint turns on ``AWS_ALLOW_HTTP``. The resolved options are
-:attr:`TableStore.storage_options` (pass them to ``ray.data.read_delta`` and friends).
-A pickled store carries only its root and explicit options and re-reads the environment where it
-is unpickled, so credentials from a driver's environment are not shipped to workers.
+:attr:`TableStore.storage_options`, for this process's own reads and writes. Anything that runs
+elsewhere gets :meth:`TableStore.worker_storage_options` instead (pass those to
+``ray.data.read_delta`` and friends, whose read tasks pickle their options): the endpoint,
+region and other settings, never access keys, secrets or session tokens, which each worker takes
+from its own environment or instance role. A pickled store likewise carries only its root and
+explicit options and re-reads the environment where it is unpickled, so credentials from a
+driver's environment are not shipped to workers.
 
 Reads go through delta-rs's own engine (DataFusion), not through ``DeltaTable.to_pyarrow_table``,
 whose default Python file system (Arrow I/O threads calling back into Python and Rust) makes the
@@ -97,6 +101,17 @@ _COMMIT_ATTEMPTS = 5
 
 class StorageError(RuntimeError):
     """A table or storage-root operation failed; the message says which table / root and why."""
+
+
+def _is_secret_option(key: str) -> bool:
+    """A storage option that is a credential (AWS_SECRET_ACCESS_KEY, aws_session_token,
+    azure_storage_account_key, google_service_account_key, sas tokens, ...)."""
+    from vgen_core.tracking.redact import is_secret_key
+
+    k = key.lower()
+    if k.endswith("skip_signature"):  # a switch (anonymous access), not a credential
+        return False
+    return is_secret_key(k) or "access_key" in k or k.endswith(("_key_id", "service_account"))
 
 
 def _truthy(v: str | None) -> bool:
@@ -246,6 +261,18 @@ class TableStore:
         if ep and "AWS_REGION" not in opts:
             opts["AWS_REGION"] = "us-east-1"  # S3-compatible servers ignore it; SigV4 needs one
         return opts
+
+    def worker_storage_options(self) -> dict[str, str]:
+        """:attr:`storage_options` without credentials, for work that runs on other processes
+        or nodes (``ray.data.read_delta(..., storage_options=store.worker_storage_options())``).
+
+        Endpoint, region, ``AWS_ALLOW_HTTP``, timeouts and the like are kept; access key ids,
+        secret keys, session tokens and other credentials are dropped: Ray Data pickles the
+        options into every read task, and a worker takes credentials from its own environment
+        or instance role (``docs/scaling.md``, "S3 storage"). Empty for a local root without
+        explicit options.
+        """
+        return {k: v for k, v in self.storage_options.items() if not _is_secret_option(k)}
 
     def _s3fs_kwargs(self) -> dict[str, Any]:
         o = self.storage_options

@@ -3,8 +3,12 @@
 - `base.py`: `Tracker` (the protocol everything takes), `NullTracker` (records nothing),
   `image_grid` and `flatten_params` helpers. No MLflow import.
 - `mlflow_tracker.py`: `MlflowTracker` (explicit `MlflowClient`, no global run state, backend
-  failures degrade to a warning plus a local JSON-lines record), `default_tracking_uri`,
+  failures degrade to a warning plus a local JSON-lines record; an unreachable server is
+  noticed once by a short probe, not per call), `default_tracking_uri`,
   `default_artifact_location`, `register_model`.
+- `redact.py`: `redact_uri`, `redact_text`, `redact_config`, `is_secret_key`: what every printed,
+  logged or stored value goes through. No MLflow import.
+- `sync.py`: `sync_records`, the replay of fallback records behind `vgen tracking sync`.
 
 The driver opens runs with `MlflowTracker.start`; a worker (training rank 0 only) writes into
 the driver's run with `MlflowTracker.attach(tracking_uri, run_id)`. The MLflow names are loaded
@@ -16,11 +20,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from vgen_core.tracking.base import NullTracker, Tracker, flatten_params, image_grid, to_uint8_image
+from vgen_core.tracking.redact import is_secret_key, redact_config, redact_text, redact_uri
 
 if TYPE_CHECKING:
     from vgen_core.tracking.mlflow_tracker import (
         MlflowTracker,
+        TrackingServerUnavailable,
         default_artifact_location,
+        default_fallback_dir,
         default_tracking_uri,
         register_model,
         tag_model_versions,
@@ -30,10 +37,16 @@ __all__ = [
     "MlflowTracker",
     "NullTracker",
     "Tracker",
+    "TrackingServerUnavailable",
     "default_artifact_location",
+    "default_fallback_dir",
     "default_tracking_uri",
     "flatten_params",
     "image_grid",
+    "is_secret_key",
+    "redact_config",
+    "redact_text",
+    "redact_uri",
     "register_model",
     "tag_model_versions",
     "to_uint8_image",
@@ -41,7 +54,9 @@ __all__ = [
 
 _MLFLOW_NAMES = (
     "MlflowTracker",
+    "TrackingServerUnavailable",
     "default_artifact_location",
+    "default_fallback_dir",
     "default_tracking_uri",
     "register_model",
     "tag_model_versions",

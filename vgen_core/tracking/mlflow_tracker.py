@@ -15,9 +15,21 @@ Design decisions (read these before changing anything here):
   default `fallback_dir` is `$TMPDIR/vgen-tracking` (`tempfile.gettempdir()`), so nothing is
   written next to the data; pass a directory on persistent storage in long jobs. If the run
   itself cannot be created, the tracker is offline: its `run_id` is `offline-<hex>`, and every
-  record goes straight to the fallback file without contacting the backend again. How long one
-  call may block during an outage is MLflow's HTTP policy: MLFLOW_HTTP_REQUEST_TIMEOUT and
-  MLFLOW_HTTP_REQUEST_MAX_RETRIES (defaults 120 s and 7 retries).
+  record goes straight to the fallback file without contacting the backend again. Fallback
+  files are created with mode 0600 (their directory 0700); `vgen tracking sync` replays them
+  into a tracking store later (`vgen_core.tracking.sync`).
+* Outages are noticed once, not per call. For an `http(s)://` server the tracker first probes
+  it (`_probe`: one `GET /health` bounded by PROBE_TIMEOUT_S = 2 s; a connection error, a
+  timeout or a 5xx answer means down). While it is down every call goes straight to the fallback
+  file without touching the network; it is probed again only after a back-off (RETRY_AFTER_S,
+  doubling up to RETRY_AFTER_MAX_S), and calls go to MLflow again once it answers. The state is
+  shared by every tracker of the process that talks to the same server. Only the call that
+  runs into an outage mid-run still pays MLflow's HTTP policy (MLFLOW_HTTP_REQUEST_TIMEOUT and
+  MLFLOW_HTTP_REQUEST_MAX_RETRIES, defaults 120 s and 7 retries); the probe that follows its
+  failure marks the server down for the calls after it.
+* Secrets are redacted (`vgen_core.tracking.redact`) in params, tags, warnings, `repr` and
+  fallback records: a tracking URI `http://user:pw@host` shows as `http://***@host`, values of
+  credential-like keys as `***`.
 * Stores. The default store is SQLite (`default_tracking_uri`). MLflow 3 refuses the old file
   store (`./mlruns`, `file://`) unless MLFLOW_ALLOW_FILE_STORE=true, so it is not used.
   For a local storage root, the database is `<root>/mlflow.db` and artifacts `<root>/mlartifacts`.
@@ -34,10 +46,13 @@ Design decisions (read these before changing anything here):
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
 import os
 import re
+import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -47,6 +62,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
+from urllib.request import getproxies, proxy_bypass
 
 import numpy as np
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
@@ -63,6 +79,7 @@ from vgen_core.tracking.base import (
     flatten_params,
     to_uint8_image,
 )
+from vgen_core.tracking.redact import redact_config, redact_text, redact_uri
 
 # MLflow's SQLAlchemy store triggers a SQLAlchemy deprecation warning (`noload`) when it is first
 # built; it is MLflow's to fix and says nothing to our users, so it is silenced for mlflow only.
@@ -72,7 +89,9 @@ warnings.filterwarnings(
 
 __all__ = [
     "MlflowTracker",
+    "TrackingServerUnavailable",
     "default_artifact_location",
+    "default_fallback_dir",
     "default_tracking_uri",
     "register_model",
 ]
@@ -128,17 +147,165 @@ def _artifact_location_for(tracking_uri: str) -> str | None:
     return str(db.resolve().parent / "mlartifacts") if db is not None else None
 
 
+# --------------------------------------------------------------------------- server health
+
+#: seconds one probe of an http(s) tracking server may take (connect + answer)
+PROBE_TIMEOUT_S = 2.0
+#: seconds after a failed probe before the server is probed again (doubles per failure)
+RETRY_AFTER_S = 30.0
+RETRY_AFTER_MAX_S = 300.0
+
+
+class TrackingServerUnavailable(ConnectionError):
+    """The tracking server did not answer its probe; records go to the fallback file."""
+
+
+def _is_http(tracking_uri: str) -> bool:
+    return urlparse(tracking_uri).scheme in ("http", "https")
+
+
+def _probe(tracking_uri: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """None when the http(s) tracking server answers within ``timeout`` seconds (any status
+    below 500: an auth error still means it is there), else why not. Other URIs: None.
+
+    One `GET <uri>/health` (MLflow's health endpoint); through the scheme's proxy (env
+    HTTP(S)_PROXY, unless NO_PROXY covers the host), a TCP connect to the proxy instead."""
+    u = urlparse(tracking_uri)
+    if u.scheme not in ("http", "https"):
+        return None
+    try:
+        host, port = u.hostname, u.port or (443 if u.scheme == "https" else 80)
+    except ValueError as e:  # a port that is not a number
+        return f"invalid tracking URI: {e}"
+    if not host:
+        return "invalid tracking URI: no host"
+    deadline = time.monotonic() + timeout
+    proxy = getproxies().get(u.scheme)
+    if proxy and not proxy_bypass(host):
+        p = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        try:
+            socket.create_connection((p.hostname, p.port or 80), timeout=timeout).close()
+            return None
+        except OSError as e:
+            return f"proxy {redact_uri(proxy)} unreachable: {type(e).__name__}: {e}"
+    conn: http.client.HTTPConnection
+    if u.scheme == "https":
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout)
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.connect()
+        if conn.sock is not None:
+            conn.sock.settimeout(max(0.05, deadline - time.monotonic()))
+        conn.request("GET", u.path.rstrip("/") + "/health", headers={"Connection": "close"})
+        status = conn.getresponse().status
+        return None if status < 500 else f"HTTP {status} from {host}:{port}/health"
+    except ssl.SSLError:
+        return None  # something speaks TLS there; MLflow's own call says what is wrong with it
+    except (OSError, http.client.HTTPException) as e:
+        return f"{type(e).__name__}: {str(e) or 'no answer'} ({host}:{port})"
+    finally:
+        conn.close()
+
+
+class _Health:
+    """Whether one tracking server is up, probed at most once per back-off period.
+
+    Shared by every tracker of the process that talks to that server (`_health_for`), so a DAG
+    run, its stage runs and attached trackers notice an outage once."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        self.uri = tracking_uri
+        self.http = _is_http(tracking_uri)
+        self.down: str | None = None  # why, while the server is down
+        self.checked = False
+        self.next_probe = 0.0
+        self.backoff = RETRY_AFTER_S
+        self._lock = threading.Lock()
+
+    def available(self) -> bool:
+        """True when calls may go to the server: probes it on first use and, while it is down,
+        again once the back-off has passed (one thread probes, the others wait for it)."""
+        if not self.http or (self.checked and self.down is None):
+            return True
+        with self._lock:
+            if self.checked and self.down is None:
+                return True
+            if self.down is not None and time.monotonic() < self.next_probe:
+                return False
+            self._probe_now()
+            return self.down is None
+
+    def after_failure(self) -> None:
+        """A call failed: probe once; if the server does not answer, it is down."""
+        if not self.http:
+            return
+        with self._lock:
+            if self.down is None:
+                self._probe_now()
+
+    def _probe_now(self) -> None:
+        reason = _probe(self.uri)
+        self.checked = True
+        if reason is None:
+            if self.down is not None:
+                logger.warning("MLflow tracking server %s answers again; logging to it resumes",
+                               redact_uri(self.uri))
+            self.down, self.backoff = None, RETRY_AFTER_S
+            return
+        if self.down is not None:
+            self.backoff = min(self.backoff * 2, RETRY_AFTER_MAX_S)
+        self.down = redact_text(reason)
+        self.next_probe = time.monotonic() + self.backoff
+
+    def error(self) -> TrackingServerUnavailable:
+        wait = max(0.0, self.next_probe - time.monotonic())
+        return TrackingServerUnavailable(
+            f"tracking server {redact_uri(self.uri)} is unreachable ({self.down}); "
+            f"next check in {wait:.0f}s"
+        )
+
+
+_HEALTH: dict[str, _Health] = {}
+_HEALTH_LOCK = threading.Lock()
+
+
+def _health_for(tracking_uri: str) -> _Health:
+    u = urlparse(tracking_uri)
+    key = f"{u.scheme}://{u.netloc}{u.path}" if _is_http(tracking_uri) else "local"
+    with _HEALTH_LOCK:
+        if key not in _HEALTH:
+            _HEALTH[key] = _Health(tracking_uri)
+        return _HEALTH[key]
+
+
 # --------------------------------------------------------------------------- fallback records
+
+
+def default_fallback_dir() -> Path:
+    """`$TMPDIR/vgen-tracking`: where trackers record what the backend did not take, unless
+    given a `fallback_dir` (and where `vgen tracking sync` looks by default)."""
+    return Path(tempfile.gettempdir()) / "vgen-tracking"
+
+
+def _private_dir(path: Path) -> None:
+    """mkdir -p, the last level 0700; an existing directory of ours is narrowed to 0700."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        st = path.stat()
+        if st.st_uid == os.getuid() and st.st_mode & 0o077:
+            os.chmod(path, 0o700)
+    except OSError:
+        pass
 
 
 class _Fallback:
     """Local JSON-lines record of what the backend did not take. Shared by a run and its
-    children, so an outage is announced once per run family."""
+    children, so an outage is announced once per run family. Records are redacted
+    (`redact_config`) and files are private (0600 in a 0700 directory)."""
 
     def __init__(self, directory: str | Path | None) -> None:
-        self.directory = (
-            Path(directory) if directory else Path(tempfile.gettempdir()) / "vgen-tracking"
-        )
+        self.directory = Path(directory) if directory else default_fallback_dir()
         self._warned = False
         self._lock = threading.Lock()
 
@@ -146,13 +313,14 @@ class _Fallback:
         return self.directory / f"{run_id}.jsonl"
 
     def failed(self, run_id: str, kind: str, data: Mapping[str, Any], error: BaseException) -> None:
-        cause = f"{type(error).__name__}: {str(error).strip()[:500]}"
+        cause = redact_text(f"{type(error).__name__}: {str(error).strip()[:500]}")
         with self._lock:
             if not self._warned:
                 self._warned = True
                 logger.warning(
                     "MLflow tracking failed for run %s (%s) while logging %s. The run continues; "
-                    "records that MLflow does not take are appended to %s",
+                    "records that MLflow does not take are appended to %s (replay them with "
+                    "`vgen tracking sync`)",
                     run_id,
                     cause,
                     kind,
@@ -163,12 +331,16 @@ class _Fallback:
         self.write(run_id, kind, data, cause)
 
     def write(self, run_id: str, kind: str, data: Mapping[str, Any], error: str) -> None:
-        record = {"time": time.time(), "run_id": run_id, "kind": kind, "data": data, "error": error}
+        record = {"time": time.time(), "run_id": run_id, "kind": kind,
+                  "data": redact_config(dict(data)), "error": redact_text(error)}
         line = json.dumps(record, default=str, sort_keys=True) + "\n"
         try:
             with self._lock:
-                self.directory.mkdir(parents=True, exist_ok=True)
-                with open(self.path(run_id), "a", encoding="utf-8") as f:
+                _private_dir(self.directory)
+                fd = os.open(self.path(run_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                with os.fdopen(fd, "a", encoding="utf-8") as f:
+                    if os.fstat(fd).st_mode & 0o077:  # a file from before files were private
+                        os.fchmod(fd, 0o600)
                     f.write(line)
         except OSError as e:  # the last resort failed too: say so, never raise
             logger.warning(
@@ -186,10 +358,12 @@ class _Fallback:
             / f"{safe}_step{step if step is not None else 'none'}.png"
         )
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _private_dir(self.directory)
+            _private_dir(path.parent)
             Image.fromarray(image_HWC.squeeze(-1) if image_HWC.shape[-1] == 1 else image_HWC).save(
                 path
             )
+            os.chmod(path, 0o600)
         except OSError as e:
             return f"<not saved: {e}>"
         return str(path)
@@ -254,8 +428,9 @@ class MlflowTracker:
         self._experiment_id = experiment_id
         self._owner = owner
         self._fallback = fallback
-        self._offline_reason = offline_reason
+        self._offline_reason = redact_text(offline_reason) if offline_reason else None
         self._finished = False
+        self._health = _health_for(tracking_uri)
 
     # ----------------------------------------------------------------- constructors
 
@@ -284,11 +459,15 @@ class MlflowTracker:
                 `default_artifact_location(root)`.
             fallback_dir: where records go when MLflow fails (default `$TMPDIR/vgen-tracking`).
 
-        Never raises because of the backend: if the run cannot be created the tracker is
+        Never raises because of the backend: if the run cannot be created (an http(s) server
+        that does not answer its probe within PROBE_TIMEOUT_S is not even asked) the tracker is
         offline (run id `offline-<hex>`) and records only to the fallback file.
         """
         fallback = _Fallback(fallback_dir)
+        health = _health_for(tracking_uri)
         try:
+            if not health.available():
+                raise health.error()
             _ensure_sqlite_dir(tracking_uri)
             client = MlflowClient(tracking_uri=tracking_uri)
             location = artifact_location or _artifact_location_for(tracking_uri)
@@ -303,14 +482,17 @@ class MlflowTracker:
                 run_id,
                 "start",
                 {
-                    "tracking_uri": tracking_uri,
+                    "tracking_uri": redact_uri(tracking_uri),
                     "experiment": experiment,
                     "run_name": run_name,
                     "tags": dict(tags or {}),
                     "parent_run_id": parent_run_id,
+                    "artifact_location": artifact_location,
                 },
                 e,
             )
+            if not isinstance(e, TrackingServerUnavailable):
+                health.after_failure()
             return cls(
                 None,
                 tracking_uri,
@@ -337,19 +519,33 @@ class MlflowTracker:
 
         `finish()` ends the run only when `owner=True` (a restarted driver resuming its own run;
         the run is then marked RUNNING again). A run id that cannot be looked up degrades like
-        any other backend failure: a warning, then records go to the fallback file too.
+        any other backend failure: a warning, then records go to the fallback file too (calls
+        resume once the server answers). A run id `offline-...` (the driver's run was never
+        created) makes an offline tracker that writes to that run's fallback file.
         """
         fallback = _Fallback(fallback_dir)
+        data = {"tracking_uri": redact_uri(tracking_uri), "owner": owner}
+        if run_id.startswith("offline-"):
+            fallback.failed(run_id, "attach", data,
+                            TrackingServerUnavailable(f"run {run_id} was never created in MLflow"))
+            return cls(None, tracking_uri, run_id, None, owner=owner, fallback=fallback,
+                       offline_reason="the run is offline")
+        health = _health_for(tracking_uri)
         client = None
         experiment_id = None
         try:
+            if not health.available():
+                client = MlflowClient(tracking_uri=tracking_uri)  # no network: for later calls
+                raise health.error()
             client = MlflowClient(tracking_uri=tracking_uri)
             run = client.get_run(run_id)
             experiment_id = run.info.experiment_id
             if owner and run.info.status != "RUNNING":
                 client.update_run(run_id, status="RUNNING")
         except Exception as e:
-            fallback.failed(run_id, "attach", {"tracking_uri": tracking_uri, "owner": owner}, e)
+            if not isinstance(e, TrackingServerUnavailable):
+                health.after_failure()
+            fallback.failed(run_id, "attach", data, e)
         return cls(client, tracking_uri, run_id, experiment_id, owner=owner, fallback=fallback)
 
     # ----------------------------------------------------------------- properties
@@ -389,22 +585,28 @@ class MlflowTracker:
         data: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
         call: Callable[[MlflowClient], T],
     ) -> T | None:
-        """Run `call` on the client; on any failure (or offline) record `data` in the fallback
-        file instead. `data` may be a callable, evaluated only when it is needed."""
+        """Run `call` on the client; on any failure (or offline, or while the server is known
+        to be down) record `data` in the fallback file instead. `data` may be a callable,
+        evaluated only when it is needed."""
         if self._client is None or self._offline_reason is not None:
             # The cause is in this file's first record ("start"); no need to repeat it per line.
             self._fallback.write(self._run_id, kind, data() if callable(data) else data, "offline")
             return None
+        if not self._health.available():  # no network until the back-off has passed
+            self._fallback.failed(self._run_id, kind, data() if callable(data) else data,
+                                  self._health.error())
+            return None
         try:
             return call(self._client)
         except Exception as e:  # tracking never kills a run
+            self._health.after_failure()
             self._fallback.failed(self._run_id, kind, data() if callable(data) else data, e)
             return None
 
     # ----------------------------------------------------------------- Tracker protocol
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        flat = {_key(k): v for k, v in flatten_params(params).items()}
+        flat = {_key(k): v for k, v in flatten_params(redact_config(dict(params))).items()}
 
         def call(client: MlflowClient) -> None:
             for chunk in _chunks([Param(k, v) for k, v in flat.items()], _PARAMS_PER_BATCH):
@@ -471,19 +673,8 @@ class MlflowTracker:
         datasets by name and digest, so each table version must get its own. MLflow has no
         dataset outputs; a table a run writes is logged with context "output".
         """
-        source = json.dumps({"path": uri, "delta_table_version": int(version)}, sort_keys=True)
-        profile = json.dumps(
-            {"num_rows": num_rows, "delta_table_version": int(version), "content_digest": digest},
-            sort_keys=True,
-        )
-        key = f"{uri}@{int(version)}:{digest or ''}"
-        dataset = Dataset(
-            name=name[:500],
-            digest=hashlib.blake2b(key.encode(), digest_size=8).hexdigest(),
-            source_type="delta_table",
-            source=source,
-            profile=profile,
-        )
+        uri = redact_uri(uri)
+        dataset = _table_dataset(name, uri, version, num_rows, digest)
         data = {
             "name": name,
             "uri": uri,
@@ -502,7 +693,8 @@ class MlflowTracker:
         )
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        values = {_key(k): _truncate(str(v), MAX_TAG_VALUE_LENGTH) for k, v in tags.items()}
+        values = {_key(k): _truncate(str(v), MAX_TAG_VALUE_LENGTH)
+                  for k, v in redact_config(dict(tags)).items()}
 
         def call(client: MlflowClient) -> None:
             for chunk in _chunks([RunTag(k, v) for k, v in values.items()], _PARAMS_PER_BATCH):
@@ -538,6 +730,12 @@ class MlflowTracker:
         )
         if run is None:
             child_id = f"offline-{uuid.uuid4().hex}"
+            self._fallback.write(
+                child_id,
+                "start",
+                {"run_name": name, "parent_run_id": self._run_id},
+                "offline: the child run could not be created",
+            )
             return MlflowTracker(
                 None,
                 self._tracking_uri,
@@ -579,19 +777,40 @@ class MlflowTracker:
     def __repr__(self) -> str:
         state = "offline" if self.offline else ("owner" if self._owner else "attached")
         return (
-            f"MlflowTracker(run_id={self._run_id!r}, tracking_uri={self._tracking_uri!r}, {state})"
+            f"MlflowTracker(run_id={self._run_id!r}, "
+            f"tracking_uri={redact_uri(self._tracking_uri)!r}, {state})"
         )
 
 
 def _context_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
     """User tags plus MLflow's context tags (mlflow.user, mlflow.source.*, git commit)."""
-    user = {_key(k): _truncate(str(v), MAX_TAG_VALUE_LENGTH) for k, v in (tags or {}).items()}
+    user = {_key(k): _truncate(str(v), MAX_TAG_VALUE_LENGTH)
+            for k, v in redact_config(dict(tags or {})).items()}
     try:
         from mlflow.tracking.context.registry import resolve_tags
 
-        return {str(k): str(v) for k, v in resolve_tags(user).items()}
+        # context tags may hold a URI with a token (mlflow.source.git.repoURL): redacted too
+        return {str(k): redact_text(str(v)) for k, v in resolve_tags(user).items()}
     except Exception:  # context tags are a nicety
         return user
+
+
+def _table_dataset(name: str, uri: str, version: int, num_rows: int | None,
+                   digest: str | None) -> Dataset:
+    """The MLflow dataset entity `log_table_input` records (see there)."""
+    source = json.dumps({"path": uri, "delta_table_version": int(version)}, sort_keys=True)
+    profile = json.dumps(
+        {"num_rows": num_rows, "delta_table_version": int(version), "content_digest": digest},
+        sort_keys=True,
+    )
+    key = f"{uri}@{int(version)}:{digest or ''}"
+    return Dataset(
+        name=name[:500],
+        digest=hashlib.blake2b(key.encode(), digest_size=8).hexdigest(),
+        source_type="delta_table",
+        source=source,
+        profile=profile,
+    )
 
 
 #: MLflow 3's experiment-type tag, read by its UI to pick the experiment's landing page
