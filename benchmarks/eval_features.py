@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tokenize_throughput import actor_threads, steady_rate, write_curated  # noqa: E402
+from tokenize_throughput import actor_threads, steady_rate, write_curated
 
 
 def random_inception_weights(path: str) -> str:

@@ -68,7 +68,7 @@ def main() -> None:
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else \
             torch.autocast("cpu", enabled=False)
 
-        def step(i: int) -> float:
+        def step(i: int, task=task, model=model, opt=opt, batch=batch, amp=amp) -> float:
             with amp:
                 loss, _ = task.loss(model, batch, i)
             loss.backward()
@@ -87,14 +87,15 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = (time.perf_counter() - t0) / args.steps
-        flops = 6.0 * (params - emb) * args.batch * seq + 3 * attention_flops(model, seq) * args.batch
+        flops = (6.0 * (params - emb) * args.batch * seq
+                 + 3 * attention_flops(model, seq) * args.batch)
         achieved = flops / dt / 1e12
         mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         print(f"{spec:<14} params {params / 1e6:7.1f}M  batch {args.batch} x {seq} tokens  "
               f"{1 / dt:6.2f} steps/s  {args.batch * seq / dt:10.0f} tokens/s  "
               f"{achieved:7.1f} TFLOP/s  MFU {achieved / args.peak_tflops:.3f}  "
               f"peak mem {mem:.1f} GiB  loss {last:.3f}")
-        del model, opt
+        del model, opt, step  # free this model's memory before the next one is built
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

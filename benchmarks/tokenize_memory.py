@@ -7,7 +7,8 @@ streaming stage's peak does not grow with the input.
 Two curated IMAGE_SAMPLES tables (N and scale x N random ``--source-size`` px crops of the
 skimage photos, PNG) are written first; then each size runs in a fresh child process (same
 start state): ``ray.init(num_cpus=--cpus)`` (or no Ray with ``--executor inprocess``, the
-unit-test executor, on one torch thread as a 1-CPU actor has), the idle process tree is sampled, and the stage (``--kind``, tiny model at
+unit-test executor, on one torch thread as a 1-CPU actor has), the idle process tree is sampled,
+and the stage (``--kind``, tiny model at
 ``--resolution``, crop + flip) runs through ``MapStage.run`` while a thread sums the memory of
 the driver and every descendant (raylet, GCS, Ray workers) every ``--interval`` s with psutil.
 ``--metric pss`` counts pages shared between processes (Ray's object store) once instead of
@@ -35,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tokenize_throughput import TreeSampler, make_stage, write_curated  # noqa: E402
+from tokenize_throughput import TreeSampler, make_stage, write_curated
 
 MB = 1 << 20
 

@@ -106,7 +106,8 @@ class TreeSampler:
     """Samples the process tree of this driver (Ray's raylet, GCS and workers started by
     ``ray.init`` are its descendants) every ``interval`` s in a thread: peak summed memory
     (``rss``, or ``pss``/``uss`` which do not count shared pages twice), the peak per process
-    name and per group (driver / Ray workers / Ray daemons), and each process's last seen CPU time, so CPU used by workers that exit before the end
+    name and per group (driver / Ray workers / Ray daemons), and each process's last seen CPU
+    time, so CPU used by workers that exit before the end
     is still counted."""
 
     def __init__(self, interval: float = 0.2, metric: str = "rss"):
@@ -152,7 +153,7 @@ class TreeSampler:
         self.history.append((time.perf_counter(), dict(self.cpu)))
         return total
 
-    def __enter__(self) -> "TreeSampler":
+    def __enter__(self) -> TreeSampler:
         import threading
 
         self.base = self._sample()
@@ -348,7 +349,7 @@ def main() -> None:
     source_size = args.source_size or resolution + 16
     flip = not args.no_flip
     cuda = args.device == "cuda"
-    cfg = kind_cls.Config(size=size, overrides=overrides, resolution=resolution,
+    cfg = get_kind(args.kind).Config(size=size, overrides=overrides, resolution=resolution,
                                      flip=flip, device=args.device)
 
     os.environ["RAY_worker_niceness"] = str(args.worker_niceness)

@@ -8,7 +8,8 @@ reference elsewhere), ``reference`` (always the reference) or ``triton`` (always
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from torch import Tensor
 

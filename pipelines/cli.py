@@ -1,7 +1,7 @@
 """``vgen``: run, plan and inspect DAGs; serve the MLflow UI.
 
-    vgen run DAG.yaml [--storage ROOT] [--tracking-uri URI] [--address RAY]
-    vgen plan DAG.yaml [--format text|json|mermaid]
+    vgen run DAG.yaml [--storage ROOT] [--tracking-uri URI] [--address RAY] [--verify-sources]
+    vgen plan DAG.yaml [--format text|json|mermaid] [--verify-sources]
     vgen status DAG.yaml [--json]
     vgen gc DAG.yaml [--dry-run]
     vgen ui [--storage ROOT | --tracking-uri URI] [--port 5000]
@@ -54,6 +54,16 @@ def _address(p: argparse.ArgumentParser) -> None:
                         "RAY_API_SERVER_ADDRESS, then RAY_ADDRESS)")
 
 
+def _verify_sources(p: argparse.ArgumentParser, plan: bool = False) -> None:
+    what = "plan as if source stages" if plan else "source stages"
+    p.add_argument("--verify-sources", action="store_true",
+                   help=f"{what} (ingest.*, curate.*) read every listed file and compare "
+                        "contents (sample digests) instead of trusting size + mtime: finds files "
+                        "rewritten with the same size and mtime (a restore, rsync -t); only "
+                        "samples whose content changed are written and recomputed downstream. "
+                        "Costs a full read. Per stage: verify_sources: true in the DAG")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vgen", description="vgen: visual-generation pipelines on Ray (curation, "
@@ -65,63 +75,113 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run every stage of a DAG that is not up to date. Uses an "
                        "embedded local Ray unless --address or RAY_ADDRESS names a cluster.")
     _common(p)
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: env RAY_ADDRESS, else an embedded local Ray)")
-    p.add_argument("--local", action="store_true",
-                   help="run per-sample stages in this process instead of Ray Data (debugging)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (default: env RAY_ADDRESS, else an embedded local Ray)",
+    )
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="run per-sample stages in this process instead of Ray Data (debugging)",
+    )
+    _verify_sources(p)
 
     p = sub.add_parser("plan", help="say which stages would run and why, without running them")
     _common(p)
-    p.add_argument("--format", choices=["text", "json", "mermaid"], default="text",
-                   help="text table, JSON, or a Mermaid flowchart of the DAG with stage states")
-    p.add_argument("--cluster", action="store_true",
-                   help="also say what each stage gets on the cluster at --address (its CPUs, "
-                        "GPUs and the actor-pool / train-worker sizes the runner would use)")
+    p.add_argument(
+        "--format",
+        choices=["text", "json", "mermaid"],
+        default="text",
+        help="text table, JSON, or a Mermaid flowchart of the DAG with stage states",
+    )
+    _verify_sources(p, plan=True)
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="also say what each stage gets on the cluster at --address (its CPUs, "
+        "GPUs and the actor-pool / train-worker sizes the runner would use)",
+    )
     _address(p)
 
-    p = sub.add_parser("status", help="state, output tables (URI@version) and counts per stage; "
-                       "or, with --job, the state of a submitted job")
+    p = sub.add_parser(
+        "status",
+        help="state, output tables (URI@version) and counts per stage; "
+        "or, with --job, the state of a submitted job",
+    )
     _common(p, dag_optional=True)
     p.add_argument("--json", action="store_true", help="machine-readable output for scripts/CI")
-    p.add_argument("--job", metavar="ID", help="a job id printed by `vgen submit`: show its "
-                   "status on the cluster at --address instead of a DAG's")
+    p.add_argument(
+        "--job",
+        metavar="ID",
+        help="a job id printed by `vgen submit`: show its "
+        "status on the cluster at --address instead of a DAG's",
+    )
     _address(p)
 
-    p = sub.add_parser("gc", help="delete side-table rows no current curated version references",
-                       description="For every side table (tokens, latents) the DAG wrote, delete "
-                       "the rows whose (sample_id, content_digest) is not in the latest version "
-                       "of the curated table it was made from. Older table versions stay "
-                       "readable until Delta's vacuum.")
+    p = sub.add_parser(
+        "gc",
+        help="delete side-table rows no current curated version references",
+        description="For every side table (tokens, latents) the DAG wrote, delete "
+        "the rows whose (sample_id, content_digest) is not in the latest version "
+        "of the curated table it was made from. Older table versions stay "
+        "readable until Delta's vacuum.",
+    )
     _common(p)
     p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
 
-    p = sub.add_parser("submit", help="run a DAG on a Ray cluster as a Ray job (Jobs API)",
-                       description="Validate the DAG here, then submit `vgen run DAG ...` to the "
-                       "cluster's Jobs API with a runtime_env built from this project (code as "
-                       "working_dir or py_modules; dependencies come from the cluster image). "
-                       "Prints the job id. See pipelines/submit.py and infra/README.md.")
+    p = sub.add_parser(
+        "submit",
+        help="run a DAG on a Ray cluster as a Ray job (Jobs API)",
+        description="Validate the DAG here, then submit `vgen run DAG ...` to the "
+        "cluster's Jobs API with a runtime_env built from this project (code as "
+        "working_dir or py_modules; dependencies come from the cluster image). "
+        "Prints the job id. See pipelines/submit.py and infra/README.md.",
+    )
     _common(p)
     _address(p)
-    p.add_argument("--wait", action="store_true",
-                   help="stream the job's logs until it ends; exit 0 if it succeeded, else 1")
-    p.add_argument("--code", choices=["auto", "project", "modules", "image"], default="auto",
-                   help="what code travels with the job: the project root as working_dir, its "
-                        "packages as py_modules, or none (the image's vgen); auto: project when "
-                        "the DAG is inside the project, else modules")
-    p.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
-                   help="an env var for the job (KEY alone copies this machine's value); "
-                        "repeatable. Keep credentials on the cluster, not here")
-    p.add_argument("--runtime-env", metavar="FILE",
-                   help="a runtime_env YAML to start from (e.g. infra/runtime_env.yaml)")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="stream the job's logs until it ends; exit 0 if it succeeded, else 1",
+    )
+    p.add_argument(
+        "--code",
+        choices=["auto", "project", "modules", "image"],
+        default="auto",
+        help="what code travels with the job: the project root as working_dir, its "
+        "packages as py_modules, or none (the image's vgen); auto: project when "
+        "the DAG is inside the project, else modules",
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE]",
+        help="an env var for the job (KEY alone copies this machine's value); "
+        "repeatable. Keep credentials on the cluster, not here",
+    )
+    p.add_argument(
+        "--runtime-env",
+        metavar="FILE",
+        help="a runtime_env YAML to start from (e.g. infra/runtime_env.yaml)",
+    )
     p.add_argument("--submission-id", help="job id to use (default vgen-<dag>-<time>-<random>)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the entrypoint and runtime_env as JSON; submit nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the entrypoint and runtime_env as JSON; submit nothing",
+    )
 
     p = sub.add_parser("logs", help="print (or --follow) the logs of a submitted job")
     p.add_argument("job", metavar="ID", help="job id printed by `vgen submit`")
     _address(p)
-    p.add_argument("--follow", "-f", action="store_true",
-                   help="keep streaming until the job ends; exit 0 if it succeeded, else 1")
+    p.add_argument(
+        "--follow",
+        "-f",
+        action="store_true",
+        help="keep streaming until the job ends; exit 0 if it succeeded, else 1",
+    )
 
     p = sub.add_parser("stop", help="stop a submitted job")
     p.add_argument("job", metavar="ID", help="job id printed by `vgen submit`")
@@ -129,18 +189,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="return once the job has stopped")
 
     p = sub.add_parser("ui", help="serve the MLflow UI for a storage root on 127.0.0.1")
-    p.add_argument("--storage", default=os.environ.get("VGEN_STORAGE", "./.vgen-demo"),
-                   help="storage root whose MLflow store to show (default ./.vgen-demo)")
+    p.add_argument(
+        "--storage",
+        default=os.environ.get("VGEN_STORAGE", "./.vgen-demo"),
+        help="storage root whose MLflow store to show (default ./.vgen-demo)",
+    )
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--workers", type=int, default=1,
-                   help="server worker processes (default 1: one user)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="server worker processes (default 1: one user)"
+    )
 
-    p = sub.add_parser("families", help="list the model families: role, sizes, and what each can "
-                       "do (train / tokenize / encode / decode / sample / evaluate / ...)")
-    p.add_argument("--json", action="store_true",
-                   help='print {"families": [{"name", "role", "sizes", "capabilities"}, ...]}')
+    p = sub.add_parser(
+        "families",
+        help="list the model families: role, sizes, and what each can "
+        "do (train / tokenize / encode / decode / sample / evaluate / ...)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"families": [{"name", "role", "sizes", "capabilities"}, ...]}',
+    )
 
     from pipelines.report import add_report_parser
     from pipelines.tracking_cli import add_tracking_parser
@@ -158,8 +228,15 @@ def cmd_families(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"families": [s.to_json() for s in specs]}, indent=2))
         return EXIT_OK
-    rows = [(s.name + (f" ({', '.join(s.aliases)})" if s.aliases else ""), s.role,
-             ", ".join(s.sizes), ", ".join(s.capabilities)) for s in specs]
+    rows = [
+        (
+            s.name + (f" ({', '.join(s.aliases)})" if s.aliases else ""),
+            s.role,
+            ", ".join(s.sizes),
+            ", ".join(s.capabilities),
+        )
+        for s in specs
+    ]
     widths = [max(len(r[i]) for r in rows + [("family", "role", "", "")]) for i in range(2)]
     print(f"{'family':<{widths[0]}}  {'role':<{widths[1]}}  capabilities / sizes")
     for name, role, sizes, caps in rows:
@@ -190,11 +267,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     store.check_writable()
     from vgen_core.tracking import default_artifact_location
 
-    tracker = MlflowTracker.start(tracking, experiment=dag.name, run_name=f"{dag.name}",
-                                  tags={"vgen.dag": dag.name},
-                                  artifact_location=default_artifact_location(store.root))
-    runner = Runner(dag, store, tracker, tracking, address=args.address,
-                    executor="local" if args.local else "ray")
+    tracker = MlflowTracker.start(
+        tracking,
+        experiment=dag.name,
+        run_name=f"{dag.name}",
+        tags={"vgen.dag": dag.name},
+        artifact_location=default_artifact_location(store.root),
+    )
+    runner = Runner(
+        dag,
+        store,
+        tracker,
+        tracking,
+        address=args.address,
+        executor="local" if args.local else "ray",
+        verify_sources=args.verify_sources,
+    )
     summary = runner.run()
     _print_summary(summary, store)
     return EXIT_OK if summary.ok else EXIT_STAGE_FAILED
@@ -203,15 +291,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _print_summary(summary: Any, store: Any) -> None:
     from vgen_core.tracking.redact import redact_text, redact_uri
 
-    print(f"\nDAG '{summary.dag}' finished in {summary.seconds:.1f}s "
-          f"({'ok' if summary.ok else 'FAILED'})")
-    print(f"{'stage':<14} {'action':<8} {'processed':>9} {'skipped':>8} {'quarant.':>8} "
-          f"{'filtered':>8}  outputs")
+    print(
+        f"\nDAG '{summary.dag}' finished in {summary.seconds:.1f}s "
+        f"({'ok' if summary.ok else 'FAILED'})"
+    )
+    print(
+        f"{'stage':<14} {'action':<8} {'processed':>9} {'skipped':>8} {'quarant.':>8} "
+        f"{'filtered':>8}  outputs"
+    )
     for o in summary.outcomes.values():
-        outs = ", ".join(f"{r.uri}@v{r.version}" if r.kind == "table" else r.uri
-                         for k, r in o.outputs.items() if k != "quarantine")
-        print(f"{o.stage:<14} {o.action:<8} {o.counts.processed:>9} {o.counts.skipped:>8} "
-              f"{o.counts.quarantined:>8} {o.counts.filtered:>8}  {outs}")
+        outs = ", ".join(
+            f"{r.uri}@v{r.version}" if r.kind == "table" else r.uri
+            for k, r in o.outputs.items()
+            if k != "quarantine"
+        )
+        print(
+            f"{o.stage:<14} {o.action:<8} {o.counts.processed:>9} {o.counts.skipped:>8} "
+            f"{o.counts.quarantined:>8} {o.counts.filtered:>8}  {outs}"
+        )
         if o.error:
             print(f"  error: {redact_text(o.error)}")
     print(f"\nTables under: {store.root}/tables")
@@ -231,10 +328,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         cluster = cluster_resources(args.address)
         alloc = stage_allocations(dag, cluster)
     problems = check_dag(dag, store)
-    plans = plan_dag(dag, store, StageState(store), problems)
+    plans = plan_dag(dag, store, StageState(store), problems, verify_sources=args.verify_sources)
     if args.format == "json":
-        out: dict[str, Any] = {"dag": dag.name, "storage": store.root,
-                               "stages": [p.to_json() for p in plans]}
+        out: dict[str, Any] = {
+            "dag": dag.name,
+            "storage": store.root,
+            "stages": [p.to_json() for p in plans],
+        }
         if cluster is not None:
             out["cluster"] = cluster
             for s in out["stages"]:
@@ -245,10 +345,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         print(f"DAG '{dag.name}' on {store.root}")
         if cluster is not None:
-            print(f"cluster {cluster['address']}: {cluster['nodes']} node(s), "
-                  f"{cluster['CPU']:g} CPUs, {cluster['GPU']:g} GPUs")
+            print(
+                f"cluster {cluster['address']}: {cluster['nodes']} node(s), "
+                f"{cluster['CPU']:g} CPUs, {cluster['GPU']:g} GPUs"
+            )
         for p in plans:
             print(f"  {p.stage:<14} {p.kind:<20} {p.state:<11} {p.reason}")
+            if p.sources:  # how this run finds changed source files
+                print(f"  {'':<14} sources: {p.sources}")
             if alloc is not None:
                 print(f"  {'':<14} on the cluster: {alloc[p.stage]['text']}")
     return _report_problems(problems)
@@ -269,8 +373,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.job:
         return _job_status(args)
     if not args.dag:
-        print("vgen status: give a DAG file, or --job ID (with --address) for a submitted job",
-              file=sys.stderr)
+        print(
+            "vgen status: give a DAG file, or --job ID (with --address) for a submitted job",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     dag, store, tracking = _load(args)
     state = StageState(store)
@@ -281,32 +387,52 @@ def cmd_status(args: argparse.Namespace) -> int:
     for p in plans:
         rec = done.get(p.stage) or {}
         latest = last.get(p.stage) or {}
-        stages.append({
-            "stage": p.stage, "kind": p.kind, "state": p.state, "reason": p.reason,
-            "last_status": latest.get("status"), "last_error": latest.get("error"),
-            "outputs": rec.get("outputs", {}), "counts": rec.get("counts", {}),
-            "mlflow_run_id": rec.get("mlflow_run_id"),
-        })
+        stages.append(
+            {
+                "stage": p.stage,
+                "kind": p.kind,
+                "state": p.state,
+                "reason": p.reason,
+                "last_status": latest.get("status"),
+                "last_error": latest.get("error"),
+                "outputs": rec.get("outputs", {}),
+                "counts": rec.get("counts", {}),
+                "mlflow_run_id": rec.get("mlflow_run_id"),
+            }
+        )
     if args.json:
         from vgen_core.tracking.redact import redact_uri
 
-        print(json.dumps({"dag": dag.name, "storage": store.root,
-                          "tracking_uri": redact_uri(tracking), "stages": stages},
-                         indent=2, default=str))
+        print(
+            json.dumps(
+                {
+                    "dag": dag.name,
+                    "storage": store.root,
+                    "tracking_uri": redact_uri(tracking),
+                    "stages": stages,
+                },
+                indent=2,
+                default=str,
+            )
+        )
         return _report_problems(problems)
     from vgen_core.tracking.redact import redact_uri
 
     print(f"DAG '{dag.name}' on {store.root} (MLflow {redact_uri(tracking)})")
     for s in stages:
         c = s["counts"]
-        print(f"  {s['stage']:<14} {s['state']:<11} processed={c.get('processed', 0)} "
-              f"skipped={c.get('skipped', 0)} quarantined={c.get('quarantined', 0)} "
-              f"filtered={c.get('filtered', 0)}")
+        print(
+            f"  {s['stage']:<14} {s['state']:<11} processed={c.get('processed', 0)} "
+            f"skipped={c.get('skipped', 0)} quarantined={c.get('quarantined', 0)} "
+            f"filtered={c.get('filtered', 0)}"
+        )
         if s["state"] == "invalid":
             print(f"      {s['reason']}")
         for k, o in s["outputs"].items():
-            print(f"      {k}: {o['uri']}" + (f"@v{o['version']}" if o.get("version") is not None
-                                             else ""))
+            print(
+                f"      {k}: {o['uri']}"
+                + (f"@v{o['version']}" if o.get("version") is not None else "")
+            )
     return _report_problems(problems)
 
 
@@ -331,9 +457,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from pipelines.submit import Jobs, build_submission, exit_code_for
 
     try:
-        plan = build_submission(args.dag, storage=args.storage, tracking_uri=args.tracking_uri,
-                                code=args.code, env=args.env, runtime_env_file=args.runtime_env,
-                                submission_id=args.submission_id)
+        plan = build_submission(
+            args.dag,
+            storage=args.storage,
+            tracking_uri=args.tracking_uri,
+            code=args.code,
+            env=args.env,
+            runtime_env_file=args.runtime_env,
+            submission_id=args.submission_id,
+        )
     except ValueError as e:
         if type(e) is not ValueError:  # DagError: reported by main()
             raise
@@ -350,10 +482,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     finally:
         plan.cleanup()
     print(job_id, flush=True)
-    print(f"submitted job {job_id} to {jobs.address}: {plan.entrypoint}\n"
-          f"  follow: vgen logs {job_id} --address {jobs.address} --follow\n"
-          f"  status: vgen status --job {job_id} --address {jobs.address}\n"
-          f"  stop:   vgen stop {job_id} --address {jobs.address}", file=sys.stderr, flush=True)
+    print(
+        f"submitted job {job_id} to {jobs.address}: {plan.entrypoint}\n"
+        f"  follow: vgen logs {job_id} --address {jobs.address} --follow\n"
+        f"  status: vgen status --job {job_id} --address {jobs.address}\n"
+        f"  stop:   vgen stop {job_id} --address {jobs.address}",
+        file=sys.stderr,
+        flush=True,
+    )
     if not args.wait:
         return EXIT_OK
     status = jobs.follow(job_id)
@@ -393,8 +529,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
     results = gc_dag(dag, store, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
     for r in results:
-        print(f"{store.uri(r.table)}: {verb} {r.stale} stale rows (source {r.source}); "
-              f"version {r.version}")
+        print(
+            f"{store.uri(r.table)}: {verb} {r.stale} stale rows (source {r.source}); "
+            f"version {r.version}"
+        )
     if not results:
         print("no side tables recorded for this DAG yet")
     return EXIT_OK
@@ -408,8 +546,20 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from vgen_core.tracking.redact import redact_uri
 
     print(f"MLflow UI for {redact_uri(uri)} on http://{args.host}:{args.port} (Ctrl-C to stop)")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-           "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--workers",
+        str(args.workers),
+    ]
     # a personal UI over a local store: no background job runner (MLflow's default starts one
     # with several consumer processes, which a laptop or a 2-core head node does not need)
     env = dict(os.environ)
@@ -462,10 +612,19 @@ def main(argv: list[str] | None = None) -> int:
     from vgen_core.data import StorageError
 
     args = build_parser().parse_args(argv)
-    handler = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "gc": cmd_gc,
-               "ui": cmd_ui, "submit": cmd_submit, "logs": cmd_logs,
-               "stop": cmd_stop, "report": _cmd_report, "tracking": _cmd_tracking,
-               "families": cmd_families}[args.command]
+    handler = {
+        "run": cmd_run,
+        "plan": cmd_plan,
+        "status": cmd_status,
+        "gc": cmd_gc,
+        "ui": cmd_ui,
+        "submit": cmd_submit,
+        "logs": cmd_logs,
+        "stop": cmd_stop,
+        "report": _cmd_report,
+        "tracking": _cmd_tracking,
+        "families": cmd_families,
+    }[args.command]
     try:
         return handler(args)
     except DagError as e:
@@ -481,8 +640,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.command not in ("submit", "logs"):
             raise
-        print("vgen: stopped following; the job keeps running on the cluster (vgen stop ID to "
-              "stop it)", file=sys.stderr)
+        print(
+            "vgen: stopped following; the job keeps running on the cluster (vgen stop ID to "
+            "stop it)",
+            file=sys.stderr,
+        )
         return 130
 
 

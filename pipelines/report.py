@@ -25,12 +25,14 @@ import base64
 import datetime as dt
 import html
 import io
+import math
 import os
 import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 __all__ = ["write_report", "add_report_parser", "cmd_report"]
 
@@ -138,7 +140,7 @@ def _esc(x: Any) -> str:
 def _fmt(v: float | None) -> str:
     if v is None:
         return "&mdash;"
-    if v != v:
+    if math.isnan(v):
         return "nan"
     return f"{v:.6g}"
 
@@ -245,6 +247,30 @@ def _eval_section(runs: list[_Run]) -> str:
     return "".join(out)
 
 
+#: segmentation scores (evaluate.panoptic / evaluate.vicas, x100): (metric, row label, format)
+_SEGMENTATION = [(f"{m}{sfx}", f"{m} {grp}", "{:.1f}") for grp, sfx in
+                 (("All", ""), ("Things", "_th"), ("Stuff", "_st")) for m in ("PQ", "SQ", "RQ")]
+_SEGMENTATION += [(f"track_{m}", f"track {m}", "{:.2f}") for m in ("mAP", "AP50", "AP75", "AP90")]
+
+
+def _segmentation_section(runs: list[_Run]) -> str:
+    """PQ / SQ / RQ (All / Things / Stuff) and LG-VIS track mAP, as the official scorers print
+    them (panopticapi: one decimal), with the curated table version they were scored against."""
+    rows = [r for r in _SEGMENTATION if any(r[0] in run.metrics for run in runs)]
+    if not rows:
+        return ""
+    out = ["<h2>Segmentation</h2><table>" + _header_row(runs, "")]
+    for key, label, fmt in rows:
+        cells = "".join(f"<td class='num'>{fmt.format(r.metrics[key])}</td>" if key in r.metrics
+                        else "<td>&mdash;</td>" for r in runs)
+        out.append(f"<tr><th>{_esc(label)}</th>{cells}</tr>")
+    cells = "".join(f"<td><code>{_esc(r.tags.get('vgen.lineage.curated.uri', '—'))}"
+                    f"@v{_esc(r.tags.get('vgen.lineage.curated.version', '?'))}</code></td>"
+                    for r in runs)
+    out.append(f"<tr><th>ground truth</th>{cells}</tr></table>")
+    return "".join(out)
+
+
 def _params_section(runs: list[_Run]) -> str:
     keys = sorted(set().union(*(r.params for r in runs)))
     differ = [k for k in keys if len({r.params.get(k) for r in runs}) > 1]
@@ -329,7 +355,8 @@ def render(runs: list[_Run], tracking_uri: str, *, max_curves: int = 16) -> str:
     body = [
         f"<h1>vgen report: {len(runs)} run{'s' if len(runs) != 1 else ''}</h1>",
         f"<p>Tracking store <code>{_esc(tracking_uri)}</code>, generated {now}.</p>",
-        "<h2>Runs</h2>", _runs_table(runs), _eval_section(runs), _metrics_section(runs),
+        "<h2>Runs</h2>", _runs_table(runs), _eval_section(runs), _segmentation_section(runs),
+        _metrics_section(runs),
         _curves_section(runs, max_curves), _images_section(runs), _params_section(runs),
         _lineage_section(runs),
     ]

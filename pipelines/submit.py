@@ -51,7 +51,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, TextIO
+from collections.abc import Iterator
 from urllib.parse import urlparse
 
 __all__ = [
@@ -476,7 +477,7 @@ class Jobs:
         self.status(job_id)  # unknown ids fail here, with the JobNotFound message
         try:
             asyncio.run(tail())
-        except Exception:  # noqa: BLE001 - websocket refused or cut: poll instead
+        except Exception:
             while True:
                 logs = self.logs(job_id)
                 if len(logs) > written:

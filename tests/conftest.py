@@ -114,7 +114,8 @@ def serve_ui(storage: Path, timeout: float = 120.0):
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
                     out = proc.stdout.read().decode(errors="replace") if proc.poll() else ""
-                    raise RuntimeError(f"vgen ui did not come up on {url}: {out[-3000:]}")
+                    raise RuntimeError(
+                        f"vgen ui did not come up on {url}: {out[-3000:]}") from None
                 time.sleep(1)
         yield url
     finally:

@@ -32,7 +32,10 @@ import pkgutil
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 __all__ = [
     "FamilySpec", "PIXEL_RANGES", "all_specs", "get", "find", "names", "sized_config",
@@ -49,7 +52,7 @@ ACCEPTS: dict[str, tuple[str, ...]] = {
 }
 
 
-def sized_config(title: str, config_class: type, sizes: Mapping[str, Any]) -> Callable[..., Any]:
+def sized_config(title: str, config_class: type[BaseModel], sizes: Mapping[str, Any]) -> Callable[..., Any]:
     """``config(size, **overrides)`` for a family's size table: the registered size's fields
     with ``overrides`` applied, validated by ``config_class``; an unknown size names the known."""
 
@@ -98,7 +101,7 @@ class FamilySpec:
 
     name: str
     role: Role
-    config_class: type
+    config_class: type[BaseModel]
     sizes: Mapping[str, Any]
     model_class: type
     #: trainable: the data kind the loss eats (None: not trainable here)

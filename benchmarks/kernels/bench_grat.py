@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kernels.grat import grat_attention_reference, grat_density  # noqa: E402
-from kernels.grat.reference import make_spec, to_grouped  # noqa: E402
+from kernels.grat import grat_attention_reference, grat_density
+from kernels.grat.reference import make_spec, to_grouped
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA datasheets; first match on
 # the device name wins, so the more specific names come first.

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kernels.ternary import TernaryLinear, quantize_and_pack, ternary_matmul_reference  # noqa: E402
+from kernels.ternary import TernaryLinear, quantize_and_pack, ternary_matmul_reference
 
 FLUX_SHAPES = [(3072, 3072), (12288, 3072), (3072, 12288)]  # (out, in) of FLUX.1-dev linears
 

@@ -80,11 +80,16 @@ def grat_attention(
     scale: softmax scale, default 1/sqrt(D); tokens_grouped: inputs (and output) already in
     grouped order (``reference.to_grouped``), which skips two permutations per call.
     """
-    kwargs = dict(n_text_valid=n_text_valid, radius=radius, scale=scale,
-                  tokens_grouped=tokens_grouped)
     if _backend(q) == "triton":
-        return _triton_module().grat_attention(q, k, v, grid, groups, variant, n_text, **kwargs)
-    return reference.grat_attention_reference(q, k, v, grid, groups, variant, n_text, **kwargs)
+        impl = _triton_module()
+        if impl is None:  # choose_backend picks triton only when it imports
+            raise ImportError("grat_attention: triton backend chosen but triton does not import.")
+        return impl.grat_attention(q, k, v, grid, groups, variant, n_text,
+                                   n_text_valid=n_text_valid, radius=radius, scale=scale,
+                                   tokens_grouped=tokens_grouped)
+    return reference.grat_attention_reference(q, k, v, grid, groups, variant, n_text,
+                                              n_text_valid=n_text_valid, radius=radius,
+                                              scale=scale, tokens_grouped=tokens_grouped)
 
 
 def grat_attention_flex(q: Tensor, k: Tensor, v: Tensor, *args, **kwargs) -> Tensor:

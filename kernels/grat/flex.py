@@ -52,8 +52,10 @@ _compiled: dict[str, object] = {}
 
 def _compiled_fn(name: str):
     if name not in _compiled:
-        fn = create_block_mask if name == "mask" else flex_attention
-        _compiled[name] = torch.compile(fn, dynamic=False)
+        if name == "mask":
+            _compiled[name] = torch.compile(create_block_mask, dynamic=False)
+        else:
+            _compiled[name] = torch.compile(flex_attention, dynamic=False)
     return _compiled[name]
 
 

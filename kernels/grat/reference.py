@@ -106,7 +106,7 @@ def _triple(x: int | tuple[int, ...] | list[int], name: str) -> tuple[int, int, 
     t = tuple(int(v) for v in x)
     if len(t) != 3:
         raise ValueError(f"{name}={x!r} must be an int or three ints (t, h, w)")
-    return t  # type: ignore[return-value]
+    return t
 
 
 def make_spec(

@@ -52,7 +52,12 @@ def _triton_module() -> ModuleType | None:
 
 def _backend(x: Tensor) -> ModuleType:
     """The module (reference or triton) that handles tensor x under VGEN_KERNELS."""
-    return _triton_module() if choose_backend(x, _triton_module) == "triton" else reference
+    if choose_backend(x, _triton_module) == "triton":
+        impl = _triton_module()
+        if impl is None:  # choose_backend picks triton only when it imports
+            raise ImportError("lfq: triton backend chosen but triton does not import.")
+        return impl
+    return reference
 
 
 def lfq_quantize(z_BNK: Tensor, temperature: float = 0.01) -> LFQQuantized:

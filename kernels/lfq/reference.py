@@ -80,11 +80,11 @@ class _SignSTE(torch.autograd.Function):
     """sign with sign(0) = -1; backward is the identity (straight-through estimator)."""
 
     @staticmethod
-    def forward(ctx: Any, z: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, z: Tensor) -> Tensor:
         return torch.where(z > 0, 1.0, -1.0).to(z.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
         return grad
 
 

@@ -158,7 +158,7 @@ def _unpack_kernel(
 
 class _LFQQuantize(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, z_BNK: Tensor, temperature: float):  # type: ignore[override]
+    def forward(ctx: Any, z_BNK: Tensor, temperature: float):
         B, N, K = z_BNK.shape
         P = (K + 7) // 8
         signs_BNK = torch.empty_like(z_BNK)  # preserve_format: z's strides when z is dense
@@ -184,7 +184,7 @@ class _LFQQuantize(torch.autograd.Function):
         return signs_BNK, indices_BN, packed_BNP, probs_BNK
 
     @staticmethod
-    def backward(ctx: Any, g_signs, g_indices, g_packed, g_probs):  # type: ignore[override]
+    def backward(ctx: Any, g_signs, g_indices, g_packed, g_probs):
         (z_BNK,) = ctx.saved_tensors
         if g_signs is None and g_probs is None:
             return None, None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -77,6 +77,10 @@ class TernaryLinear(nn.Module):
     ``scale`` ``(out,)`` fp32 and optional ``bias`` ``(out,)``. Inference only for the weight (it
     is a buffer, not a parameter); gradients flow to the input."""
 
+    packed: torch.Tensor  # buffers
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  device: torch.device | str | None = None,
                  bias_dtype: torch.dtype = torch.float32) -> None:
@@ -92,7 +96,7 @@ class TernaryLinear(nn.Module):
             self.bias = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, eps: float = EPS) -> "TernaryLinear":
+    def from_linear(cls, linear: nn.Linear, eps: float = EPS) -> TernaryLinear:
         """Quantize a (trained) ``nn.Linear``: same device; the bias keeps its dtype."""
         weight = linear.weight.detach()
         has_bias = linear.bias is not None
@@ -102,6 +106,7 @@ class TernaryLinear(nn.Module):
         layer.packed.copy_(packed)
         layer.scale.copy_(scale)
         if has_bias:
+            assert layer.bias is not None  # built with bias=True
             layer.bias.copy_(linear.bias.detach())
         return layer
 

@@ -120,7 +120,7 @@ def _fp32_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (INTERPRETED and dtype == torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 132  # CPU interpreter: pretend to be an H100 so block choices match
@@ -145,7 +145,7 @@ def _launch(x_MK: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
         block_n, block_k4 = 32, min(256, max(16, triton.next_power_of_2(K4)))
         while block_n > 8 and M * triton.cdiv(N, block_n) < 2 * _num_sms(x_MK.device):
             block_n //= 2
-        grid = (M, triton.cdiv(N, block_n))
+        grid: tuple[int, ...] = (M, triton.cdiv(N, block_n))
         _ternary_gemv_kernel[grid](
             x_MK, packed, scale, b, y_MN, N, K, K4,
             x_MK.stride(0), x_MK.stride(1), packed.stride(0), y_MN.stride(0),

@@ -18,7 +18,7 @@ from typing import Any
 
 from pipelines.errors import DagError
 from pipelines.stages import get_kind
-from pipelines.stages.base import MapStage, OutputRef, Stage, StageContext
+from pipelines.stages.base import MapStage, OutputRef, SourceStage, Stage, StageContext
 
 from .fingerprint import diff_parts, digest_parts
 from .spec import Dag
@@ -92,11 +92,14 @@ class StagePlan:
     total: int | None = None
     outputs: dict[str, OutputRef] = field(default_factory=dict)  # recorded, when up-to-date
     breakdown: dict[str, int] = field(default_factory=dict)  # new / changed / stale_tokenizer
+    #: source stages: how changed files are found, ``size+mtime`` or ``content (verify)``
+    sources: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"stage": self.stage, "kind": self.kind, "state": self.state,
                 "reason": self.reason, "fingerprint": self.fingerprint,
                 "todo": self.todo, "total": self.total, "breakdown": self.breakdown,
+                "sources": self.sources,
                 "outputs": {k: v.to_json() for k, v in self.outputs.items()}}
 
 
@@ -117,11 +120,25 @@ def build_stage(dag: Dag, name: str, store: Any, inputs: dict[str, dict[str, Out
     return stage, ctx.row_fingerprint, row_parts
 
 
+def verifies_sources(dag: Dag, name: str, verify_sources: bool = False) -> bool:
+    """Whether stage ``name`` decides changed sources by content this run: a source stage, with
+    ``vgen run --verify-sources`` (``verify_sources``) or ``verify_sources: true`` in the DAG."""
+    spec = dag.stage(name)
+    return ((verify_sources or spec.verify_sources)
+            and issubclass(get_kind(spec.uses), SourceStage))
+
+
 def plan_stage(dag: Dag, name: str, store: Any, inputs: dict[str, dict[str, OutputRef]],
                upstream_fps: dict[str, str], last: dict | None, done: dict | None,
-               *, count_work: bool = True, **ctx_kwargs: Any) -> tuple[StagePlan, Stage]:
+               *, count_work: bool = True, verify_sources: bool = False,
+               **ctx_kwargs: Any) -> tuple[StagePlan, Stage]:
+    """Plan stage ``name`` (see the module docstring). ``verify_sources``: source stages decide
+    what changed by content (:class:`~pipelines.stages.base.SourceStage`), so they run even
+    when their fingerprint (which sees only sizes and mtimes) is unchanged."""
     spec = dag.stage(name)
-    stage, row_fp, row_parts = build_stage(dag, name, store, inputs, **ctx_kwargs)
+    verify = verifies_sources(dag, name, verify_sources)
+    stage, row_fp, row_parts = build_stage(dag, name, store, inputs, verify_sources=verify,
+                                           **ctx_kwargs)
     parts = {
         "row": row_parts,
         "source": stage.source_fingerprint(),
@@ -133,15 +150,20 @@ def plan_stage(dag: Dag, name: str, store: Any, inputs: dict[str, dict[str, Outp
     }
     fp = digest_parts(parts)
     plan = StagePlan(stage=name, kind=spec.uses, state=TO_RUN, reason="", fingerprint=fp,
-                     row_fingerprint=row_fp, parts=parts)
+                     row_fingerprint=row_fp, parts=parts,
+                     sources=stage.sources_mode() if isinstance(stage, SourceStage) else None)
     lacking = [k for k in getattr(stage, "required_outputs", ())
                if done and k not in done["outputs"]]
-    if (done is not None and done["fingerprint"] == fp and not lacking
-            and _outputs_exist(store, done["outputs"])):
+    unchanged = (done is not None and done["fingerprint"] == fp and not lacking
+                 and _outputs_exist(store, done["outputs"]))
+    if unchanged and not verify:
         plan.state, plan.reason = UP_TO_DATE, "fingerprint and outputs unchanged"
         plan.outputs = {k: OutputRef.from_json(v) for k, v in done["outputs"].items()}
         return plan, stage
-    if last is not None and last["fingerprint"] == fp and last["status"] != "completed":
+    if unchanged:
+        plan.reason = ("verify sources: sizes and mtimes unchanged; every file is read to "
+                       "compare contents")
+    elif last is not None and last["fingerprint"] == fp and last["status"] != "completed":
         plan.state = PARTIAL
         plan.reason = f"last run {last['status']} before finishing; continues where it stopped"
     elif done is None:
@@ -163,6 +185,10 @@ def plan_stage(dag: Dag, name: str, store: Any, inputs: dict[str, dict[str, Outp
             parts = ", ".join(f"{v} {k.replace('_', '-')}" for k, v in work.breakdown.items() if v)
             plan.reason += (f" ({plan.todo} of {work.total} samples to compute"
                             + (f": {parts}" if parts else "") + ")")
+        elif verify:
+            n = work.breakdown.get("new_or_changed", 0)
+            plan.reason += (f" ({work.total} samples; {n} new or changed by size+mtime; only "
+                            "those whose content digest differs are written)")
         elif work.skipped:  # a source stage: items unchanged since they were last read
             plan.reason += (f" (sources of {work.total - work.skipped} of {work.total} samples "
                             "new or changed; the rest unchanged since last read)")
@@ -195,10 +221,12 @@ def _fs(uri: str):
 
 
 def plan_dag(dag: Dag, store: Any, state: Any,
-             problems: dict[str, list[DagError]] | None = None) -> list[StagePlan]:
+             problems: dict[str, list[DagError]] | None = None, *,
+             verify_sources: bool = False) -> list[StagePlan]:
     """Plan every stage, assuming up-to-date stages keep their recorded outputs. A stage with
     config problems (``problems``, default :func:`check_dag`) is ``invalid``, with the problems
-    as its reason; the stages downstream of it are not planned further."""
+    as its reason; the stages downstream of it are not planned further. ``verify_sources``: as
+    ``vgen run --verify-sources`` would (:func:`plan_stage`)."""
     if problems is None:
         problems = check_dag(dag, store)
     last, done = state.latest(dag.name)
@@ -222,11 +250,21 @@ def plan_dag(dag: Dag, store: Any, state: Any,
         blocked = [u for u in needs if plans[u].state != UP_TO_DATE]
         if blocked:
             plans[name] = StagePlan(name, dag.stage(name).uses, TO_RUN,
-                                    f"upstream {', '.join(repr(b) for b in blocked)} will run first")
+                                    "upstream " + ", ".join(repr(b) for b in blocked)
+                                    + " will run first")
             continue
         inputs = {u: plans[u].outputs for u in needs}
         fps = {u: plans[u].fingerprint for u in needs}
-        plans[name], _ = plan_stage(dag, name, store, inputs, fps, last.get(name), done.get(name))
+        plans[name], _ = plan_stage(
+            dag,
+            name,
+            store,
+            inputs,
+            fps,
+            last.get(name),
+            done.get(name),
+            verify_sources=verify_sources,
+        )
     return [plans[n] for n in dag.order]
 
 
@@ -243,8 +281,12 @@ def to_mermaid(dag: Dag, plans: list[StagePlan] | None = None) -> str:
         for u in dag.stage(n).needs:
             lines.append(f"  {u} --> {n}")
     if plans:
-        lines += ["  classDef uptodate fill:#d4edda;", "  classDef torun fill:#fff3cd;",
-                  "  classDef partial fill:#f8d7da;", "  classDef invalid fill:#f5c6cb;"]
+        lines += [
+            "  classDef uptodate fill:#d4edda;",
+            "  classDef torun fill:#fff3cd;",
+            "  classDef partial fill:#f8d7da;",
+            "  classDef invalid fill:#f5c6cb;",
+        ]
         for n, s in state.items():
             lines.append(f"  class {n} {s.replace('-', '').replace('uptodate', 'uptodate')};")
     return "\n".join(lines)

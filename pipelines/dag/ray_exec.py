@@ -6,7 +6,8 @@ pool, and the actor pools job stages (train, evaluate) ask for. Pools are sized 
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 

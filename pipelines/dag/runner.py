@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.stages.base import Counts, OutputRef, StageError
+from vgen_core.faults import fault_point
 
 from .planner import UP_TO_DATE, plan_dag, plan_stage, require_valid_config
 from .spec import Dag
@@ -76,11 +77,30 @@ def connect_ray(address: str | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR", "DS_BUILD_OPS",
                                                     "PYTHONPATH") if k in os.environ}}
+    env["env_vars"].update({k: v for k, v in os.environ.items() if k.startswith("VGEN_FAULT")})
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
-    else:
+        return
+    # The embedded Ray listens on loopback only. Ray 2.60 binds its gRPC servers (GCS, raylet,
+    # object manager, workers) and agents to all interfaces unless the node IP is 127.0.0.1, and
+    # turns a `_node_ip_address="127.0.0.1"` into the machine's routable IP, except in a
+    # single-machine Ray (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, what Ray does on macOS and Windows;
+    # read once, at import, into ray_constants). Both are set while ray.init starts the
+    # processes, which inherit the variable; tests/e2e/test_local_bind.py checks the sockets.
+    from ray._private import ray_constants
+
+    var = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved = os.environ.get(var), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[var], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
         ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, runtime_env=env,
-                 log_to_driver=True)
+                 log_to_driver=True, _node_ip_address="127.0.0.1")
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved[1]
+        if saved[0] is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = saved[0]
 
 
 class _Progress:
@@ -102,8 +122,11 @@ class _Progress:
 
 class Runner:
     def __init__(self, dag: Dag, store: Any, tracker: Any, tracking_uri: str, *,
-                 address: str | None = None, executor: str = "ray", stream=None):
+                 address: str | None = None, executor: str = "ray", stream=None,
+                 verify_sources: bool = False):
         self.dag, self.store, self.tracker = dag, store, tracker
+        #: source stages compare file contents, not sizes + mtimes (``vgen run --verify-sources``)
+        self.verify_sources = verify_sources
         self.tracking_uri, self.address, self.executor = tracking_uri, address, executor
         self.state = StageState(store)
         self.stream = stream or sys.stderr  # looked up now: a test may have swapped sys.stderr
@@ -142,10 +165,13 @@ class Runner:
         summary = RunSummary(self.dag.name, self.store.root, self.tracking_uri,
                              self.tracker.run_id, {n: outcomes[n] for n in self.dag.order},
                              time.time() - t0)
-        self.tracker.log_metrics({"dag.seconds": summary.seconds,
-                                  "dag.stages_ran": sum(o.action == "ran" for o in outcomes.values()),
-                                  "dag.stages_skipped": sum(o.action == "skipped"
-                                                            for o in outcomes.values())})
+        self.tracker.log_metrics(
+            {
+                "dag.seconds": summary.seconds,
+                "dag.stages_ran": sum(o.action == "ran" for o in outcomes.values()),
+                "dag.stages_skipped": sum(o.action == "skipped" for o in outcomes.values()),
+            }
+        )
         self.tracker.finish("FINISHED" if summary.ok else "FAILED")
         return summary
 
@@ -153,7 +179,13 @@ class Runner:
         """The whole DAG's plan (None if planning failed: each stage then reports its own error
         when it is planned again right before it runs)."""
         try:
-            return plan_dag(self.dag, self.store, self.state, problems={})  # checked in run()
+            return plan_dag(
+                self.dag,
+                self.store,
+                self.state,
+                problems={},  # checked in run()
+                verify_sources=self.verify_sources,
+            )
         except Exception:
             return None
 
@@ -176,8 +208,12 @@ class Runner:
                     bad = [u for u in needs if outcomes[u].action in ("failed", "blocked")]
                     if bad:
                         pending.remove(name)
-                        outcomes[name] = StageOutcome(name, self.dag.stage(name).uses, "blocked",
-                                                      reason=f"upstream {', '.join(bad)} failed")
+                        outcomes[name] = StageOutcome(
+                            name,
+                            self.dag.stage(name).uses,
+                            "blocked",
+                            reason=f"upstream {', '.join(bad)} failed",
+                        )
                         started = True
                         continue
                     demand = self._cpu_demand(name)
@@ -186,8 +222,14 @@ class Runner:
                     pending.remove(name)
                     used_cpus += demand
                     inputs = {u: outcomes[u].outputs for u in needs}
-                    fut = pool.submit(self._run_stage, name, inputs, {u: fps[u] for u in needs},
-                                      last.get(name), done.get(name))
+                    fut = pool.submit(
+                        self._run_stage,
+                        name,
+                        inputs,
+                        {u: fps[u] for u in needs},
+                        last.get(name),
+                        done.get(name),
+                    )
                     running[fut] = name
                     started = True
                 if not running:
@@ -206,8 +248,12 @@ class Runner:
         (``resumes_tracking``, e.g. training from its checkpoints) after an attempt of the same
         fingerprint that did not complete, that attempt's run, so its step history continues."""
         prev = None
-        if (getattr(stage, "resumes_tracking", False) and last is not None
-                and last["fingerprint"] == fingerprint and last["status"] != "completed"):
+        if (
+            getattr(stage, "resumes_tracking", False)
+            and last is not None
+            and last["fingerprint"] == fingerprint
+            and last["status"] != "completed"
+        ):
             prev = last.get("mlflow_run_id")
         resumed = self._reattach(prev) if prev else None
         if resumed is None:
@@ -234,37 +280,72 @@ class Runner:
         cpu_total = self.cluster["CPU"]
         return min(cpu_total, res.cpus * res.workers + 1.0)
 
-    def _run_stage(self, name: str, inputs: dict, upstream_fps: dict, last: dict | None,
-                   done: dict | None) -> tuple[StageOutcome, str]:
+    def _run_stage(
+        self, name: str, inputs: dict, upstream_fps: dict, last: dict | None, done: dict | None
+    ) -> tuple[StageOutcome, str]:
         kind = self.dag.stage(name).uses
         t0 = time.time()
         try:
             plan, stage = plan_stage(
-                self.dag, name, self.store, inputs, upstream_fps, last, done, count_work=False,
-                tracking_uri=self.tracking_uri, cluster=self.cluster,
-                progress=lambda c, total: self.progress(name, c, total))
+                self.dag,
+                name,
+                self.store,
+                inputs,
+                upstream_fps,
+                last,
+                done,
+                count_work=False,
+                verify_sources=self.verify_sources,
+                tracking_uri=self.tracking_uri,
+                cluster=self.cluster,
+                progress=lambda c, total: self.progress(name, c, total),
+            )
         except Exception as e:  # planning touches inputs: report like a stage failure
             msg = f"{type(e).__name__}: {e}"
             print(f"[{name}] FAILED while planning: {msg}", file=self.stream, flush=True)
             return StageOutcome(name, kind, "failed", error=msg, seconds=time.time() - t0), ""
         if plan.state == UP_TO_DATE:
             print(f"[{name}] up-to-date: skipped ({plan.reason})", file=self.stream, flush=True)
-            return StageOutcome(name, kind, "skipped", plan.reason, outputs=plan.outputs,
-                                seconds=time.time() - t0), plan.fingerprint
-        print(f"[{name}] {plan.state}: {plan.reason}", file=self.stream, flush=True)
+            return StageOutcome(
+                name, kind, "skipped", plan.reason, outputs=plan.outputs, seconds=time.time() - t0
+            ), plan.fingerprint
+        print(
+            f"[{name}] {plan.state}: {plan.reason}"
+            + (f" [sources: {plan.sources}]" if plan.sources else ""),
+            file=self.stream,
+            flush=True,
+        )
         stage.stage_fingerprint = plan.fingerprint
         child = self._stage_tracker(name, stage, plan.fingerprint, last)
         stage.ctx.tracker = child
-        child.set_tags({"vgen.stage": name, "vgen.kind": kind, "vgen.fingerprint": plan.fingerprint,
-                        "vgen.row_fingerprint": plan.row_fingerprint})
-        child.log_params({"stage": {"name": name, "uses": kind,
-                                    "config": self.dag.configs[name].model_dump(mode="json")}})
+        child.set_tags(
+            {
+                "vgen.stage": name,
+                "vgen.kind": kind,
+                "vgen.fingerprint": plan.fingerprint,
+                "vgen.row_fingerprint": plan.row_fingerprint,
+                **({"vgen.sources": plan.sources} if plan.sources else {}),
+            }
+        )
+        # the config as written, redacted: a value a ${VAR} filled in shows as its template,
+        # so an env-substituted secret never reaches MLflow (Dag.resolved)
+        child.log_params(
+            {"stage": {"name": name, "uses": kind, "config": self.dag.stage_config(name)}}
+        )
         for u, outs in inputs.items():
             for k, ref in outs.items():
                 if ref.kind == "table":
                     child.log_table_input(f"{u}.{k}", ref.uri, ref.version, None, None, "input")
-        self.state.record(dag=self.dag.name, stage=name, kind=kind, fingerprint=plan.fingerprint,
-                          parts=plan.parts, status="started", run_id=child.run_id)
+        self.state.record(
+            dag=self.dag.name,
+            stage=name,
+            kind=kind,
+            fingerprint=plan.fingerprint,
+            parts=plan.parts,
+            status="started",
+            run_id=child.run_id,
+        )
+        fault_point("after_stage_started")
         try:
             executor = None  # every stage kind gets the same executor (actor pools, map stages)
             if self.executor == "ray":
@@ -278,28 +359,55 @@ class Runner:
             print(f"[{name}] FAILED: {msg}", file=self.stream, flush=True)
             if not isinstance(e, StageError):
                 print(traceback.format_exc(), file=self.stream, flush=True)
-            self.state.record(dag=self.dag.name, stage=name, kind=kind,
-                              fingerprint=plan.fingerprint, parts=plan.parts, status="failed",
-                              run_id=child.run_id, error=msg)
+            self.state.record(
+                dag=self.dag.name,
+                stage=name,
+                kind=kind,
+                fingerprint=plan.fingerprint,
+                parts=plan.parts,
+                status="failed",
+                run_id=child.run_id,
+                error=msg,
+            )
             child.finish("FAILED")
-            return StageOutcome(name, kind, "failed", plan.reason, error=msg,
-                                seconds=time.time() - t0), plan.fingerprint
+            return StageOutcome(
+                name, kind, "failed", plan.reason, error=msg, seconds=time.time() - t0
+            ), plan.fingerprint
         seconds = time.time() - t0
         counts = result.counts
-        child.log_metrics({"processed": counts.processed, "skipped": counts.skipped,
-                           "quarantined": counts.quarantined, "filtered": counts.filtered,
-                           "seconds": seconds,
-                           **result.metrics})
+        child.log_metrics(
+            {
+                "processed": counts.processed,
+                "skipped": counts.skipped,
+                "quarantined": counts.quarantined,
+                "filtered": counts.filtered,
+                "seconds": seconds,
+                **result.metrics,
+            }
+        )
         for k, ref in result.outputs.items():
             if ref.kind == "table":
                 child.log_table_input(f"{name}.{k}", ref.uri, ref.version, None, None, "output")
-        self.state.record(dag=self.dag.name, stage=name, kind=kind, fingerprint=plan.fingerprint,
-                          parts=plan.parts, status="completed", run_id=child.run_id,
-                          outputs={k: v.to_json() for k, v in result.outputs.items()},
-                          counts=counts.to_json())
+        fault_point("before_stage_completed")
+        self.state.record(
+            dag=self.dag.name,
+            stage=name,
+            kind=kind,
+            fingerprint=plan.fingerprint,
+            parts=plan.parts,
+            status="completed",
+            run_id=child.run_id,
+            outputs={k: v.to_json() for k, v in result.outputs.items()},
+            counts=counts.to_json(),
+        )
+        fault_point("after_stage_completed")
         child.finish("FINISHED")
-        print(f"[{name}] done in {seconds:.1f}s: processed={counts.processed} "
-              f"skipped={counts.skipped} quarantined={counts.quarantined}",
-              file=self.stream, flush=True)
-        return StageOutcome(name, kind, "ran", plan.reason, counts, result.outputs,
-                            result.metrics, seconds), plan.fingerprint
+        print(
+            f"[{name}] done in {seconds:.1f}s: processed={counts.processed} "
+            f"skipped={counts.skipped} quarantined={counts.quarantined}",
+            file=self.stream,
+            flush=True,
+        )
+        return StageOutcome(
+            name, kind, "ran", plan.reason, counts, result.outputs, result.metrics, seconds
+        ), plan.fingerprint

@@ -11,6 +11,13 @@ A DAG file looks like::
       images: {uses: ingest.images, with: {root: "skimage://"}}
       tokens: {uses: tokenize.lfq, needs: [images], with: {...}, resources: {cpus: 1}}
 
+Beside ``with:`` (the kind's config, part of the fingerprint: changing it recomputes the rows)
+a stage may carry keys that say *how* it runs, not what it makes, so they never change a
+fingerprint: ``resources:`` and, on source stages (``ingest.*``, ``curate.*``),
+``verify_sources: true``, which decides a source file changed by its content rather than by its
+size and mtime on every run of this stage (what ``vgen run --verify-sources`` does for one run;
+see :class:`pipelines.stages.base.SourceStage`).
+
 ``${VAR}`` and ``${VAR:-default}`` in string values are replaced from the environment before
 validation. Every error names the file, the stage and the field (:class:`DagError`); nothing
 runs until the whole file validates.
@@ -52,6 +59,9 @@ class StageSpec(BaseModel):
     needs: list[str] = Field(default_factory=list)
     with_: dict[str, Any] = Field(default_factory=dict, alias="with")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    #: source stages only: re-read every listed file and compare content digests instead of
+    #: trusting size + mtime (not part of any fingerprint; see the module docstring)
+    verify_sources: bool = False
 
     @field_validator("with_", mode="before")
     @classmethod
@@ -139,6 +149,7 @@ def parse_dag(data: Any, source: str = "<dag>", *, storage: str | None = None,
               tracking: str | None = None) -> Dag:
     """Validate a DAG given as parsed YAML. ``storage``/``tracking`` override the file's values."""
     from pipelines.stages import known_kinds, get_kind
+    from pipelines.stages.base import SourceStage
 
     if not isinstance(data, dict):
         raise DagError(f"expected a mapping at the top level, got {type(data).__name__}",
@@ -187,6 +198,11 @@ def parse_dag(data: Any, source: str = "<dag>", *, storage: str | None = None,
                            f"fields: {', '.join(kind.Config.model_fields)}", file=source,
                            stage=name, field="with." + _loc_to_field(err["loc"])) from None
         kind.check_needs(name, st, spec, source)
+        if st.verify_sources and not issubclass(kind, SourceStage):
+            sources = [k for k in known_kinds() if issubclass(get_kind(k), SourceStage)]
+            raise DagError(f"verify_sources applies to source stages, which read files "
+                           f"({', '.join(sources)}); `{st.uses}` reads tables: remove the key",
+                           file=source, stage=name, field="verify_sources")
     dag = Dag(spec, configs, source)
     dag.env_substituted = substituted
     return dag

@@ -13,8 +13,10 @@ tokenize.titok      tokenize.py                           curated images -> TiTo
 cache.latents       cache_latents.py                      curated images -> VAE / TiTok-KL moments
 tokenize.deltatok   deltatok.py                           curated videos -> DeltaTok delta tokens
 train.generator     train.py                              Ray Train + DeepSpeed: a token generator
-evaluate.tokenizer  evaluate.py                           reconstruction PSNR, codebook usage, samples
-evaluate.generation evaluate_generation.py                sample + decode: FID, sFID, IS, prec./recall
+evaluate.tokenizer  evaluate.py                           recon. PSNR, codebook usage, samples
+evaluate.generation evaluate_generation.py                samples: FID, sFID, IS, prec./recall
+evaluate.panoptic   evaluate_segmentation.py              panoptic predictions: PQ / SQ / RQ
+evaluate.vicas      evaluate_segmentation.py              ViCaS LG-VIS predictions: track mAP
 =================== ===================================== =================================
 
 The contract every kind follows is in :mod:`pipelines.stages.base`.
@@ -37,6 +39,8 @@ KINDS: dict[str, str] = {
     "train.generator": "pipelines.stages.train:TrainGenerator",
     "evaluate.tokenizer": "pipelines.stages.evaluate:EvaluateTokenizer",
     "evaluate.generation": "pipelines.stages.evaluate_generation:EvaluateGeneration",
+    "evaluate.panoptic": "pipelines.stages.evaluate_segmentation:EvaluatePanoptic",
+    "evaluate.vicas": "pipelines.stages.evaluate_segmentation:EvaluateViCaS",
 }
 
 

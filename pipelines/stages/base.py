@@ -25,7 +25,8 @@ import json
 import os
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Iterator
+from typing import Any, ClassVar
+from collections.abc import Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -33,12 +34,14 @@ from pydantic import BaseModel, ConfigDict
 
 from pipelines.errors import DagError, StageError
 from vgen_core.data.schemas import QUARANTINE, SCHEMA_VERSION, SOURCE_ITEMS
+from vgen_core.faults import fault_point
 from vgen_core.tracking import NullTracker, Tracker
 
 __all__ = [
     "StageConfig", "OutputRef", "Counts", "StageContext", "StageResult", "StageError",
     "BatchResult", "Work", "Stage", "MapStage", "SourceStage", "JobStage", "InProcessExecutor",
     "quarantine_record", "FILTER_PREFIX", "BUILTIN_ROOTS", "root_problem", "file_problem",
+    "SOURCES_STAMP", "SOURCES_VERIFY", "first_file",
 ]
 
 
@@ -62,7 +65,7 @@ class OutputRef:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "OutputRef":
+    def from_json(cls, d: dict[str, Any]) -> OutputRef:
         return cls(**d)
 
 
@@ -83,7 +86,8 @@ class Counts:
 
 @dataclass
 class StageContext:
-    """What a stage knows about where it runs. ``inputs`` maps each upstream stage to its outputs."""
+    """What a stage knows about where it runs. ``inputs`` maps each upstream stage to its
+    outputs."""
 
     dag: str
     stage: str
@@ -97,8 +101,10 @@ class StageContext:
     tracking_uri: str | None = None
     cluster: dict[str, float] = field(default_factory=dict)  # total CPU / GPU of the cluster
     progress: Callable[[Counts, int], None] | None = None
+    #: source stages: decide what changed by content, not size + mtime (:class:`SourceStage`)
+    verify_sources: bool = False
 
-    def for_worker(self) -> "StageContext":
+    def for_worker(self) -> StageContext:
         """The part of the context that travels to Ray workers (no tracker, no callbacks)."""
         return dataclasses.replace(self, tracker=NullTracker(), progress=None)
 
@@ -108,7 +114,8 @@ class StageContext:
         except KeyError:
             raise StageError(
                 f"stage '{self.stage}': upstream '{upstream}' produced no '{output}' output "
-                f"(it produced: {sorted(self.inputs.get(upstream, {}))})") from None
+                f"(it produced: {sorted(self.inputs.get(upstream, {}))})"
+            ) from None
 
 
 @dataclass
@@ -132,7 +139,8 @@ class Work:
 
     Either ``items`` (a small table of work items the driver listed: file paths, ...) or a Delta
     table (``table_uri`` at ``table_version``) restricted to the ``todo`` keys
-    (sample_id, content_digest). ``total`` counts every candidate, ``skipped`` the ones already done.
+    (sample_id, content_digest). ``total`` counts every candidate, ``skipped`` the ones already
+    done.
     """
 
     total: int
@@ -155,13 +163,28 @@ class Work:
 
 
 FILTER_PREFIX = "filter:"
+#: how a source stage decides an item changed (``SourceStage.sources_mode``, ``vgen plan``)
+SOURCES_STAMP, SOURCES_VERIFY = "size+mtime", "content (verify)"
+#: keys per DELETE commit when a source stage removes samples / records (``SourceStage.finalize``)
+DELETE_BATCH = 1000
 
 
-def quarantine_record(sample_id: str, check: str, reason: str, *, content_digest: str | None = None,
-                      source: str | None = None) -> dict[str, Any]:
+def quarantine_record(
+    sample_id: str,
+    check: str,
+    reason: str,
+    *,
+    content_digest: str | None = None,
+    source: str | None = None,
+) -> dict[str, Any]:
     """One quarantine row (stage and fingerprint are filled in by the driver)."""
-    return {"sample_id": sample_id, "content_digest": content_digest, "check": check,
-            "reason": reason, "source": source}
+    return {
+        "sample_id": sample_id,
+        "content_digest": content_digest,
+        "check": check,
+        "reason": reason,
+        "source": source,
+    }
 
 
 #: roots of data built into vgen (nothing on disk to check before a run)
@@ -181,6 +204,28 @@ def root_problem(uri: str) -> str | None:
     if uri.startswith(BUILTIN_ROOTS):
         return None
     return _path_problem(uri, want_file=False)
+
+
+def first_file(uri: str, suffixes: tuple[str, ...] = ()) -> str | None:
+    """The first file under the folder or prefix ``uri`` (any depth) whose name ends with one
+    of ``suffixes`` (case-insensitive; any file but dot-files when empty), or None when there is
+    none. A walk that stops at the first match, not a listing of the tree; ``uri`` may also be
+    the file itself."""
+    from vgen_core.data.fsio import filesystem_for
+
+    fs, path = filesystem_for(uri)
+
+    def wanted(name: str) -> bool:
+        name = name.rsplit("/", 1)[-1].lower()
+        return name.endswith(suffixes) if suffixes else not name.startswith(".")
+
+    if fs.isfile(path):
+        return path if wanted(path) else None
+    for folder, _dirs, files in fs.walk(path):
+        for name in sorted(files):
+            if wanted(name):
+                return f"{folder.rstrip('/')}/{name}"
+    return None
 
 
 def file_problem(uri: str) -> str | None:
@@ -245,8 +290,12 @@ class Stage:
         n = len(spec.needs)
         if n < lo or (hi is not None and n > hi):
             want = f"exactly {lo}" if lo == hi else f"{lo}..{hi if hi is not None else 'any'}"
-            raise DagError(f"`{cls.kind}` needs {want} upstream stage(s), got {n}", file=source,
-                           stage=name, field="needs")
+            raise DagError(
+                f"`{cls.kind}` needs {want} upstream stage(s), got {n}",
+                file=source,
+                stage=name,
+                field="needs",
+            )
 
     def check_config(self) -> list[tuple[str, str]]:
         """Problems with what the config points at outside the DAG, found without computing or
@@ -256,8 +305,9 @@ class Stage:
         every stage before Ray starts and before the MLflow run is opened (``vgen run`` then
         exits 2); ``vgen plan`` / ``vgen status`` show the problems as state ``invalid``."""
         problems = []
-        for name, check in ([(n, root_problem) for n in self.root_fields]
-                            + [(n, file_problem) for n in self.file_fields]):
+        for name, check in [(n, root_problem) for n in self.root_fields] + [
+            (n, file_problem) for n in self.file_fields
+        ]:
             value = getattr(self.config, name, None)
             if isinstance(value, str) and value:
                 why = check(value)
@@ -266,7 +316,8 @@ class Stage:
         return problems
 
     def source_fingerprint(self) -> dict[str, Any]:
-        """A cheap description of inputs outside the DAG (file listings); part of the fingerprint."""
+        """A cheap description of inputs outside the DAG (file listings); part of the
+        fingerprint."""
         return {}
 
     def row_fingerprint_parts(self) -> dict[str, Any]:
@@ -307,8 +358,9 @@ class MapStage(Stage):
         if self.write_mode != "append":
             return []
         mine = self.table_name()
-        return [t for t in self.ctx.store.list_tables(f"{self.ctx.dag}/{self.ctx.stage}")
-                if t != mine]
+        return [
+            t for t in self.ctx.store.list_tables(f"{self.ctx.dag}/{self.ctx.stage}") if t != mine
+        ]
 
     # driver side ---------------------------------------------------------------------------
     def plan_work(self) -> Work:
@@ -317,11 +369,21 @@ class MapStage(Stage):
         store = self.ctx.store
         current = store.read(ref.name, version=ref.version, columns=["sample_id", "content_digest"])
         done = self.done_keys()
-        todo = current.join(done, keys=["sample_id", "content_digest"], join_type="left anti") \
-            if done.num_rows else current
-        return Work(total=current.num_rows, skipped=current.num_rows - todo.num_rows,
-                    table_name=ref.name, table_uri=ref.uri, table_version=ref.version, todo=todo,
-                    breakdown=self._breakdown(todo), columns=self.input_columns())
+        todo = (
+            current.join(done, keys=["sample_id", "content_digest"], join_type="left anti")
+            if done.num_rows
+            else current
+        )
+        return Work(
+            total=current.num_rows,
+            skipped=current.num_rows - todo.num_rows,
+            table_name=ref.name,
+            table_uri=ref.uri,
+            table_version=ref.version,
+            todo=todo,
+            breakdown=self._breakdown(todo),
+            columns=self.input_columns(),
+        )
 
     def input_columns(self) -> list[str] | None:
         """Columns of the upstream table ``process_batch`` needs (None: all of them)."""
@@ -340,9 +402,18 @@ class MapStage(Stage):
         if not todo.num_rows or not names:
             return {"new": todo.num_rows, "changed": 0, "stale_tokenizer": 0}
         cols = ["sample_id", "content_digest"]
-        seen = pa.concat_tables([
-            store.read(n, columns=cols).cast(pa.schema([pa.field(c, pa.string()) for c in cols]))
-            for n in names]).group_by(cols).aggregate([])
+        seen = (
+            pa.concat_tables(
+                [
+                    store.read(n, columns=cols).cast(
+                        pa.schema([pa.field(c, pa.string()) for c in cols])
+                    )
+                    for n in names
+                ]
+            )
+            .group_by(cols)
+            .aggregate([])
+        )
         other_fp = todo.join(seen, keys=cols, join_type="left semi").num_rows
         rest = todo.join(seen, keys=cols, join_type="left anti")
         ids = seen.select(["sample_id"]).group_by(["sample_id"]).aggregate([])
@@ -353,8 +424,10 @@ class MapStage(Stage):
         """The upstream 'samples' table this stage maps over (exactly one upstream has one)."""
         refs = [outs["samples"] for outs in self.ctx.inputs.values() if "samples" in outs]
         if len(refs) != 1:
-            raise StageError(f"stage '{self.ctx.stage}': expected exactly one upstream stage "
-                             f"with a 'samples' table, found {len(refs)}")
+            raise StageError(
+                f"stage '{self.ctx.stage}': expected exactly one upstream stage "
+                f"with a 'samples' table, found {len(refs)}"
+            )
         return refs[0]
 
     def done_keys(self) -> pa.Table:
@@ -415,10 +488,13 @@ class MapStage(Stage):
         row = one.to_pylist()[0]
         exc = traceback.format_exc(limit=3).strip().splitlines()
         reason = exc[-1] if exc else "unknown error"
-        q = quarantine_record(str(row.get("sample_id", row.get("path", "?"))), "exception",
-                              f"{reason}\n{chr(10).join(exc[:-1])}",
-                              content_digest=row.get("content_digest"),
-                              source=row.get("source") or row.get("path"))
+        q = quarantine_record(
+            str(row.get("sample_id", row.get("path", "?"))),
+            "exception",
+            f"{reason}\n{chr(10).join(exc[:-1])}",
+            content_digest=row.get("content_digest"),
+            source=row.get("source") or row.get("path"),
+        )
         return BatchResult(self.output_schema.empty_table(), [q])
 
     # driver: commit ------------------------------------------------------------------------
@@ -432,8 +508,12 @@ class MapStage(Stage):
         store.create(q_name, QUARANTINE)
         work = self.plan_work()
         counts = Counts(skipped=work.skipped)
-        meta = {"vgen.stage": ctx.stage, "vgen.fingerprint": ctx.row_fingerprint,
-                "vgen.schema_version": str(SCHEMA_VERSION), **self.commit_metadata()}
+        meta = {
+            "vgen.stage": ctx.stage,
+            "vgen.fingerprint": ctx.row_fingerprint,
+            "vgen.schema_version": str(SCHEMA_VERSION),
+            **self.commit_metadata(),
+        }
         if ctx.progress:
             ctx.progress(counts, work.total)
         pending_rows: list[pa.Table] = []
@@ -448,7 +528,9 @@ class MapStage(Stage):
             if pending_rows:
                 rows = pa.concat_tables(pending_rows)
                 if rows.num_rows:
+                    fault_point("before_data_commit")
                     self._write(out_name, rows, meta)
+                    fault_point("after_data_commit")
                 counts.processed += rows.num_rows
             if pending_q:
                 if recorded is None:  # read once per run, at the first chunk that quarantines
@@ -457,24 +539,35 @@ class MapStage(Stage):
                 counts.skipped += known  # recorded by an earlier attempt (a crash re-run)
                 if replaced:  # same key, another outcome: the latest outcome replaces it
                     for i in range(0, len(replaced), 200):
-                        store.delete(q_name, self._quarantine_predicate(replaced[i:i + 200]),
-                                     commit_metadata=meta)
+                        store.delete(
+                            q_name,
+                            self._quarantine_predicate(replaced[i : i + 200]),
+                            commit_metadata=meta,
+                        )
                 now = dt.datetime.now(dt.timezone.utc)
-                recs = [dict(r, stage=ctx.stage, fingerprint=ctx.row_fingerprint, created_at=now)
-                        for r in fresh]
+                recs = [
+                    dict(r, stage=ctx.stage, fingerprint=ctx.row_fingerprint, created_at=now)
+                    for r in fresh
+                ]
                 if recs:
-                    store.append(q_name, pa.Table.from_pylist(recs, schema=QUARANTINE),
-                                 commit_metadata=meta)
+                    store.append(
+                        q_name, pa.Table.from_pylist(recs, schema=QUARANTINE), commit_metadata=meta
+                    )
+                    fault_point("after_quarantine_commit")
                 for r in recs:
                     recorded[(r["sample_id"], r.get("content_digest"))] = (r["check"], r["reason"])
                     if self._budget_example is None and not r["check"].startswith(FILTER_PREFIX):
-                        self._budget_example = (f"{r['sample_id']} ({r['check']}): "
-                                                f"{(r['reason'] or '').splitlines()[0][:300]}")
+                        self._budget_example = (
+                            f"{r['sample_id']} ({r['check']}): "
+                            f"{(r['reason'] or '').splitlines()[0][:300]}"
+                        )
                 n_filtered = sum(1 for r in recs if r["check"].startswith(FILTER_PREFIX))
                 counts.filtered += n_filtered
                 counts.quarantined += len(recs) - n_filtered
             if pending_items:  # after the data: a crash in between only redoes these items
+                fault_point("before_sources_record")
                 self.record_items(pending_items, pa.chunked_array(pending_ids, pa.string()))
+                fault_point("after_sources_record")
             pending_rows.clear()
             pending_q.clear()
             pending_items.clear()
@@ -504,11 +597,16 @@ class MapStage(Stage):
         append = self.write_mode == "append"
         outputs = {
             # for side tables, digest = the row fingerprint readers select on
-            "samples": OutputRef("table", out_name, store.uri(out_name),
-                                 version=store.version(out_name),
-                                 digest=ctx.row_fingerprint if append else None),
-            "quarantine": OutputRef("table", q_name, store.uri(q_name),
-                                    version=store.version(q_name)),
+            "samples": OutputRef(
+                "table",
+                out_name,
+                store.uri(out_name),
+                version=store.version(out_name),
+                digest=ctx.row_fingerprint if append else None,
+            ),
+            "quarantine": OutputRef(
+                "table", q_name, store.uri(q_name), version=store.version(q_name)
+            ),
         }
         if work.table_name is not None:  # the curated version these rows are current for
             outputs["source"] = self.samples_input()
@@ -541,16 +639,26 @@ class MapStage(Stage):
         store, name = self.ctx.store, self.table_name("__quarantine")
         if not store.exists(name):
             return {}
-        t = store.read(name, columns=["sample_id", "content_digest", "check", "reason"],
-                       filter=[("fingerprint", "=", self.ctx.row_fingerprint)])
-        return {(s, d): (c, r) for s, d, c, r in zip(
-            t["sample_id"].to_pylist(), t["content_digest"].to_pylist(),
-            t["check"].to_pylist(), t["reason"].to_pylist())}
+        t = store.read(
+            name,
+            columns=["sample_id", "content_digest", "check", "reason"],
+            filter=[("fingerprint", "=", self.ctx.row_fingerprint)],
+        )
+        return {
+            (s, d): (c, r)
+            for s, d, c, r in zip(
+                t["sample_id"].to_pylist(),
+                t["content_digest"].to_pylist(),
+                t["check"].to_pylist(),
+                t["reason"].to_pylist(),
+            )
+        }
 
     @staticmethod
-    def _new_quarantine(pending: list[dict[str, Any]],
-                        recorded: dict[tuple[str, str | None], tuple[str, str]],
-                        ) -> tuple[list[dict[str, Any]], list[tuple[str, str | None]], int]:
+    def _new_quarantine(
+        pending: list[dict[str, Any]],
+        recorded: dict[tuple[str, str | None], tuple[str, str]],
+    ) -> tuple[list[dict[str, Any]], list[tuple[str, str | None]], int]:
         """The records of ``pending`` to write: not those already recorded with the same check
         and reason (a re-run after a crash between the quarantine commit and the sources record
         re-reads the items and gets them again), one per key. Also the recorded keys whose
@@ -573,9 +681,11 @@ class MapStage(Stage):
 
     def _quarantine_predicate(self, keys: list[tuple[str, str | None]]) -> str:
         """SQL matching this fingerprint's quarantine rows of ``keys``."""
-        terms = [f"(sample_id = {_sql_str(s)} AND "
-                 + ("content_digest IS NULL)" if d is None else f"content_digest = {_sql_str(d)})")
-                 for s, d in keys]
+        terms = [
+            f"(sample_id = {_sql_str(s)} AND "
+            + ("content_digest IS NULL)" if d is None else f"content_digest = {_sql_str(d)})")
+            for s, d in keys
+        ]
         return f"fingerprint = {_sql_str(self.ctx.row_fingerprint)} AND ({' OR '.join(terms)})"
 
     def filter_results(self, rows: pa.Table) -> tuple[pa.Table, int]:
@@ -599,7 +709,8 @@ class MapStage(Stage):
                 f"stage '{self.ctx.stage}': {counts.quarantined} of {total} samples quarantined, "
                 f"over the DAG's error_budget {budget:g} ({int(allowed)} allowed). Reasons are in "
                 f"the quarantine table {q_uri}; fix the inputs or raise error_budget."
-                + (f" First: {example}" if example else ""))
+                + (f" First: {example}" if example else "")
+            )
 
 
 class SourceStage(MapStage):
@@ -614,7 +725,19 @@ class SourceStage(MapStage):
     size and mtime, the label it gets, its annotation record), each committed item is recorded
     in ``<table>__sources`` with this row fingerprint and the ids it wrote. A re-run skips, without
     reading the file, every item whose stamp and fingerprint are unchanged and whose rows are all
-    still in the table; so a re-run after 1% of the files changed decodes 1% of them."""
+    still in the table; so a re-run after 1% of the files changed decodes 1% of them.
+
+    What the listing cannot see: a file rewritten with the same size and mtime (a backup
+    restore, ``rsync -t``, a tool that keeps timestamps) keeps its stamp and is skipped. With
+    ``ctx.verify_sources`` (``vgen run --verify-sources``, or ``verify_sources: true`` on the
+    stage in the DAG) every listed item is read again, whatever its stamp, and each row is
+    compared by its ``content_digest`` (blake2b over the sample's canonical bytes: pixels, masks,
+    caption, annotation) with the row in the table: only rows whose digest differs are written,
+    so exactly the samples whose content changed get a new table version and are recomputed
+    downstream. The stored digest is the table's own ``content_digest`` column (nothing else is
+    recorded, so a table written by any earlier run can be verified). Cost: a full read and
+    decode of the dataset, across the actor pool like a first run; the verify mode is part of no
+    fingerprint, so switching it on or off never invalidates rows."""
 
     write_mode = "upsert"
     needs_range = (0, 0)
@@ -627,25 +750,35 @@ class SourceStage(MapStage):
     def sources_table(self) -> str:
         return self.table_name("__sources")
 
+    def sources_mode(self) -> str:
+        """How this run decides a source item changed (shown by ``vgen plan``)."""
+        return SOURCES_VERIFY if self.ctx.verify_sources else SOURCES_STAMP
+
     def plan_work(self) -> Work:
         items = self.list_items()
         ids = [i for group in items["sample_ids"].to_pylist() for i in group]
         store, name = self.ctx.store, self.table_name()
-        self._existing = (store.read(name, columns=["sample_id", "content_digest"])
-                          if store.exists(name) else None)
-        existing_ids = (set(self._existing["sample_id"].to_pylist())
-                        if self._existing is not None else set())
+        self._existing = (
+            store.read(name, columns=["sample_id", "content_digest"])
+            if store.exists(name)
+            else None
+        )
+        existing_ids = (
+            set(self._existing["sample_id"].to_pylist()) if self._existing is not None else set()
+        )
         self._removed = sorted(existing_ids - set(ids))
         self._item_ids: dict[str, list[str]] = {}
         self._stamps: dict[str, str] = {}
         self._unlisted: list[str] = []
-        skipped = 0
+        self._recorded: dict[str, tuple[str, list[str]]] = {}
+        skipped = stamp_changed = 0
         if "item_key" in items.column_names:
             keys = items["item_key"].to_pylist()
             stamps = items["item_stamp"].to_pylist()
             self._item_ids = dict(zip(keys, items["sample_ids"].to_pylist()))
             self._stamps = dict(zip(keys, stamps))
             done = self._recorded_items()
+            self._recorded = dict(done)
             keep = []
             for key, stamp, group in zip(keys, stamps, items["sample_ids"].to_pylist()):
                 rec = done.pop(key, None)
@@ -653,10 +786,26 @@ class SourceStage(MapStage):
                     skipped += len(group)
                     keep.append(False)
                 else:
+                    stamp_changed += len(group)
                     keep.append(True)
             self._unlisted = sorted(done)  # recorded items no longer listed
-            items = items.filter(pa.array(keep, pa.bool_()))
-        return Work(total=len(ids), skipped=skipped, items=items.drop_columns(["sample_ids"]))
+            if not self.ctx.verify_sources:
+                items = items.filter(pa.array(keep, pa.bool_()))
+        else:
+            stamp_changed = len(ids)
+        if self.ctx.verify_sources:  # everything is read; unchanged rows are not written
+            return Work(
+                total=len(ids),
+                skipped=0,
+                items=items.drop_columns(["sample_ids"]),
+                breakdown={"verify": len(ids) - stamp_changed, "new_or_changed": stamp_changed},
+            )
+        return Work(
+            total=len(ids),
+            skipped=skipped,
+            items=items.drop_columns(["sample_ids"]),
+            breakdown={"new_or_changed": stamp_changed},
+        )
 
     def _recorded_items(self) -> dict[str, tuple[str, list[str]]]:
         """item_key -> (stamp, row ids) of the items recorded with this row fingerprint."""
@@ -666,8 +815,9 @@ class SourceStage(MapStage):
         t = store.read(name, filter=[("fingerprint", "=", self.ctx.row_fingerprint)])
         out: dict[str, tuple[str, list[str]]] = {}
         t = t.sort_by([("recorded_at", "ascending")])
-        for key, stamp, rows in zip(t["item_key"].to_pylist(), t["item_stamp"].to_pylist(),
-                                    t["rows"].to_pylist()):
+        for key, stamp, rows in zip(
+            t["item_key"].to_pylist(), t["item_stamp"].to_pylist(), t["rows"].to_pylist()
+        ):
             out[key] = (stamp, rows)  # the latest record of a key wins
         return out
 
@@ -685,16 +835,35 @@ class SourceStage(MapStage):
         produced = set(row_ids.to_pylist())
         now = dt.datetime.now(dt.timezone.utc)
         fp = self.ctx.row_fingerprint
-        recs = [{"item_key": k, "item_stamp": self._stamps[k], "fingerprint": fp,
-                 "rows": [i for i in self._item_ids.get(k, []) if i in produced],
-                 "recorded_at": now} for k in items]
-        store.append(name, pa.Table.from_pylist(recs, schema=SOURCE_ITEMS),
-                     commit_metadata={"vgen.stage": self.ctx.stage})
+        recorded = getattr(self, "_recorded", {})
+        recs = []
+        for k in items:
+            rows = [i for i in self._item_ids.get(k, []) if i in produced]
+            if recorded.get(k) == (self._stamps[k], rows):
+                continue  # re-read (verified, or its rows were gone) and recorded as it is
+            recs.append(
+                {
+                    "item_key": k,
+                    "item_stamp": self._stamps[k],
+                    "fingerprint": fp,
+                    "rows": rows,
+                    "recorded_at": now,
+                }
+            )
+        if recs:
+            store.append(
+                name,
+                pa.Table.from_pylist(recs, schema=SOURCE_ITEMS),
+                commit_metadata={"vgen.stage": self.ctx.stage},
+            )
 
     def known_ids(self) -> pa.Array | None:
         existing = getattr(self, "_existing", None)
-        return existing["sample_id"].combine_chunks() if existing is not None else \
-            pa.array([], pa.string())
+        return (
+            existing["sample_id"].combine_chunks()
+            if existing is not None
+            else pa.array([], pa.string())
+        )
 
     def filter_results(self, rows: pa.Table) -> tuple[pa.Table, int]:
         if getattr(self, "_existing", None) is None or not rows.num_rows:
@@ -704,14 +873,18 @@ class SourceStage(MapStage):
         return kept, rows.num_rows - kept.num_rows
 
     def finalize(self) -> None:
-        if getattr(self, "_removed", None):
-            ids = ", ".join(_sql_str(i) for i in self._removed)
-            self.ctx.store.delete(self.table_name(), f"sample_id IN ({ids})")
-        unlisted = getattr(self, "_unlisted", [])
-        for i in range(0, len(unlisted), 500):
-            # records of items no longer listed (a file that comes back is read again)
-            keys = ", ".join(_sql_str(k) for k in unlisted[i:i + 500])
-            self.ctx.store.delete(self.sources_table(), f"item_key IN ({keys})")
+        """Delete the rows of samples no longer listed, then the records of items no longer
+        listed (a file that comes back is read again), ``DELETE_BATCH`` keys per commit so
+        100k removed ids never build one giant predicate."""
+        meta = {"vgen.stage": self.ctx.stage}
+        for column, name, keys in (
+            ("sample_id", self.table_name(), getattr(self, "_removed", [])),
+            ("item_key", self.sources_table(), getattr(self, "_unlisted", [])),
+        ):
+            for i in range(0, len(keys), DELETE_BATCH):
+                values = ", ".join(_sql_str(k) for k in keys[i : i + DELETE_BATCH])
+                fault_point("before_source_delete")
+                self.ctx.store.delete(name, f"{column} IN ({values})", commit_metadata=meta)
 
 
 def _sql_str(v: str) -> str:
@@ -725,10 +898,17 @@ class InProcessExecutor:
     def __init__(self, batch_size: int | None = None):
         self.batch_size = batch_size
 
-    def map_actors(self, actor_cls: type, args: tuple, *, make_ds: Callable[[], Any],
-                   local_batches: Callable[[], Iterator[pa.Table]], batch_size: int,
-                   resources: Any = None, num_batches: int | None = None
-                   ) -> Iterator[pa.Table]:
+    def map_actors(
+        self,
+        actor_cls: type,
+        args: tuple,
+        *,
+        make_ds: Callable[[], Any],
+        local_batches: Callable[[], Iterator[pa.Table]],
+        batch_size: int,
+        resources: Any = None,
+        num_batches: int | None = None,
+    ) -> Iterator[pa.Table]:
         """The in-process twin of ``RayDataExecutor.map_actors``: one ``actor_cls(*args)`` in
         this process over ``local_batches()`` (``make_ds`` is not called: no Ray)."""
         actor = actor_cls(*args)
@@ -749,12 +929,12 @@ def iter_work_batches(store: Any, work: Work, size: int) -> Iterable[pa.Table]:
         for batch in work.items.to_batches(max_chunksize=size):
             yield pa.Table.from_batches([batch])
         return
-    wanted = (row_keys(work.todo) if work.todo is not None and work.todo_count < work.total
-              else None)
+    wanted = row_keys(work.todo) if work.todo is not None and work.todo_count < work.total else None
     pending: list[pa.Table] = []
     n = 0
-    for batch in store.iter_batches(work.table_name, version=work.table_version,
-                                    columns=work.columns, batch_size=size):
+    for batch in store.iter_batches(
+        work.table_name, version=work.table_version, columns=work.columns, batch_size=size
+    ):
         t = pa.Table.from_batches([batch])
         if wanted is not None:
             t = filter_to_key_set(t, wanted)
@@ -777,7 +957,8 @@ def row_keys(table: pa.Table) -> pa.ChunkedArray:
 
 
 def filter_to_key_set(table: pa.Table, wanted: Any) -> pa.Table:
-    """Rows of ``table`` whose key (:func:`row_keys`) is in ``wanted`` (built once by the caller)."""
+    """Rows of ``table`` whose key (:func:`row_keys`) is in ``wanted`` (built once by the
+    caller)."""
     return table.filter(pc.is_in(row_keys(table), value_set=wanted))
 
 

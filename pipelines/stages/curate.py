@@ -29,7 +29,7 @@ import hashlib
 import io
 import json
 import os
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -41,7 +41,7 @@ from vgen_core.data.phash import dhash, near_duplicates
 from vgen_core.formats import SampleError
 
 from .base import (BatchResult, FILTER_PREFIX, SourceStage, StageConfig, StageError,
-                   quarantine_record, root_problem)
+                   first_file, quarantine_record, root_problem)
 
 SAMPLE_SCHEME = "sample://"
 
@@ -70,6 +70,21 @@ class _Curate(SourceStage):
     """Shared body; subclasses give the reader functions, schema, stats and filters."""
 
     dataset: str
+    #: the layout ``root`` should hold, for the message when it holds nothing
+    layout: str
+
+    def check_config(self) -> list[tuple[str, str]]:
+        """Besides the root existing (:meth:`Stage.check_config`): it holds at least one file.
+        An empty folder is a configuration mistake (a wrong path, a download not unpacked yet),
+        reported before anything runs; a folder with files in the wrong layout is still a
+        listing problem, quarantined (module docs)."""
+        problems = super().check_config()
+        root = self.config.root
+        if problems or root.startswith(SAMPLE_SCHEME) or first_file(root):
+            return problems
+        return problems + [("with.root", f"{root!r} is empty; expected the {self.dataset} "
+                            f"dataset's top folder ({self.layout}): point with.root at it "
+                            "(local or s3://), or use sample:// for the built-in sample")]
 
     def _root(self) -> str:
         root = self.config.root
@@ -122,7 +137,7 @@ class _Curate(SourceStage):
             except SampleError as e:
                 raw = [self._listing_error(f"{self.dataset}/_listing", e.check, e.reason,
                                            e.source, stamp=str(e))]
-            except Exception as e:  # noqa: BLE001 - any listing failure is reported, not fatal
+            except Exception as e:
                 raw = [self._listing_error(
                     f"{self.dataset}/_listing", "listing",
                     f"listing the dataset under {root} failed: {type(e).__name__}: {e}", root)]
@@ -146,7 +161,7 @@ class _Curate(SourceStage):
                 if not isinstance(sid, str) or not sid:
                     raise ValueError(f"no string 'sample_id' (got {sid!r})")
                 record = json.dumps(item, default=str, sort_keys=True)
-            except Exception as e:  # noqa: BLE001 - one bad item, not the stage
+            except Exception as e:
                 name = sid if isinstance(sid, str) and sid else f"{self.dataset}/_listing-{k}"
                 item = self._listing_error(
                     name, "listing", f"listed item {k} ({sid!r}) under {self.config.root} "
@@ -159,20 +174,24 @@ class _Curate(SourceStage):
     def source_fingerprint(self) -> dict[str, Any]:
         from vgen_core.data import content_digest
 
-        return {"listing": content_digest([(i["sample_id"], i.get("stamp")) for i in self._items()])}
+        listing = [(i["sample_id"], i.get("stamp")) for i in self._items()]
+        return {"listing": content_digest(listing)}
 
     def list_items(self) -> pa.Table:
         items = self._items()
         records = self._records
-        return pa.table({
-            "sample_id": [i["sample_id"] for i in items],
-            "item": records,
-            "sample_ids": [[i["sample_id"]] for i in items],
-            # the whole listing record (annotation, file sizes and mtimes) is the item's stamp
-            "item_key": [i["sample_id"] for i in items],
-            "item_stamp": [hashlib.blake2b(r.encode(), digest_size=16).hexdigest()
-                           for r in records],
-        })
+        return pa.table(
+            {
+                "sample_id": [i["sample_id"] for i in items],
+                "item": records,
+                "sample_ids": [[i["sample_id"]] for i in items],
+                # the whole listing record (annotation, file sizes and mtimes) is the item's stamp
+                "item_key": [i["sample_id"] for i in items],
+                "item_stamp": [
+                    hashlib.blake2b(r.encode(), digest_size=16).hexdigest() for r in records
+                ],
+            }
+        )
 
     # worker ---------------------------------------------------------------------------
     def process_batch(self, batch: pa.Table) -> BatchResult:
@@ -181,21 +200,29 @@ class _Curate(SourceStage):
             item = json.loads(raw)
             if "listing_error" in item:
                 err = item["listing_error"]
-                quarantine.append(quarantine_record(sid, err["check"], err["reason"],
-                                                    source=err["source"]))
+                quarantine.append(
+                    quarantine_record(sid, err["check"], err["reason"], source=err["source"])
+                )
                 continue
             try:
                 row = self._read(item)
             except SampleError as e:
-                quarantine.append(quarantine_record(sid, e.check, e.reason,
-                                                    source=e.source or item.get("source")))
+                quarantine.append(
+                    quarantine_record(sid, e.check, e.reason, source=e.source or item.get("source"))
+                )
                 continue
             failed = self._filters(row)
             if failed:
                 name, why = failed[0]
-                quarantine.append(quarantine_record(
-                    sid, FILTER_PREFIX + name, why, content_digest=row["content_digest"],
-                    source=row.get("source")))
+                quarantine.append(
+                    quarantine_record(
+                        sid,
+                        FILTER_PREFIX + name,
+                        why,
+                        content_digest=row["content_digest"],
+                        source=row.get("source"),
+                    )
+                )
                 continue
             img = self._first_image(row)
             row["phash"] = dhash(_decode_rgb(img)) if img is not None else None
@@ -222,12 +249,18 @@ class _Curate(SourceStage):
         dist = self.config.near_duplicate_distance
         if dist >= 0 and table.num_rows:
             valid = table.filter(pc.is_valid(table["phash"]))
-            pairs = near_duplicates(valid["sample_id"].to_pylist(), valid["phash"].to_pylist(),
-                                    max_distance=dist)
+            pairs = near_duplicates(
+                valid["sample_id"].to_pylist(), valid["phash"].to_pylist(), max_distance=dist
+            )
             metrics["dataset/near_duplicate_pairs"] = float(len(pairs))
-            tracker.log_dict({"max_distance": dist, "hash": "dhash64",
-                              "pairs": [{"a": a, "b": b, "distance": d} for a, b, d in pairs]},
-                             "near_duplicates.json")
+            tracker.log_dict(
+                {
+                    "max_distance": dist,
+                    "hash": "dhash64",
+                    "pairs": [{"a": a, "b": b, "distance": d} for a, b, d in pairs],
+                },
+                "near_duplicates.json",
+            )
         self.metrics.update(metrics)
 
 
@@ -247,6 +280,10 @@ class CuratePanCap(_Curate):
     version = 1
     Config = CuratePanCapConfig
     dataset = "pancap"
+    layout = (
+        "annotations/panoptic_<split>.json, panoptic_<split>/ PNGs, the COCO images and "
+        "PanCap caption files; see vgen_core/formats/pancap.py"
+    )
     config: CuratePanCapConfig
 
     @property
@@ -272,10 +309,13 @@ class CuratePanCap(_Curate):
 
     def _filters(self, row: dict[str, Any]) -> list[tuple[str, str]]:
         c = self.config
-        out = (_min_filter("min_caption_words", row["caption_words"], c.min_caption_words)
-               + _min_filter("min_segments", row["num_segments"], c.min_segments)
-               + _min_filter("min_grounded_coverage", row["grounded_coverage"],
-                             c.min_grounded_coverage))
+        out = (
+            _min_filter("min_caption_words", row["caption_words"], c.min_caption_words)
+            + _min_filter("min_segments", row["num_segments"], c.min_segments)
+            + _min_filter(
+                "min_grounded_coverage", row["grounded_coverage"], c.min_grounded_coverage
+            )
+        )
         if c.max_segments is not None and row["num_segments"] > c.max_segments:
             out.append(("max_segments", f"segments = {row['num_segments']} > {c.max_segments}"))
         return out
@@ -284,9 +324,16 @@ class CuratePanCap(_Curate):
         return row["image"]
 
     def _stats(self, table: pa.Table) -> dict[str, np.ndarray]:
-        return {k: table[k].to_numpy() for k in
-                ("num_segments", "thing_ratio", "grounded_coverage", "caption_words",
-                 "void_fraction")}
+        return {
+            k: table[k].to_numpy()
+            for k in (
+                "num_segments",
+                "thing_ratio",
+                "grounded_coverage",
+                "caption_words",
+                "void_fraction",
+            )
+        }
 
 
 class CurateViCaS(_Curate):
@@ -294,6 +341,10 @@ class CurateViCaS(_Curate):
     version = 1
     Config = CurateViCaSConfig
     dataset = "vicas"
+    layout = (
+        "annotations/<version>/<video_id>.json with video_frames/ or videos/; see "
+        "vgen_core/formats/vicas.py"
+    )
     config: CurateViCaSConfig
 
     @property
@@ -319,11 +370,14 @@ class CurateViCaS(_Curate):
 
     def _filters(self, row: dict[str, Any]) -> list[tuple[str, str]]:
         c, s = self.config, row["stats"]
-        return (_min_filter("min_caption_words", s["caption_words"], c.min_caption_words)
-                + _min_filter("min_tracks", s["num_tracks"], c.min_tracks)
-                + _min_filter("min_frames", s["num_frames"], c.min_frames)
-                + _min_filter("min_grounded_coverage", s["mask_grounded_coverage"] or 0.0,
-                              c.min_grounded_coverage))
+        return (
+            _min_filter("min_caption_words", s["caption_words"], c.min_caption_words)
+            + _min_filter("min_tracks", s["num_tracks"], c.min_tracks)
+            + _min_filter("min_frames", s["num_frames"], c.min_frames)
+            + _min_filter(
+                "min_grounded_coverage", s["mask_grounded_coverage"] or 0.0, c.min_grounded_coverage
+            )
+        )
 
     def _first_image(self, row: dict[str, Any]) -> bytes | None:
         frames = row.get("frames") or []
@@ -331,9 +385,16 @@ class CurateViCaS(_Curate):
 
     def _stats(self, table: pa.Table) -> dict[str, np.ndarray]:
         stats = table["stats"].combine_chunks()
-        out = {k: stats.field(k).to_numpy(zero_copy_only=False) for k in
-               ("num_frames", "num_tracks", "caption_words", "mask_grounded_coverage",
-                "grounded_coverage")}
+        out = {
+            k: stats.field(k).to_numpy(zero_copy_only=False)
+            for k in (
+                "num_frames",
+                "num_tracks",
+                "caption_words",
+                "mask_grounded_coverage",
+                "grounded_coverage",
+            )
+        }
         lengths = stats.field("track_lengths").flatten().to_numpy(zero_copy_only=False)
         out["track_length"] = lengths
         return out

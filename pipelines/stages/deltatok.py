@@ -110,7 +110,7 @@ class TokenizeDeltaTok(ImageTokenizeStage):
         rows: dict[str, list] = {k: [] for k in DELTA_TOKENS.names}
         quarantine = []
         for r in batch.to_pylist():
-            def bad(check: str, why: str) -> None:
+            def bad(check: str, why: str, r: dict = r) -> None:
                 quarantine.append(quarantine_record(
                     r["sample_id"], check, f"stage '{self.ctx.stage}', column 'frames': {why}",
                     content_digest=r["content_digest"], source=r.get("source")))

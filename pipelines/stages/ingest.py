@@ -33,6 +33,7 @@ everywhere. A file that does not decode is quarantined with the decoder's messag
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 import numpy as np
@@ -43,14 +44,18 @@ from pydantic import Field
 from vgen_core.data import content_digest, make_sample_id
 from vgen_core.data.fsio import filesystem_for
 from vgen_core.data.identity import escape_key, parse_sample_id, unescape_key
-from vgen_core.data.sample_images import PHOTOS, decode_png, encode_png, load_photo, to_rgb
+from vgen_core.data.sample_images import PHOTOS, encode_png, load_photo, to_rgb
 from vgen_core.data.schemas import IMAGE_SAMPLES
 
-from .base import BatchResult, SourceStage, StageConfig, quarantine_record
+from .base import (BUILTIN_ROOTS, BatchResult, SourceStage, StageConfig, StageError, first_file,
+                   quarantine_record)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
 _CROP_SUFFIX = "-c"
+#: `` at 0x7f..>`` in an exception's text (PIL names the BytesIO it read): dropped, so the
+#: quarantine reason of a file is the same on every read (recorded once, not replaced)
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
 
 
 def image_sample_id(dataset: str, key: str, k: int) -> str:
@@ -90,6 +95,15 @@ class IngestImages(SourceStage):
     output_schema = IMAGE_SAMPLES
     config: IngestImagesConfig
 
+    def check_config(self) -> list[tuple[str, str]]:
+        """Besides the root existing (:meth:`Stage.check_config`): it holds at least one image
+        (a walk that stops at the first one). An empty root is a mistake, not an empty dataset."""
+        problems = super().check_config()
+        root = self.config.root
+        if problems or root.startswith(BUILTIN_ROOTS) or first_file(root, IMAGE_EXTENSIONS):
+            return problems
+        return problems + [("with.root", _no_images(root))]
+
     # -- listing --------------------------------------------------------------------------
     def _listing(self) -> list[dict[str, Any]]:
         """The source files, listed once per stage instance (fingerprint and work share it)."""
@@ -115,21 +129,27 @@ class IngestImages(SourceStage):
         for path, info in sorted(infos.items()):
             if not path.lower().endswith(IMAGE_EXTENSIONS):
                 continue
-            stamp = f"{info.get('size')}-{info.get('mtime') or info.get('LastModified') or info.get('ETag')}"
+            when = info.get("mtime") or info.get("LastModified") or info.get("ETag")
+            stamp = f"{info.get('size')}-{when}"
             if path.startswith(prefix):
-                rel = path[len(prefix):]
+                rel = path[len(prefix) :]
             elif path.rstrip("/") == base.rstrip("/"):  # root is the file itself
                 rel = path.rsplit("/", 1)[-1]
             else:  # not under root as spelled (should not happen): the whole path, still unique
                 rel = path.lstrip("/")
             folder = rel.rsplit("/", 1)[0].split("/")[0] if "/" in rel else None
             full = _full_path(root, path)
-            items.append({"path": _printable(full), "file": escape_key(full),
-                          "key": escape_key(rel), "stamp": stamp, "folder": folder})
-        if not items:
-            raise FileNotFoundError(
-                f"stage '{self.ctx.stage}': no images ({', '.join(IMAGE_EXTENSIONS)}) under "
-                f"with.root={root!r}; point it at a folder of images or use skimage://")
+            items.append(
+                {
+                    "path": _printable(full),
+                    "file": escape_key(full),
+                    "key": escape_key(rel),
+                    "stamp": stamp,
+                    "folder": folder,
+                }
+            )
+        if not items:  # checked before the run (check_config): emptied since
+            raise StageError(f"stage '{self.ctx.stage}': with.root: {_no_images(root)}")
         return items
 
     def source_fingerprint(self) -> dict[str, Any]:
@@ -140,17 +160,22 @@ class IngestImages(SourceStage):
         listing = self._listing()
         crops = range(self.config.crops_per_image)
         labels = self._labels(listing)
-        return pa.table({
-            "path": [i["path"] for i in listing],
-            "file": [i["file"] for i in listing],  # the exact path, escaped (see _printable)
-            "key": [i["key"] for i in listing],
-            "label": labels,
-            "sample_ids": [[image_sample_id(self.config.dataset, i["key"], k) for k in crops]
-                           for i in listing],
-            # a file's rows depend on its bytes (size + mtime) and the label the listing gives it
-            "item_key": [i["path"] for i in listing],
-            "item_stamp": [f"{i['stamp']}|label={lab}" for i, lab in zip(listing, labels)],
-        })
+        return pa.table(
+            {
+                "path": [i["path"] for i in listing],
+                "file": [i["file"] for i in listing],  # the exact path, escaped (see _printable)
+                "key": [i["key"] for i in listing],
+                "label": labels,
+                "sample_ids": [
+                    [image_sample_id(self.config.dataset, i["key"], k) for k in crops]
+                    for i in listing
+                ],
+                # a file's rows depend on its bytes (size + mtime) and the label the listing
+                # gives it
+                "item_key": [i["path"] for i in listing],
+                "item_stamp": [f"{i['stamp']}|label={lab}" for i, lab in zip(listing, labels)],
+            }
+        )
 
     def _labels(self, listing: list[dict[str, Any]]) -> list[int]:
         mode = self.config.labels
@@ -160,8 +185,10 @@ class IngestImages(SourceStage):
         if mode == "folder" or (mode == "auto" and all(folders)):
             if not all(folders):
                 flat = next(i["path"] for i in listing if not i.get("folder"))
-                raise ValueError(f"stage '{self.ctx.stage}': labels: folder needs every image "
-                                 f"in a class sub-folder of with.root; {flat} is not")
+                raise ValueError(
+                    f"stage '{self.ctx.stage}': labels: folder needs every image "
+                    f"in a class sub-folder of with.root; {flat} is not"
+                )
             classes = {c: k for k, c in enumerate(sorted(set(folders)))}
             return [classes[f] for f in folders]
         return list(range(len(listing)))
@@ -176,26 +203,36 @@ class IngestImages(SourceStage):
                 rgb = self._load(unescape_key(item["file"]))
             except Exception as e:  # undecodable file: quarantine every crop of it
                 for k in range(cfg.crops_per_image):
-                    quarantine.append(quarantine_record(
-                        image_sample_id(cfg.dataset, item["key"], k), "decode",
-                        f"cannot decode image {item['path']}: {type(e).__name__}: {e}",
-                        source=item["path"]))
+                    quarantine.append(
+                        quarantine_record(
+                            image_sample_id(cfg.dataset, item["key"], k),
+                            "decode",
+                            f"cannot decode image {item['path']}: {type(e).__name__}: "
+                            f"{_ADDRESS.sub('>', str(e))}",
+                            source=item["path"],
+                        )
+                    )
                 continue
             for k in range(cfg.crops_per_image):
                 crop = self._crop(rgb, item["key"], k)
                 sid = image_sample_id(cfg.dataset, item["key"], k)
-                rows.append({
-                    "sample_id": sid,
-                    "content_digest": content_digest(crop, int(item["label"]), None),
-                    "source": item["path"], "image_png": encode_png(crop),
-                    "height": crop.shape[0], "width": crop.shape[1],
-                    "label": int(item["label"]), "caption": None,
-                })
+                rows.append(
+                    {
+                        "sample_id": sid,
+                        "content_digest": content_digest(crop, int(item["label"]), None),
+                        "source": item["path"],
+                        "image_png": encode_png(crop),
+                        "height": crop.shape[0],
+                        "width": crop.shape[1],
+                        "label": int(item["label"]),
+                        "caption": None,
+                    }
+                )
         return BatchResult(pa.Table.from_pylist(rows, schema=IMAGE_SAMPLES), quarantine)
 
     def _load(self, path: str) -> np.ndarray:
         if path.startswith("skimage://"):
-            return load_photo(path[len("skimage://"):])
+            return load_photo(path[len("skimage://") :])
         fs, p = filesystem_for(path)
         with fs.open(p, "rb") as f:
             data = f.read()
@@ -210,15 +247,24 @@ class IngestImages(SourceStage):
         (for skimage:// the key is the photo name, as the stem was in version 2)."""
         cfg = self.config
         h, w = rgb.shape[:2]
-        seed = int.from_bytes(hashlib.blake2b(f"{cfg.seed}/{key}/{k}".encode(),
-                                              digest_size=8).digest(), "little")
+        seed = int.from_bytes(
+            hashlib.blake2b(f"{cfg.seed}/{key}/{k}".encode(), digest_size=8).digest(), "little"
+        )
         rng = np.random.default_rng(seed)
         side = int(min(h, w) * rng.uniform(cfg.min_scale, max(cfg.min_scale, cfg.max_scale)))
         side = max(side, 1)
         y0 = int(rng.integers(0, h - side + 1))
         x0 = int(rng.integers(0, w - side + 1))
-        crop = Image.fromarray(rgb[y0:y0 + side, x0:x0 + side])
+        crop = Image.fromarray(rgb[y0 : y0 + side, x0 : x0 + side])
         return np.asarray(crop.resize((cfg.size, cfg.size), Image.BICUBIC))
+
+
+def _no_images(root: str) -> str:
+    return (
+        f"{root!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)}), at any depth; "
+        "expected a folder or s3:// prefix of images (class sub-folders allowed): point "
+        "with.root at it, or use skimage:// for the built-in photographs"
+    )
 
 
 def _printable(path: str) -> str:

@@ -10,8 +10,9 @@ the driver) and exports the weights as safetensors + config under
 
 Checkpoints and resume: every ``train.checkpoint_every`` steps (and after the last) each rank
 saves its part of a DeepSpeed checkpoint plus its RNG, data position and EMA state
-(:mod:`vgen_core.training.checkpoint`) and reports it to Ray Train, which merges the ranks'
-files under ``<storage>/ray_train/<dag>-<stage>-<fingerprint[:12]>/``. After a worker failure
+(:mod:`vgen_core.training.checkpoint`, with a SHA-256 manifest) and reports it to Ray Train,
+which merges the ranks' files under ``<storage>/ray_train/<dag>-<stage>-<fingerprint[:12]>/``;
+a restore verifies the digests and reads DeepSpeed's files weights-only. After a worker failure
 ``FailureConfig(max_failures)`` restarts the worker group from the latest checkpoint; a re-run of
 the same stage fingerprint (the driver was killed) uses the same Ray Train run name, so Ray Train
 restores it too, and the runner hands it the same MLflow run. A restored worker runs only the
@@ -28,10 +29,9 @@ import tempfile
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field
 
+from vgen_core.faults import fault_point
 from vgen_core.training import TrainConfig
 
 from .base import JobStage, OutputRef, StageConfig, StageError, StageResult
@@ -177,38 +177,39 @@ def _batches(cfg: dict[str, Any], tcfg: TrainConfig, device: Any, rng: np.random
 
 def _save_checkpoint(engine: Any, state: Any, rank: int, ema: Any, rng: np.random.Generator,
                      device: Any) -> None:
-    """Collective: every rank saves its part and reports it; Ray Train merges the directories."""
+    """Collective: every rank saves its part (with its digest manifest) and reports it; Ray Train
+    merges the directories."""
     import shutil
 
     import ray.train
 
-    from vgen_core.training.checkpoint import DS_TAG, rng_tensors, save_worker_state
+    from vgen_core.training.checkpoint import rng_tensors, save_checkpoint
 
     tmp = tempfile.mkdtemp(prefix="vgen-ckpt-")
     try:
-        engine.save_checkpoint(tmp, tag=DS_TAG, save_latest=False)
         state.numpy_rng = rng.bit_generator.state
         tensors = rng_tensors(device)
         if ema is not None:
             tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-        save_worker_state(tmp, rank, state, tensors)
+        save_checkpoint(engine, tmp, rank, state, tensors)
+        fault_point("in_checkpoint_save")
         ray.train.report({"step": state.step, **state.last_metrics},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"step_{state.step:08d}")
+        fault_point("after_checkpoint_report")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _restore(engine: Any, checkpoint: Any, rank: int, ema: Any, rng: np.random.Generator,
              device: Any):
-    """Load the DeepSpeed checkpoint and this rank's state; returns its WorkerState."""
-    from vgen_core.training.checkpoint import DS_TAG, load_worker_state, restore_rng
+    """Verify the checkpoint's digests, load DeepSpeed's part weights-only and this rank's state;
+    returns its WorkerState."""
+    from vgen_core.training.checkpoint import restore_checkpoint, restore_rng
 
     with checkpoint.as_directory() as d:
-        path, _ = engine.load_checkpoint(d, tag=DS_TAG, load_lr_scheduler_states=False)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed found no checkpoint '{DS_TAG}' in {d}")
-        state, tensors = load_worker_state(d, rank)
+        state, tensors = restore_checkpoint(engine, d, rank,
+                                            where=getattr(checkpoint, "path", None) or d)
     restore_rng(tensors, device)
     if state.numpy_rng is not None:
         rng.bit_generator.state = state.numpy_rng

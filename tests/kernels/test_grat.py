@@ -20,12 +20,12 @@ from pathlib import Path
 if __name__ == "__main__":  # the interpreter worker (see interpreter_results): before any triton
     os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-import kernels.grat as grat  # noqa: E402
-from kernels.grat import reference as ref  # noqa: E402
-from kernels.grat._layout import block_layout, block_matrices  # noqa: E402
+import kernels.grat as grat
+from kernels.grat import reference as ref
+from kernels.grat._layout import block_layout, block_matrices
 
 ROOT = Path(__file__).resolve().parents[2]
 

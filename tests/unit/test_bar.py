@@ -264,7 +264,7 @@ def test_mbm_sample_unmasks_on_the_allocation_with_cfg():
     sample(model, torch.tensor([0, 3]), guidance_scale=3.0, temperature=2.0,
            tokens_allocation=(1, 2, 5), generator=torch.Generator().manual_seed(0))
     assert len(calls) == 4 * 3
-    for i, (ids, cond, ratio) in enumerate(calls):
+    for i, (ids, _cond, ratio) in enumerate(calls):
         assert ids.shape == (4, 8) and torch.equal(ids[:2], ids[2:])  # cond and uncond halves
         assert (ids == 2).sum(1).tolist() == [[8, 7, 5][i % 3]] * 4
         assert torch.allclose(ratio, torch.full((4,), [1.0, 7 / 8, 5 / 8][i % 3]))

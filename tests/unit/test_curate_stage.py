@@ -3,7 +3,6 @@ statistics and near-duplicates are reported, unchanged samples are not rewritten
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 

@@ -63,7 +63,7 @@ def test_pinned_digests_match_the_documented_framing():
     assert content_digest("ab", "c") == by_hand(frame(b"S", b"ab"), frame(b"S", b"c"))
     mixed = by_hand(
         frame(b"B", b"\x89PNG"),
-        frame(b"S", "a caption".encode()),
+        frame(b"S", b"a caption"),
         frame(b"J", '{"a":"é","b":[1,2]}'.encode()),
         frame(b"N", b""),
         frame(b"I", b"7"),

@@ -149,6 +149,8 @@ def test_downstream_of_an_invalid_stage_is_blocked(tmp_path, capsys):
 
 def test_valid_roots_and_files_pass(tmp_path):
     (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "annotations").mkdir()
+    (tmp_path / "data" / "annotations" / "panoptic_train2017.json").write_text("{}")
     w = tmp_path / "w.safetensors"
     w.write_bytes(b"x")
     assert root_problem("skimage://") is None and root_problem("sample://") is None
@@ -193,3 +195,67 @@ def test_unlistable_root_is_refused(tmp_path):
         assert "not readable" in root_problem(str(locked))
     finally:
         os.chmod(locked, 0o755)
+
+
+# ----------------------------------------------------------------------------- empty roots
+
+EMPTY_ROOT_KINDS = ["ingest.images", "curate.pancap", "curate.vicas"]
+
+
+def empty_root_dag(tmp_path, kind):
+    (tmp_path / "empty").mkdir()
+    return write_dag(tmp_path, {"src": {"uses": kind, "with": {"root": str(tmp_path / "empty")}}})
+
+
+@pytest.mark.parametrize("kind", EMPTY_ROOT_KINDS)
+def test_run_refuses_an_empty_root_before_anything_starts(tmp_path, capsys, monkeypatch, kind):
+    """A root that exists but holds nothing is a config error (a wrong path, a download not
+    unpacked yet), not an empty dataset: exit 2 naming file, stage and field, with how to fix."""
+    dag, storage = empty_root_dag(tmp_path, kind), tmp_path / "s"
+    t0 = start_clock(dag, monkeypatch)
+    assert main(["run", str(dag), "--storage", str(storage)]) == 2
+    err = capsys.readouterr().err
+    assert_nothing_started(storage, t0)
+    [line] = [ln for ln in err.splitlines() if ln.startswith("vgen:")]
+    assert line.startswith(f"vgen: invalid DAG: {dag}: stage 'src': field 'with.root': ")
+    assert str(tmp_path / "empty") in line and "expected" in line
+    assert ("skimage://" if kind == "ingest.images" else "sample://") in line  # how to fix
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", EMPTY_ROOT_KINDS)
+@pytest.mark.parametrize("command", [["plan"], ["plan", "--format", "json"], ["status"],
+                                     ["status", "--json"]])
+def test_plan_and_status_report_an_empty_root_cleanly(tmp_path, capsys, kind, command):
+    dag = empty_root_dag(tmp_path, kind)
+    assert main([command[0], str(dag), "--storage", str(tmp_path / "s"), *command[1:]]) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    [line] = [ln for ln in err.splitlines() if ln.startswith("vgen:")]
+    assert "stage 'src'" in line and "field 'with.root'" in line
+    if "--json" in command or "json" in command:
+        [st] = json.loads(out)["stages"]
+        assert st["state"] == "invalid" and "with.root" in st["reason"]
+    else:
+        assert "invalid" in out
+
+
+def test_ingest_root_needs_an_image_at_any_depth(tmp_path):
+    from pipelines.stages.base import first_file
+
+    root = tmp_path / "imgs"
+    (root / "notes").mkdir(parents=True)
+    (root / "notes" / "README.txt").write_text("no pictures here")
+    (root / ".DS_Store").write_bytes(b"x")
+    dag = write_dag(tmp_path, {"src": {"uses": "ingest.images", "with": {"root": str(root)}}})
+    store = TableStore(str(tmp_path / "s"))
+    [p] = check_dag(load_dag(dag), store)["src"]
+    assert p.field == "with.root" and "holds no image files" in p.detail
+    assert first_file(str(root)) == f"{root}/notes/README.txt"  # dot-files are not files here
+
+    deep = root / "a" / "b" / "cat.JPG"
+    deep.parent.mkdir(parents=True)
+    deep.write_bytes(b"not decoded by the check")
+    assert check_dag(load_dag(dag), store) == {}
+    assert first_file(str(root), (".jpg",)) == str(deep)
+    assert first_file(str(deep), (".jpg",)) == str(deep)  # a root that is the file itself

@@ -308,7 +308,7 @@ def test_matches_pycocotools(ms, data):
     mask_api = pytest.importorskip("pycocotools.mask")
     ours = [rle.encode(m) for m in ms]
     theirs = [mask_api.encode(np.asfortranarray(m.astype(np.uint8))) for m in ms]
-    for m, o, t in zip(ms, ours, theirs):
+    for o, t in zip(ours, theirs):
         assert o["counts"].encode() == t["counts"] and o["size"] == list(t["size"])
         assert rle.area(o) == int(mask_api.area(t))
         assert rle.to_bbox(o) == mask_api.toBbox(t).tolist()

@@ -421,7 +421,7 @@ def _run_concurrently(n_threads, fn):
         try:
             barrier.wait()
             fn(w, results[w])
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=worker, args=(w,)) for w in range(n_threads)]

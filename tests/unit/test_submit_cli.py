@@ -302,7 +302,7 @@ class _FakeHead(http.server.BaseHTTPRequestHandler):
 
     mode = "ray"
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         if self.mode == "auth":
             return self._send(401, {"error": "unauthorized"})
         if self.path == "/api/version" and self.mode == "ray":

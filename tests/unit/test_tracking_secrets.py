@@ -230,3 +230,36 @@ def test_run_summary_prints_no_password(capsys: pytest.CaptureFixture) -> None:
     assert "MLflow: http://***@mlflow:5000  run r1\n" in out
     assert "  error: MlflowException: http://***@mlflow:5000 refused\n" in out
     assert "pw@" not in out and "bob" not in out
+
+
+def test_stage_params_show_templates_not_env_values(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each stage's nested MLflow run records its config as written (``${VAR}`` templates,
+    redacted), never a value the environment filled in."""
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.dag.runner import Runner
+    from vgen_core.data import TableStore
+
+    secret_dir = tmp_path / "s3cr3t-tok"
+    secret_dir.mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(secret_dir / "a.png")
+    monkeypatch.setenv("IMG_ROOT", str(secret_dir))
+    dag = parse_dag({"name": "sec", "stages": {"images": {
+        "uses": "ingest.images",
+        "with": {"root": "${IMG_ROOT}", "crops_per_image": 1, "size": 8}}}},
+        str(tmp_path / "dag.yaml"), storage=str(tmp_path / "store"))
+    assert dag.configs["images"].root == str(secret_dir)  # what the stage reads
+    uri = default_tracking_uri(str(tmp_path / "store"))
+    tracker = MlflowTracker.start(uri, "sec", "run", fallback_dir=tmp_path / "fb")
+    summary = Runner(dag, TableStore(str(tmp_path / "store")), tracker, uri,
+                     executor="local").run()
+    assert summary.ok and summary.outcomes["images"].counts.processed == 1
+    client = tracker.client
+    runs = client.search_runs([client.get_run(tracker.run_id).info.experiment_id])
+    [child] = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == tracker.run_id]
+    assert child.data.params["stage.config.root"] == "${IMG_ROOT}"
+    assert child.data.params["stage.config.crops_per_image"] == "1"
+    for r in runs:
+        assert "s3cr3t" not in json.dumps([r.data.params, r.data.tags]), r.info.run_id

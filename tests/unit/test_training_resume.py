@@ -1,6 +1,7 @@
 """Resume arithmetic: which steps checkpoint, run and log after a restore; the worker state
 files; and (in a subprocess with a one-rank gloo group) that a DeepSpeed run stopped at a
-checkpoint and resumed ends with exactly the weights of an uninterrupted run."""
+checkpoint and resumed through the verified, weights-only restore ends with exactly the weights
+of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -148,8 +149,8 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", LO
                   WORLD_SIZE="1")
 import torch, deepspeed
 from vgen_core.training import EMA, TrainConfig, deepspeed_config, train_loop
-from vgen_core.training.checkpoint import (DS_TAG, WorkerState, load_worker_state, restore_rng,
-                                           rng_tensors, save_worker_state)
+from vgen_core.training.checkpoint import (WorkerState, restore_checkpoint, restore_rng,
+                                           rng_tensors, save_checkpoint)
 
 deepspeed.init_distributed(dist_backend="gloo")
 cfg = TrainConfig(steps=12, micro_batch_size=4, grad_accum=2, lr=1e-2, warmup_steps=2,
@@ -175,9 +176,8 @@ def run(e, ema, start, stop_at=None, save_to=None):
         ema.update(dict(e.module.named_parameters()))
         state.step = step
         if step == stop_at:
-            e.save_checkpoint(save_to, tag=DS_TAG, save_latest=False)
-            save_worker_state(save_to, 0, state, {**rng_tensors(),
-                              **{f"ema.{k}": v for k, v in ema.state_dict().items()}})
+            save_checkpoint(e, save_to, 0, state, {**rng_tensors(),
+                            **{f"ema.{k}": v for k, v in ema.state_dict().items()}})
             raise KeyboardInterrupt  # the crash, right after the checkpoint
     try:
         train_loop(e, iter(data[start * cfg.grad_accum:]), loss_fn, cfg, on_step=on_step,
@@ -192,8 +192,7 @@ with tempfile.TemporaryDirectory() as d:
     run(*engine(), 0, stop_at=5, save_to=d)
     e, ema = engine()
     torch.manual_seed(123)  # a fresh process: another RNG state until restored
-    e.load_checkpoint(d, tag=DS_TAG, load_lr_scheduler_states=False)
-    state, tensors = load_worker_state(d, 0)
+    state, tensors = restore_checkpoint(e, d, 0)  # digests verified, weights-only
     restore_rng(tensors)
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     resumed, ema_resumed = run(e, ema, state.step)

@@ -37,5 +37,5 @@ __all__ = [
     "parse_sample_id",
     "StorageError",
     "TableStore",
-    *getattr(_schemas, "__all__", [n for n in dir(_schemas) if n.isupper()]),
 ]
+__all__ += _schemas.__all__

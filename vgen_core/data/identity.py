@@ -76,7 +76,8 @@ numpy scalars                    ``len(dtype)`` (8 bytes BE) || ``dtype`` (ASCII
 ==========================  ===  ===============================================================
 
 Any other type raises ``TypeError``. A numpy scalar is framed as a 0-d array, so
-``np.float32(1)``, ``np.float64(1)`` and ``1.0`` all differ; convert first if you want them to agree.
+``np.float32(1)``, ``np.float64(1)`` and ``1.0`` all differ; convert first if you want them to
+agree.
 
 This encoding must never change: stored digests in every table depend on it. A change in
 meaning means a new ``DIGEST_VERSION``, a new ``person`` string and a re-digest of the data.
@@ -223,7 +224,7 @@ def unescape_key(key: str) -> str:
     def decode(m: re.Match[str]) -> str:
         try:
             return bytes.fromhex(m.group(0).replace("%", "")).decode("utf-8", "surrogatepass")
-        except UnicodeDecodeError as e:
+        except UnicodeDecodeError:
             raise ValueError(f"not an escaped key (bad UTF-8 escape {m.group(0)!r}): "
                              f"{key!r}") from None
 

@@ -37,7 +37,8 @@ def decode_image(data: bytes) -> np.ndarray:
         head = bytes(data[:8]) if data else b""
         why = ("no image format recognises these bytes" if isinstance(e, UnidentifiedImageError)
                else str(e))  # PIL's own message names an in-memory object's address
-        raise ValueError(f"cannot decode image ({len(data or b'')} bytes, starts {head!r}): {why}")
+        raise ValueError(
+            f"cannot decode image ({len(data or b'')} bytes, starts {head!r}): {why}") from e
 
 
 def preprocess(rgb: np.ndarray, resolution: int) -> np.ndarray:
@@ -48,7 +49,8 @@ def preprocess(rgb: np.ndarray, resolution: int) -> np.ndarray:
     if (h, w) != (resolution, resolution):
         s = resolution / min(h, w)
         im = Image.fromarray(rgb).resize((max(resolution, round(w * s)),
-                                          max(resolution, round(h * s))), Image.BICUBIC)
+                                          max(resolution, round(h * s))),
+                                         Image.Resampling.BICUBIC)
         rgb = np.asarray(im)
         h, w = rgb.shape[:2]
         y0, x0 = (h - resolution) // 2, (w - resolution) // 2

@@ -7,9 +7,12 @@ three channels are always decoded.
 
 :func:`read_id_png` refuses every other PNG flavour (grey, palette, grey+alpha, RGBA, 16-bit)
 and any non-PNG or truncated file with :class:`PanopticPNGError`, whose message names the file,
-what was found and how to fix it. Areas and boxes follow the panopticapi-style converters:
-``area`` is the pixel count, ``bbox = [x, y, w, h]`` integer, inclusive extent
-(``w = x_last - x_first + 1``).
+what was found and how to fix it. A header claiming more than ``max_pixels`` pixels (default
+:data:`MAX_PIXELS`) is refused before anything is decoded, so a damaged or hostile header cannot
+make it allocate gigabytes; :func:`png_size` reads the size from the header alone.
+
+Areas and boxes follow the panopticapi-style converters: ``area`` is the pixel count,
+``bbox = [x, y, w, h]`` integer, inclusive extent (``w = x_last - x_first + 1``).
 
 Shapes: ``ids_HW`` int64, ``rgb_HW3`` uint8.
 """
@@ -24,9 +27,11 @@ import numpy as np
 
 __all__ = [
     "MAX_ID",
+    "MAX_PIXELS",
     "PanopticPNGError",
     "rgb_to_id",
     "id_to_rgb",
+    "png_size",
     "read_id_png",
     "write_id_png",
     "segment_areas",
@@ -34,6 +39,9 @@ __all__ = [
 ]
 
 MAX_ID = 256**3 - 1  # the largest id three 8-bit channels can hold
+#: :func:`read_id_png` refuses larger PNGs (2**25 pixels, e.g. 8K UHD 7680x4320; COCO images are
+#: at most 640 on a side). Decoding costs ~11 bytes per pixel (RGB + int64 ids).
+MAX_PIXELS = 2**25
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _IEND = b"IEND\xaeB`\x82"  # chunk type + its (fixed) CRC
@@ -73,8 +81,12 @@ def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
     if rgb.dtype != np.uint8 or rgb.ndim < 1 or rgb.shape[-1] != 3:
         raise ValueError(f"rgb_to_id: expected a (H, W, 3) uint8 array, found shape "
                          f"{rgb.shape} dtype {rgb.dtype}")
-    c = rgb.astype(np.int64)
-    return c[..., 0] + 256 * c[..., 1] + 65536 * c[..., 2]
+    ids = rgb[..., 2].astype(np.int64)  # one int64 map, built in place (not three)
+    ids <<= 8
+    ids |= rgb[..., 1]
+    ids <<= 8
+    ids |= rgb[..., 0]
+    return ids
 
 
 def id_to_rgb(ids: np.ndarray) -> np.ndarray:
@@ -114,11 +126,37 @@ def _check_png_header(data: bytes, source: str | None) -> None:
                                f"re-download the file", source=source)
 
 
-def read_id_png(data: bytes, *, source: str | None = None) -> np.ndarray:
+def png_size(data: bytes, *, source: str | None = None) -> tuple[int, int]:
+    """``(height, width)`` from a PNG's IHDR header, without decoding anything.
+    :class:`PanopticPNGError` if ``data`` is not a PNG with a complete header."""
+    data = bytes(data[:33])
+    if not data.startswith(_PNG_SIGNATURE):
+        raise PanopticPNGError("expected a PNG (signature 89 50 4E 47)", source=source)
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        raise PanopticPNGError("truncated or corrupt PNG: no complete IHDR header; "
+                               "re-download the file", source=source)
+    width, height = struct.unpack(">II", data[16:24])
+    return height, width
+
+
+def _check_png_pixels(data: bytes, max_pixels: int | None, source: str | None) -> None:
+    h, w = png_size(data, source=source)
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    if h * w > limit:
+        raise PanopticPNGError(f"PNG header says {w}x{h} (WxH) = {w * h} pixels, more than "
+                               f"max_pixels={limit} (panoptic.MAX_PIXELS): a corrupt header or not "
+                               f"a panoptic map of a real image; re-download the file (or pass "
+                               f"max_pixels= for a map this big)", source=source)
+
+
+def read_id_png(data: bytes, *, source: str | None = None,
+                max_pixels: int | None = None) -> np.ndarray:
     """Bytes of a COCO-panoptic PNG -> int64 ids ``(H, W)``.
 
     Refuses, with :class:`PanopticPNGError` naming ``source``, the mode found and the fix:
-    anything not a PNG, any PNG that is not 8-bit 3-channel RGB, truncated or corrupt files."""
+    anything not a PNG, any PNG that is not 8-bit 3-channel RGB, truncated or corrupt files, and
+    (from the header, before decoding) one of more than ``max_pixels`` pixels (default
+    :data:`MAX_PIXELS`)."""
     from PIL import Image
 
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -126,6 +164,7 @@ def read_id_png(data: bytes, *, source: str | None = None) -> np.ndarray:
                         f"{type(data).__name__}; read the file first (source={source!r})")
     data = bytes(data)
     _check_png_header(data, source)
+    _check_png_pixels(data, max_pixels, source)
     try:
         with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
             img.load()
@@ -135,7 +174,8 @@ def read_id_png(data: bytes, *, source: str | None = None) -> np.ndarray:
             rgb = np.asarray(img, dtype=np.uint8)
     except PanopticPNGError:
         raise
-    except (OSError, SyntaxError, ValueError, EOFError, zlib.error, struct.error) as e:
+    except (OSError, SyntaxError, ValueError, EOFError, zlib.error, struct.error,
+            MemoryError, Image.DecompressionBombError) as e:
         raise PanopticPNGError(f"truncated or corrupt PNG ({len(data)} bytes): "
                                f"{type(e).__name__}: {e}; re-download the file",
                                source=source) from e

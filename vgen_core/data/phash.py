@@ -19,7 +19,7 @@ _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 def dhash(rgb: np.ndarray) -> int:
     """64-bit difference hash of an image (H, W[, C]) uint8, as a signed int64-compatible int."""
-    im = Image.fromarray(np.asarray(rgb)).convert("L").resize((9, 8), Image.BOX)
+    im = Image.fromarray(np.asarray(rgb)).convert("L").resize((9, 8), Image.Resampling.BOX)
     px = np.asarray(im, dtype=np.int16)
     bits = (px[:, :-1] > px[:, 1:]).reshape(-1)
     value = int(np.sum(bits.astype(np.uint64) << np.arange(64, dtype=np.uint64)))

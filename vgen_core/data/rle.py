@@ -18,6 +18,12 @@ with its continuation bit set) and, in :func:`iou` / :func:`merge`, RLEs of diff
 (pycocotools returns -1 / an empty 0x0 mask). Every failure raises :class:`RLEError`, which
 names the field and says what was expected and what was found.
 
+Resource limits (damaged or hostile files must fail fast, not allocate gigabytes):
+:func:`validate`, :func:`area`, :func:`to_bbox`, :func:`iou` and :func:`merge` work on the run
+lengths and never allocate anything of size ``H*W``; only :func:`decode` builds the dense mask,
+and it refuses masks of more than ``max_pixels`` (default :data:`MAX_DECODE_PIXELS`) pixels.
+``H*W`` must stay below ``2**63`` and run lengths (and their running sums) must fit 64 bits.
+
 Everything is vectorised with numpy (string coding included); nothing here loops per pixel.
 """
 
@@ -29,6 +35,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "MAX_DECODE_PIXELS",
     "RLEError",
     "encode",
     "decode",
@@ -42,6 +49,10 @@ __all__ = [
 ]
 
 _MAX_GROUPS = 12  # 5-bit groups per value: 12 * 5 = 60 bits, well inside int64
+_INT64_MAX = 2**63 - 1
+#: :func:`decode` refuses larger masks (2**27 pixels = 128 MiB of uint8, e.g. 16384 x 8192;
+#: an 8K video frame is 7680 x 4320 = 33 M). Pass ``max_pixels`` to go beyond.
+MAX_DECODE_PIXELS = 2**27
 
 
 class RLEError(ValueError):
@@ -134,12 +145,27 @@ def _counts_from_string(s: Any, source: str | None) -> np.ndarray:
     x = np.add.reduceat((c & 31) << (5 * k), starts)
     neg = (c[ends] & 16) != 0  # sign-extend from the last group
     x[neg] |= -1 << (5 * lengths[neg])
-    # undo the delta: counts[i] = x[i] + counts[i - 2] for i > 2, i.e. a cumsum along each parity
+    # undo the delta: counts[i] = x[i] + counts[i - 2] for i > 2, i.e. a cumsum along each parity.
+    # Each |x| < 2**60, so the running sums can only leave int64 when the |x| add up past it;
+    # then redo them exactly and refuse the string (numpy would wrap around silently).
+    if float(np.abs(x).sum(dtype=np.float64)) >= 2.0**62:
+        _check_running_sums(x.tolist(), source)
     cnts = x.copy()
     cnts[3::2] = np.cumsum(x[1::2])[1:]
     if cnts.size > 4:
         cnts[4::2] = x[2] + np.cumsum(x[4::2])
     return cnts
+
+
+def _check_running_sums(x: list[int], source: str | None) -> None:
+    """Exact (Python int) delta decoding of ``x``; RLEError if a run length leaves int64."""
+    cnts = list(x)
+    for i in range(3, len(cnts)):
+        cnts[i] += cnts[i - 2]
+        if not -_INT64_MAX - 1 <= cnts[i] <= _INT64_MAX:
+            raise RLEError("counts", f"run {i} decodes to {cnts[i]}, which does not fit in 64 "
+                                     f"bits (a corrupt or hostile counts string); re-encode "
+                                     f"the mask", source=source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +191,9 @@ def _size(rle: Any, source: str | None) -> tuple[int, int]:
     h, w = int(size[0]), int(size[1])
     if h < 0 or w < 0:
         raise RLEError("size", f"expected non-negative [H, W], found [{h}, {w}]", source=source)
+    if h * w > _INT64_MAX:
+        raise RLEError("size", f"H*W = {h}*{w} = {h * w} pixels does not fit in 64 bits; "
+                               f"expected the [height, width] of a real image", source=source)
     return h, w
 
 
@@ -222,7 +251,8 @@ def _validate(rle: Mapping, expected_size: Sequence[int] | None,
         raise RLEError("counts", f"run {i} has length {int(arr[i])}, more than the whole mask "
                                  f"(H*W = {h}*{w} = {h * w}); re-encode the mask",
                        source=source)
-    total = int(arr.sum())
+    # each run is <= H*W < 2**63, so int64 can only overflow when H*W * len(counts) is large
+    total = int(arr.sum()) if h * w * arr.size <= _INT64_MAX else sum(arr.tolist())
     if total != h * w:
         what = "short" if total < h * w else "long"
         raise RLEError("counts", f"run lengths sum to {total}, expected H*W = {h}*{w} = "
@@ -266,11 +296,23 @@ def _decode_counts(counts: np.ndarray, h: int, w: int) -> np.ndarray:
     return np.repeat(values, counts).reshape((h, w), order="F")
 
 
+def _check_decode_size(h: int, w: int, max_pixels: int | None, source: str | None) -> None:
+    limit = MAX_DECODE_PIXELS if max_pixels is None else max_pixels
+    if h * w > limit:
+        raise RLEError("size", f"refusing to decode a {h}x{w} mask: H*W = {h}*{w} = {h * w} "
+                               f"pixels is more than max_pixels={limit} (MAX_DECODE_PIXELS); "
+                               f"a corrupt size, or pass max_pixels= to decode a mask this big "
+                               f"(area/to_bbox/iou/merge need no decoding)", source=source)
+
+
 def decode(rle: Mapping, *, expected_size: Sequence[int] | None = None,
-           source: str | None = None) -> np.ndarray:
+           source: str | None = None, max_pixels: int | None = None) -> np.ndarray:
     """RLE (counts as str, bytes or list of ints) -> ``uint8`` mask ``(H, W)`` of 0/1, after
-    :func:`validate`. Like pycocotools, the array is Fortran-ordered."""
+    :func:`validate`. Like pycocotools, the array is Fortran-ordered. Masks of more than
+    ``max_pixels`` (default :data:`MAX_DECODE_PIXELS`) pixels are refused with
+    :class:`RLEError` (field ``size``) before anything is allocated."""
     h, w, counts = _validate(rle, expected_size, source)
+    _check_decode_size(h, w, max_pixels, source)
     return _decode_counts(counts, h, w)
 
 
@@ -362,21 +404,64 @@ def iou(dt: Sequence[Mapping], gt: Sequence[Mapping],
     return out
 
 
+def _union(intervals: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Union of interval sets, as sorted disjoint non-adjacent half-open intervals."""
+    starts = np.concatenate([s for s, _ in intervals])
+    ends = np.concatenate([e for _, e in intervals])
+    if starts.size == 0:
+        return starts, ends
+    order = np.argsort(starts, kind="stable")
+    starts, ends = starts[order], ends[order]
+    reach = np.maximum.accumulate(ends)  # furthest end so far
+    new = np.concatenate(([True], starts[1:] > reach[:-1]))  # a gap before this interval
+    first = np.flatnonzero(new)
+    last = np.concatenate((first[1:] - 1, [starts.size - 1]))
+    return starts[first], reach[last]
+
+
+def _intersect(a: tuple[np.ndarray, np.ndarray],
+               b: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Intersection of two sorted disjoint interval sets (sorted, disjoint; may touch)."""
+    (sa, ea), (sb, eb) = a, b
+    if sa.size == 0 or sb.size == 0:
+        return sa[:0], ea[:0]
+    lo = np.searchsorted(eb, sa, side="right")
+    hi = np.searchsorted(sb, ea, side="left")
+    n = np.maximum(hi - lo, 0)
+    ia = np.repeat(np.arange(sa.size), n)
+    ib = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n) + np.repeat(lo, n)
+    s, e = np.maximum(sa[ia], sb[ib]), np.minimum(ea[ia], eb[ib])
+    keep = e > s
+    return s[keep], e[keep]
+
+
+def _runs_of_intervals(starts: np.ndarray, ends: np.ndarray, n: int) -> np.ndarray:
+    """Canonical run lengths (as :func:`encode` writes them) of a mask of ``n`` pixels whose
+    foreground is the sorted disjoint non-adjacent intervals ``[starts, ends)``."""
+    bounds = np.concatenate(([0], np.column_stack((starts, ends)).reshape(-1), [n]))
+    runs = np.diff(bounds)
+    if runs.size > 1 and runs[-1] == 0:  # the foreground reaches the last pixel
+        runs = runs[:-1]
+    return runs
+
+
 def merge(rles: Sequence[Mapping], intersect: bool = False) -> dict:
     """Union (or intersection with ``intersect=True``) of same-size RLEs, as ``rleMerge``.
 
     One RLE comes back with its own run lengths (re-written as a string); two or more give the
-    canonical encoding of the merged mask. Raises :class:`RLEError` for no RLEs or mixed sizes."""
+    canonical encoding of the merged mask, computed on the runs (no mask of size ``H*W`` is
+    built, so giant sizes cost nothing). Raises :class:`RLEError` for no RLEs or mixed sizes."""
     if len(rles) == 0:
         raise RLEError("size", "merge needs at least one RLE, found none")
     size = list(_size(rles[0], "rles[0]"))
     if len(rles) == 1:
         return {"size": size, "counts": counts_to_string(_validate(rles[0], None, "rles[0]")[2])}
-    acc = decode(rles[0], source="rles[0]").astype(bool)
-    for j, r in enumerate(rles[1:], start=1):
-        m = decode(r, expected_size=size, source=f"rles[{j}]").astype(bool)
-        if intersect:
-            acc &= m
-        else:
-            acc |= m
-    return encode(acc)
+    sets = [_fg_intervals(_validate(r, size, f"rles[{j}]")[2]) for j, r in enumerate(rles)]
+    if intersect:
+        acc = sets[0]
+        for other in sets[1:]:
+            acc = _intersect(acc, other)
+        acc = _union([acc])  # coalesce touching pieces
+    else:
+        acc = _union(sets)
+    return {"size": size, "counts": counts_to_string(_runs_of_intervals(*acc, size[0] * size[1]))}

@@ -49,12 +49,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, Iterator, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Iterator
 
 import fsspec
 import pyarrow as pa
@@ -62,6 +64,8 @@ import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, QueryBuilder, write_deltalake
 from deltalake import Schema as DeltaSchema
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+
+from vgen_core.faults import fault_point
 
 __all__ = ["StorageError", "TableStore"]
 
@@ -128,7 +132,7 @@ def _sql_literal(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
+        if math.isnan(value) or math.isinf(value):
             raise ValueError(f"filter value must be finite, got {value!r}")
         return repr(value)
     if isinstance(value, str):
@@ -151,7 +155,8 @@ def _filter_to_sql(filters: Sequence[Any], columns: set[str]) -> str:
         return ""
     if all(isinstance(f, tuple) for f in filters):
         groups = [list(filters)]
-    elif all(isinstance(f, (list, tuple)) and all(isinstance(t, tuple) for t in f) for f in filters):
+    elif all(isinstance(f, (list, tuple)) and all(isinstance(t, tuple) for t in f)
+             for f in filters):
         groups = [list(f) for f in filters]
     else:
         raise ValueError(
@@ -176,7 +181,9 @@ def _filter_to_sql(filters: Sequence[Any], columns: set[str]) -> str:
                 nulls = [v for v in values if v is None]
                 lits = ", ".join(_sql_literal(v) for v in values if v is not None)
                 if op_l == "in":
-                    parts = ([f"{q} IN ({lits})"] if lits else []) + ([f"{q} IS NULL"] if nulls else [])
+                    parts = ([f"{q} IN ({lits})"] if lits else []) + (
+                        [f"{q} IS NULL"] if nulls else []
+                    )
                     ands.append("(" + " OR ".join(parts) + ")")
                 else:
                     parts = ([f"{q} NOT IN ({lits})"] if lits else []) + (
@@ -194,7 +201,9 @@ def _filter_to_sql(filters: Sequence[Any], columns: set[str]) -> str:
                 else:
                     ands.append(f"{q} {_OPS[op_l]} {_sql_literal(value)}")
             else:
-                raise ValueError(f"unsupported filter op {op!r}; use one of {sorted(_OPS)}, in, not in")
+                raise ValueError(
+                    f"unsupported filter op {op!r}; use one of {sorted(_OPS)}, in, not in"
+                )
         ors.append("(" + " AND ".join(ands) + ")")
     return " WHERE " + " OR ".join(ors)
 
@@ -211,14 +220,16 @@ class TableStore:
         root = os.fspath(root)
         if not isinstance(root, str) or not root:
             raise StorageError(f"storage root must be a non-empty path or s3:// URI, got {root!r}")
-        self._explicit_options: dict[str, str] = {str(k): str(v) for k, v in (storage_options or {}).items()}
+        self._explicit_options: dict[str, str] = {
+            str(k): str(v) for k, v in (storage_options or {}).items()
+        }
         if root.startswith(("s3://", "s3a://")):
             rest = root.split("://", 1)[1].strip("/")
             if not rest or rest.startswith("/"):
                 raise StorageError(f"storage root {root!r} names no bucket")
             self.scheme = "s3"
             self.root = "s3://" + rest
-            self.bucket = rest.split("/", 1)[0]
+            self.bucket: str | None = rest.split("/", 1)[0]
         elif root.startswith("file://"):
             self.scheme = "file"
             self.root = os.path.abspath(os.path.expanduser(root[len("file://") :]))
@@ -355,7 +366,7 @@ class TableStore:
                 fs.makedirs(self.path("_vgen"), exist_ok=True)
                 fs.pipe_file(probe, b"vgen write probe\n")
                 fs.rm_file(probe)
-        except Exception as e:  # noqa: BLE001 - any failure means "not writable"
+        except Exception as e:
             cause = f"{type(e).__name__}: {e}"
             raise StorageError(
                 f"storage root {self.root} is not writable: {cause}. Check the path/bucket and "
@@ -389,7 +400,11 @@ class TableStore:
             raise StorageError(f"cannot open table {name!r} at {uri}: {e}") from e
         if version is not None:
             latest = dt.version()
-            if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= latest:
+            if (
+                isinstance(version, bool)
+                or not isinstance(version, int)
+                or not 0 <= version <= latest
+            ):
                 raise StorageError(
                     f"table {name!r} at {uri} has no version {version!r} (versions 0..{latest})"
                 )
@@ -488,7 +503,7 @@ class TableStore:
                     commit_properties=CommitProperties(custom_metadata=meta) if meta else None,
                 )
                 return dt.version()
-            except Exception as e:  # noqa: BLE001 - lost a creation race, or a real failure
+            except Exception as e:
                 if not self.exists(name):
                     raise StorageError(f"cannot create table {name!r} at {uri}: {e}") from e
         dt = self._open(name)
@@ -550,7 +565,7 @@ class TableStore:
                         commit_properties=CommitProperties(custom_metadata=meta) if meta else None,
                     )
                     return 0  # creating a table writes its version 0, with these rows
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     if not self.exists(name):
                         raise StorageError(f"cannot create table {name!r} at {uri}: {e}") from e
                     # another writer created it meanwhile: append to it below
@@ -588,11 +603,15 @@ class TableStore:
         uri = self.uri(name)
         missing = [k for k in keys if k not in table.column_names]
         if missing:
-            raise StorageError(f"upsert into table {name!r}: key columns {missing} are not in the input")
+            raise StorageError(
+                f"upsert into table {name!r}: key columns {missing} are not in the input"
+            )
         for k in keys:
             n = table.column(k).null_count
             if n:
-                raise StorageError(f"upsert into table {name!r}: key column {k!r} has {n} null value(s)")
+                raise StorageError(
+                    f"upsert into table {name!r}: key column {k!r} has {n} null value(s)"
+                )
         if table.num_rows:
             counts = table.group_by(keys).aggregate([([], "count_all")])
             dup = counts.filter(pc.greater(counts["count_all"], 1))
@@ -605,7 +624,9 @@ class TableStore:
         if not self.exists(name):
             return self.append(name, table, commit_metadata=commit_metadata)
         meta = _commit_meta(commit_metadata, table.schema)
-        predicate = " AND ".join(f"target.{_quote_ident(k)} = source.{_quote_ident(k)}" for k in keys)
+        predicate = " AND ".join(
+            f"target.{_quote_ident(k)} = source.{_quote_ident(k)}" for k in keys
+        )
 
         def attempt() -> int:
             dt = self._open(name)
@@ -651,9 +672,12 @@ class TableStore:
         return self._with_retries(f"delete from table {name!r} at {uri}", attempt)
 
     def _with_retries(self, what: str, fn: Callable[[], _T]) -> _T:
+        fault_point("before_table_commit")  # crash tests (vgen_core.faults)
         for i in range(_COMMIT_ATTEMPTS):
             try:
-                return fn()
+                result = fn()
+                fault_point("after_table_commit")
+                return result
             except StorageError:
                 raise
             except CommitFailedError as e:
@@ -699,16 +723,21 @@ class TableStore:
         try:
             reader = QueryBuilder().register("t", dt).execute(f'SELECT {select} FROM "t"{where}')
             result = pa.RecordBatchReader.from_stream(reader).read_all()
-        except Exception as e:  # noqa: BLE001 - DataFusion errors surface as plain Exceptions
+        except Exception as e:
             raise StorageError(f"reading table {name!r} at {self.uri(name)} failed: {e}") from e
         if not cols:  # no columns, but the right number of rows (as pyarrow does)
             n = int(result.column("n")[0].as_py()) if result.num_rows else 0
             return pa.table({"n": pa.nulls(n)}).drop_columns(["n"])
         return result.cast(target)
 
-    def iter_batches(self, name: str, *, version: int | None = None,
-                     columns: list[str] | None = None,
-                     batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
+    def iter_batches(
+        self,
+        name: str,
+        *,
+        version: int | None = None,
+        columns: list[str] | None = None,
+        batch_size: int = 1024,
+    ) -> Iterator[pa.RecordBatch]:
         """Stream the table (latest or ``version``) as record batches of at most ``batch_size``
         rows, without holding the whole table in memory (a streaming scan)."""
         dt = self._open(name, version=version)
@@ -716,14 +745,17 @@ class TableStore:
         cols = list(schema.names) if columns is None else list(columns)
         unknown = [c for c in cols if c not in schema.names]
         if unknown:
-            raise StorageError(f"table {name!r} at {self.uri(name)} has no column(s) {unknown}; "
-                               f"columns: {schema.names}")
+            raise StorageError(
+                f"table {name!r} at {self.uri(name)} has no column(s) {unknown}; "
+                f"columns: {schema.names}"
+            )
         target = pa.schema([schema.field(c) for c in cols])
         select = ", ".join(_quote_ident(c) for c in cols)
         try:
             reader = pa.RecordBatchReader.from_stream(
-                QueryBuilder().register("t", dt).execute(f'SELECT {select} FROM "t"'))
-        except Exception as e:  # noqa: BLE001 - DataFusion errors surface as plain Exceptions
+                QueryBuilder().register("t", dt).execute(f'SELECT {select} FROM "t"')
+            )
+        except Exception as e:
             raise StorageError(f"reading table {name!r} at {self.uri(name)} failed: {e}") from e
         for batch in reader:
             for start in range(0, batch.num_rows, batch_size):
@@ -740,8 +772,10 @@ class TableStore:
         try:
             history = dt.history()
         except (DeltaError, OSError) as e:
-            raise StorageError(f"cannot read the history of table {name!r} at {self.uri(name)}: {e}") from e
-        out = []
+            raise StorageError(
+                f"cannot read the history of table {name!r} at {self.uri(name)}: {e}"
+            ) from e
+        out: list[dict[str, Any]] = []
         for h in history:
             meta = {k: v for k, v in h.items() if k not in _RESERVED_COMMIT_KEYS}
             ts = h.get("timestamp")
@@ -752,7 +786,9 @@ class TableStore:
                     if ts is not None
                     else None,
                     "operation": h.get("operation"),
-                    "metadata": {str(k): v if isinstance(v, str) else str(v) for k, v in meta.items()},
+                    "metadata": {
+                        str(k): v if isinstance(v, str) else str(v) for k, v in meta.items()
+                    },
                     "metrics": dict(h.get("operationMetrics") or {}),
                 }
             )
@@ -784,7 +820,7 @@ def _arrow_schema(dt: DeltaTable) -> pa.Schema:
 def _delta_schema(schema: pa.Schema, what: str) -> DeltaSchema:
     try:
         return DeltaSchema.from_arrow(pa.schema(list(schema)))  # drop Arrow metadata
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise StorageError(f"{what}: schema cannot be stored in Delta: {e}") from e
 
 
@@ -808,7 +844,9 @@ def _schema_commit_meta(schema: pa.Schema | None) -> dict[str, str]:
     return out
 
 
-def _commit_meta(commit_metadata: dict[str, str] | None, schema: pa.Schema | None) -> dict[str, str]:
+def _commit_meta(
+    commit_metadata: dict[str, str] | None, schema: pa.Schema | None
+) -> dict[str, str]:
     meta = _schema_commit_meta(schema)
     for k, v in (commit_metadata or {}).items():
         if not isinstance(k, str) or not isinstance(v, str):
@@ -816,7 +854,9 @@ def _commit_meta(commit_metadata: dict[str, str] | None, schema: pa.Schema | Non
                 f"commit_metadata must map str to str, got {k!r}: {v!r} ({type(v).__name__})"
             )
         if k in _RESERVED_COMMIT_KEYS:
-            raise ValueError(f"commit_metadata key {k!r} is reserved by Delta; namespace it (vgen.{k})")
+            raise ValueError(
+                f"commit_metadata key {k!r} is reserved by Delta; namespace it (vgen.{k})"
+            )
         meta[k] = v
     return meta
 
@@ -863,4 +903,3 @@ def _cast_columns(table: pa.Table, schema: pa.Schema, name: str, uri: str) -> pa
                 ) from e
         arrays.append(col)
     return pa.Table.from_arrays(arrays, schema=schema)
-

@@ -284,6 +284,7 @@ class _FIDInceptionV3(nn.Module):
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), kernel_size=3, stride=2)
+        block: nn.Module
         for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b,
                       self.Mixed_6c):
             x = block(x)
@@ -323,6 +324,7 @@ def load_inception_state_dict(path: str | Path, verify_hash: bool = True) -> dic
                 f"{m.group(1)!r}; the file is corrupt or not the one its name claims "
                 f"(pass verify_hash=False to skip)."
             )
+    state: Any  # checked below: torch.load may return anything
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

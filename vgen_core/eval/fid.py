@@ -81,35 +81,38 @@ class FeatureStats:
         return (f"FeatureStats(extractor={self.extractor!r}, feature={self.feature!r}, "
                 f"dims={self.dims}, count={self.count})")
 
-    def _require_sums(self, op: str) -> None:
-        if self.count is None:
+    def _require_sums(self, op: str) -> tuple[int, np.ndarray, np.ndarray]:
+        """``(count, sum_D, sum_outer_DD)``; raises for compare-only stats, which lack them."""
+        count, sum_D, sum_outer_DD = self.count, self.sum_D, self.sum_outer_DD
+        if count is None or sum_D is None or sum_outer_DD is None:
             raise ValueError(
                 f"FeatureStats.{op}: these {self.extractor!r} stats were read without a sample "
                 f"count (reference mu/sigma only); they can be compared, not merged or updated."
             )
+        return count, sum_D, sum_outer_DD
 
     def update(self, features_ND: np.ndarray | Tensor) -> FeatureStats:
         """Add a batch of features (N, D); torch tensors are reduced on their own device."""
-        self._require_sums("update")
+        count, sum_D, sum_outer_DD = self._require_sums("update")
         if not isinstance(features_ND, Tensor):
             features_ND = np.asarray(features_ND, dtype=np.float64)
         if features_ND.ndim != 2 or features_ND.shape[1] != self.dims:
             raise ValueError(f"FeatureStats.update: expected (N, {self.dims}) features, got "
                              f"{tuple(features_ND.shape)}.")
         if isinstance(features_ND, Tensor):
-            x = features_ND.detach().to(torch.float64)
-            finite = bool(torch.isfinite(x).all())
-            s, so = x.sum(0).cpu().numpy(), (x.T @ x).cpu().numpy()
+            xt = features_ND.detach().to(torch.float64)
+            finite = bool(torch.isfinite(xt).all())
+            s, so = xt.sum(0).cpu().numpy(), (xt.T @ xt).cpu().numpy()
         else:
-            x = features_ND
-            finite = bool(np.isfinite(x).all())
-            s, so = x.sum(0), x.T @ x
+            xn = features_ND
+            finite = bool(np.isfinite(xn).all())
+            s, so = xn.sum(0), xn.T @ xn
         if not finite:
             raise ValueError(f"FeatureStats.update: non-finite {self.extractor!r} features; "
                              f"check the images and the extractor's dtype.")
-        self.count += int(features_ND.shape[0])
-        self.sum_D += s
-        self.sum_outer_DD += so
+        self.count = count + int(features_ND.shape[0])
+        sum_D += s  # in place: these are self.sum_D / self.sum_outer_DD
+        sum_outer_DD += so
         self._moments = None
         return self
 
@@ -118,12 +121,12 @@ class FeatureStats:
         check_comparable(self, other, "FeatureStats.merge")
         if other.dims != self.dims:
             raise ValueError(f"FeatureStats.merge: dims differ: {self.dims} vs {other.dims}.")
-        self._require_sums("merge")
-        other._require_sums("merge")
+        count, sum_D, sum_outer_DD = self._require_sums("merge")
+        o_count, o_sum_D, o_sum_outer_DD = other._require_sums("merge")
         out = FeatureStats(self.dims, self.extractor, self.feature)
-        out.count = self.count + other.count
-        out.sum_D = self.sum_D + other.sum_D
-        out.sum_outer_DD = self.sum_outer_DD + other.sum_outer_DD
+        out.count = count + o_count
+        out.sum_D = sum_D + o_sum_D
+        out.sum_outer_DD = sum_outer_DD + o_sum_outer_DD
         return out
 
     def __add__(self, other: FeatureStats) -> FeatureStats:
@@ -139,19 +142,20 @@ class FeatureStats:
         """(D,) sample mean."""
         if self._moments is not None:
             return self._moments[0].copy()
-        if self.count < 1:
+        count, sum_D, _ = self._require_sums("mean")
+        if count < 1:
             raise ValueError(f"FeatureStats.mean: no samples in {self!r}.")
-        return self.sum_D / self.count
+        return sum_D / count
 
     @property
     def cov(self) -> np.ndarray:
         """(D, D) unbiased covariance, as ``np.cov(features, rowvar=False)``."""
         if self._moments is not None:
             return self._moments[1].copy()
-        if self.count < 2:
-            raise ValueError(f"FeatureStats.cov: need >= 2 samples, have {self.count}.")
-        n = self.count
-        return (self.sum_outer_DD - np.outer(self.sum_D, self.sum_D) / n) / (n - 1)
+        n, sum_D, sum_outer_DD = self._require_sums("cov")
+        if n < 2:
+            raise ValueError(f"FeatureStats.cov: need >= 2 samples, have {n}.")
+        return (sum_outer_DD - np.outer(sum_D, sum_D) / n) / (n - 1)
 
     @classmethod
     def from_features(cls, features_ND: np.ndarray | Tensor, extractor: str,
@@ -192,14 +196,14 @@ class FeatureStats:
 
     def to_dict(self) -> dict[str, Any]:
         """Row for a table: names, count, ``sum`` (D,) and row-major ``sum_outer`` (D*D,)."""
-        self._require_sums("to_dict")
+        count, sum_D, sum_outer_DD = self._require_sums("to_dict")
         return {
             "extractor": self.extractor,
             "feature": self.feature,
             "dims": self.dims,
-            "count": self.count,
-            "sum": self.sum_D.copy(),
-            "sum_outer": self.sum_outer_DD.reshape(-1).copy(),
+            "count": count,
+            "sum": sum_D.copy(),
+            "sum_outer": sum_outer_DD.reshape(-1).copy(),
         }
 
     @classmethod
@@ -238,7 +242,8 @@ class FeatureStats:
                                  f"{imgs.shape}.")
             arrays["arr_0"] = imgs
         with open(path, "wb") as f:  # a file object keeps numpy from appending ".npz"
-            np.savez(f, **arrays)
+            # mypy matches **arrays against savez's `allow_pickle: bool`; no key here is that
+            np.savez(f, **arrays)  # type: ignore[arg-type]
 
     @classmethod
     def load_npz(cls, path: str | Path, *, feature: str = "pool", extractor: str | None = None,

@@ -36,7 +36,8 @@ import datetime as dt
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -186,7 +187,7 @@ def generation_metrics(ref: ReferenceStats, pool: FeatureStats, spatial: Feature
         metrics["is"], metrics["is_std"] = score.mean, score.std
     n_ref = 0 if ref.features_MD is None else len(ref.features_MD)
     n_gen = 0 if pool_ND is None else len(pool_ND)
-    if n_ref > k and n_gen > k:
+    if ref.features_MD is not None and pool_ND is not None and n_ref > k and n_gen > k:
         pr = precision_recall(ref.features_MD, pool_ND, k=k)
         metrics["precision"], metrics["recall"] = pr.precision, pr.recall
     else:

@@ -102,7 +102,8 @@ def track_ious(pred_tracks: Sequence[Track], gt_tracks: Sequence[Track],
                    for k, tr in enumerate(gt_tracks)]
         for i, (pa, pm) in enumerate(p_masks):
             for j, (ga, gm) in enumerate(g_masks):
-                both = int(np.count_nonzero(pm & gm)) if pa and ga else 0
+                # a mask is None exactly when its area is 0
+                both = int(np.count_nonzero(pm & gm)) if pm is not None and gm is not None else 0
                 inter[i, j] += both
                 union[i, j] += pa + ga - both
     for i in range(num_p):

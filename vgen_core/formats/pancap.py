@@ -36,6 +36,9 @@ Checks (the ``check`` of the :class:`SampleError` raised)
 =========================================================
 
 ``panoptic_json`` (listing: a split JSON does not parse or lacks its lists),
+``caption_archive`` (listing: a caption ``.tar`` cannot be read),
+``annotation_duplicate`` (two different ``images[]`` / ``annotations[]`` records for one id),
+``annotation_json`` (a record holds NaN/Infinity or text that is not valid Unicode),
 ``caption_read``, ``caption_empty``, ``caption_tags`` (malformed / unbalanced ``<...>``),
 ``caption_tag_ids`` (a tag names id 0 or an id not in ``segments_info``),
 ``annotation_missing``, ``image_record``, ``file_name_id``, ``image_missing``, ``image_decode``,
@@ -68,9 +71,11 @@ from PIL import Image
 
 from vgen_core.data.fsio import filesystem_for
 from vgen_core.data.identity import content_digest, make_sample_id
-from vgen_core.data.panoptic import PanopticPNGError, read_id_png, segment_areas, segment_bboxes
+from vgen_core.data.panoptic import (MAX_PIXELS, PanopticPNGError, png_size, read_id_png,
+                                     segment_areas, segment_bboxes)
 from vgen_core.data.schemas import PANCAP_SAMPLES
 
+from ._json import bad_json_path
 from .errors import SampleError
 
 __all__ = [
@@ -92,6 +97,7 @@ DATASET = "pancap"
 #: Body of one tag (between ``<`` and ``>``): ids, ``:``, phrase; whitespace-tolerant.
 _TAG_BODY = re.compile(r"\s*([0-9]+(?:\s*,\s*[0-9]+)*)\s*:\s*(.*)", re.DOTALL)
 _ID_SEP = re.compile(r"\s*,\s*")
+_MAX_ID_DIGITS = 18  # fits int64; real ids are < 256**3 (8 digits)
 
 
 @dataclass(frozen=True)
@@ -189,10 +195,14 @@ def parse_grounded_caption(text: str, *, strict: bool = True, sample_id: str | N
             continue
         m = _TAG_BODY.fullmatch(text, lt + 1, close)
         phrase = m.group(2).rstrip() if m is not None else ""
-        if not phrase:
+        if m is None or not phrase:  # (m is None gives an empty phrase)
             what = ("malformed tag: empty phrase" if m is not None else
                     "malformed tag: expected '<id[,id...]: phrase>'")
             fail(lt, close + 1, what)
+            emit(text[lt:close + 1])
+        elif any(len(x.lstrip("0")) > _MAX_ID_DIGITS for x in _ID_SEP.split(m.group(1))):
+            fail(lt, close + 1, f"malformed tag: a segment id has more than {_MAX_ID_DIGITS} "
+                                "digits (panoptic ids are below 16777216)")
             emit(text[lt:close + 1])
         else:
             ids = tuple(int(x) for x in _ID_SEP.split(m.group(1)))
@@ -284,22 +294,39 @@ def _caption_folder_split(folder: str) -> str | None:
     return base[len("caption_"):] if base.startswith("caption_") else None
 
 
-def _find_captions(fs, base: str, rels: list[str]) -> dict[int, list[_Caption]]:
+def _find_captions(fs, base: str, root: str, rels: list[str]) -> dict[int, list[_Caption]]:
     found: dict[int, list[_Caption]] = {}
     for rel in rels:
         name = posixpath.basename(rel)
         low = name.lower()
-        if low.endswith(".txt") and _DIGITS.match(name[:-4]):
+        if (low.endswith(".txt") and _DIGITS.match(name[:-4])
+                and len(name) <= 4 + _MAX_ID_DIGITS):
             found.setdefault(int(name[:-4]), []).append(_Caption(rel, posixpath.dirname(rel)))
         elif low.endswith(".tar") and ("pancap" in low or "caption" in low):
-            with fs.open(_join(base, rel), "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
-                for m in tf:
-                    mname = posixpath.basename(m.name)
-                    if m.isfile() and mname.endswith(".txt") and _DIGITS.match(mname[:-4]):
-                        folder = posixpath.dirname(m.name) or name[:-4]
-                        found.setdefault(int(mname[:-4]), []).append(
-                            _Caption(rel, folder, [m.offset_data, m.size, m.name]))
+            try:
+                members = _tar_captions(fs, _join(base, rel))
+            except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeError) as e:
+                raise SampleError("caption_archive", f"caption archive {rel} cannot be read as "
+                                  f"an uncompressed tar ({type(e).__name__}: {e}); truncated or "
+                                  f"corrupt download? re-download it, or unpack it and point "
+                                  "root at the folder", source=_join(root, rel)) from None
+            for image_id, m_name, offset, size in members:
+                folder = posixpath.dirname(m_name) or name[:-4]
+                found.setdefault(image_id, []).append(_Caption(rel, folder, [offset, size,
+                                                                             m_name]))
     return found
+
+
+def _tar_captions(fs, path: str) -> list[tuple[int, str, int, int]]:
+    """(image id, member name, data offset, size) of every ``<digits>.txt`` member."""
+    out = []
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
+        for m in tf:
+            mname = posixpath.basename(m.name)
+            if (m.isfile() and mname.endswith(".txt") and _DIGITS.match(mname[:-4])
+                    and len(mname) <= 4 + _MAX_ID_DIGITS):
+                out.append((int(mname[:-4]), m.name, m.offset_data, m.size))
+    return out
 
 
 def _join(base: str, rel: str) -> str:
@@ -311,9 +338,14 @@ def _load_split_json(fs, base: str, root: str, split: _Split) -> dict[str, Any]:
     try:
         with fs.open(_join(base, split.json_rel), "rb") as f:
             data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise SampleError("panoptic_json", f"panoptic JSON of split {split.name!r} is nested "
+                          "too deeply to parse (corrupt file?); expected a COCO-panoptic object; "
+                          "re-download it", source=source) from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, ints past 4300 digits
         raise SampleError("panoptic_json", f"panoptic JSON of split {split.name!r} does not "
-                          f"parse (truncated or corrupt download?): {e}", source=source) from None
+                          f"parse (truncated or corrupt download?): {type(e).__name__}: {e}; "
+                          "re-download it", source=source) from None
     if not isinstance(data, dict) or not all(
             isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
         found = sorted(data) if isinstance(data, dict) else type(data).__name__
@@ -370,7 +402,7 @@ def list_pancap(root: str, *, split: str | None = None) -> list[dict[str, Any]]:
                              + ", ".join(f"{s.name} ({s.json_rel})" for s in splits))
         splits = chosen
     coco_splits = {s.coco_split for s in splits}
-    captions = _find_captions(fs, base, rels)
+    captions = _find_captions(fs, base, root, rels)
     if not captions:
         raise FileNotFoundError(
             f"no PanCap caption files under {root!r}; expected <12-digit id>.txt files (e.g. "
@@ -383,11 +415,16 @@ def list_pancap(root: str, *, split: str | None = None) -> list[dict[str, Any]]:
 
     # image id -> (split, image record, annotation, category table)
     joined: dict[int, tuple[_Split, dict | None, dict | None, dict[int, dict]]] = {}
+    dups: dict[int, list[str]] = {}  # image id -> the record kinds it has conflicting copies of
     for s in splits:
         data = _load_split_json(fs, base, root, s)
-        cats = {c.get("id"): c for c in data["categories"] if isinstance(c, dict)}
-        recs = {r.get("id"): r for r in data["images"] if isinstance(r, dict)}
-        anns = {a.get("image_id"): a for a in data["annotations"] if isinstance(a, dict)}
+        cats = _index(data["categories"], "id")[0]
+        recs, rec_dups = _index(data["images"], "id")
+        anns, ann_dups = _index(data["annotations"], "image_id")
+        for i in rec_dups:
+            dups.setdefault(i, []).append("images[]")
+        for i in ann_dups:
+            dups.setdefault(i, []).append("annotations[]")
         for image_id in set(recs) | set(anns):
             if not isinstance(image_id, int) or image_id not in captions:
                 continue
@@ -412,17 +449,18 @@ def list_pancap(root: str, *, split: str | None = None) -> list[dict[str, Any]]:
                                             _caption_folder_split(c.folder) is None, c.rel,
                                             c.member or []))[0]
         _, rec, ann, cats = joined.get(image_id, (s, None, None, {}))
-        image_rel = None
+        image_rel: str | None = None
         if rec is not None and isinstance(rec.get("file_name"), str):
             cands = images_by_name.get(posixpath.basename(rec["file_name"]), [])
             pref = [c for c in cands if s.coco_split and f"/{s.coco_split}/" in f"/{c}"]
-            image_rel = (pref or cands or [None])[0]
+            found = pref or cands
+            image_rel = found[0] if found else None
         png_name = ann.get("file_name") if isinstance(ann, dict) else None
         if not isinstance(png_name, str):
             png_name = f"{image_id:012d}.png"
         png_rel = posixpath.join(s.png_dir, posixpath.basename(png_name))
         used = {seg.get("category_id") for seg in _segments_of(ann) or []
-                if isinstance(seg, dict)}
+                if isinstance(seg, dict) and _is_int(seg.get("category_id"))}
         item = {
             "sample_id": make_sample_id(DATASET, image_id, width=12),
             "image_id": image_id,
@@ -436,14 +474,43 @@ def list_pancap(root: str, *, split: str | None = None) -> list[dict[str, Any]]:
             "panoptic_json": s.json_rel,
             "image_record": rec,
             "annotation": ann,
-            "categories": [cats[c] for c in sorted(c for c in used if isinstance(c, int)
-                                                   and c in cats)],
+            "categories": [cats[c] for c in sorted(c for c in used if c in cats)],
         }
-        item["stamp"] = content_digest(
+        if image_id in dups:
+            item["duplicates"] = dups[image_id]
+        item["stamp"] = _stamp_digest(
             [_stamp(files.get(cap.rel)), cap.member, _stamp(files.get(image_rel or "")),
              _stamp(files.get(png_rel))], rec, ann, item["categories"])
         items.append(item)
     return items
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _index(records: list[Any], key: str) -> tuple[dict[int, dict], set[int]]:
+    """``{record[key]: record}`` over the dict records with an int ``key`` (others cannot be
+    joined and are skipped: their image's caption then fails ``annotation_missing``), and the
+    keys that have two or more *different* records (identical copies are harmless)."""
+    out: dict[int, dict] = {}
+    dups: set[int] = set()
+    for r in records:
+        if isinstance(r, dict) and _is_int(r.get(key)):
+            k = r[key]
+            if k in out and out[k] != r:
+                dups.add(k)
+            out.setdefault(k, r)
+    return out, dups
+
+
+def _stamp_digest(*parts: Any) -> str:
+    """The listing stamp: :func:`content_digest` of ``parts``, or, for records it refuses (NaN,
+    lone surrogates; the reader rejects those samples), a digest of their ``repr``."""
+    try:
+        return content_digest(*parts)
+    except (TypeError, ValueError, RecursionError):
+        return content_digest("repr", repr(parts).encode("utf-8", "backslashreplace"))
 
 
 def _segments_of(ann: Any) -> list[Any] | None:
@@ -487,6 +554,9 @@ class _Ctx:
         except FileNotFoundError:
             raise self.fail(check_missing, f"{what} not found: expected {self.url(rel)}",
                             rel) from None
+        except (OSError, ValueError) as e:  # a directory, no permission, a NUL in the name ...
+            raise self.fail(check_missing, f"{what} {self.url(rel)!r} cannot be read "
+                            f"({type(e).__name__}: {e})", rel) from None
         if len(data) != member[1]:
             raise self.fail(check_missing, f"{what} {member[2]} is truncated in the tar: "
                             f"expected {member[1]} bytes, found {len(data)}", rel)
@@ -528,23 +598,29 @@ def _check_names(ctx: _Ctx, rec: dict, ann: dict, json_rel: str) -> None:
         stems["annotations[] file_name"] = posixpath.splitext(
             posixpath.basename(ann["file_name"]))[0]
     for what, stem in stems.items():
-        if _DIGITS.match(stem) and int(stem) != image_id:
-            raise ctx.fail("file_name_id", f"{what} {stem!r} names image {int(stem)}, but the "
-                           f"record is for image id {image_id} (caption "
-                           f"{posixpath.basename(ctx.item['caption'])})", json_rel)
+        if _DIGITS.match(stem) and (stem.lstrip("0") or "0") != str(image_id):
+            raise ctx.fail("file_name_id", f"{what} {stem!r:.40} names image "
+                           f"{(stem.lstrip('0') or '0')[:30]}, but the record is for image id "
+                           f"{image_id} (caption {posixpath.basename(ctx.item['caption'])}); "
+                           "fix the file_name or the id", json_rel)
     if len(set(stems.values())) > 1:
         raise ctx.fail("file_name_id", f"image {image_id}: file names disagree: {stems}",
                        json_rel)
 
 
 def _decode_image(ctx: _Ctx, data: bytes, rel: str, height: int, width: int) -> None:
+    """Decode the image fully, after checking the size its header gives against the record (so
+    a corrupt header never makes Pillow allocate a giant image)."""
+    size = None
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im.load()
             size = im.size
+            if size == (width, height):
+                im.load()
     except Exception as e:  # PIL raises many types for broken files
         raise ctx.fail("image_decode", f"image {posixpath.basename(rel)} does not decode "
-                       f"({len(data)} bytes): {type(e).__name__}: {e}", rel) from None
+                       f"({len(data)} bytes): {type(e).__name__}: {e}; re-download it",
+                       rel) from None
     if size != (width, height):
         raise ctx.fail("image_size", f"image {posixpath.basename(rel)} is {size[0]}x{size[1]} "
                        f"(WxH) but its images[] record says {width}x{height}", rel)
@@ -570,6 +646,10 @@ def _segments(ctx: _Ctx, ann: dict, json_rel: str) -> list[dict[str, Any]]:
                            f"of image {ctx.item['image_id']}", json_rel)
         seen.add(sid)
         cid = _int_field(ctx, seg, "category_id", what, json_rel)
+        if cid > 2**31 - 1:
+            raise ctx.fail("segments_info", f"{what} of image {ctx.item['image_id']}: "
+                           f"category_id {cid} is out of range (COCO category ids are 1..200)",
+                           json_rel)
         iscrowd = seg.get("iscrowd", 0)
         if iscrowd not in (0, 1):  # True/False compare equal to 1/0
             raise ctx.fail("segments_info", f"segment {sid}: iscrowd must be 0 or 1, found "
@@ -620,11 +700,21 @@ def read_pancap_sample(item: dict[str, Any], *, fs=None) -> dict[str, Any]:
         raise ctx.fail("annotation_missing", f"caption {posixpath.basename(item['caption'])} "
                        f"has no {missing} record for image id {image_id} in "
                        f"{posixpath.basename(json_rel)}", json_rel)
+    if item.get("duplicates"):
+        raise ctx.fail("annotation_duplicate", f"image id {image_id} has two or more different "
+                       f"{' and '.join(item['duplicates'])} records in "
+                       f"{posixpath.basename(json_rel)}; expected one per image: remove the "
+                       "stale copy", json_rel)
     if not isinstance(rec.get("file_name"), str):
-        raise ctx.fail("image_record", f"images[] record of image {image_id} has no file_name",
-                       json_rel)
+        raise ctx.fail("image_record", f"images[] record of image {image_id} has no file_name "
+                       f"string (found {rec.get('file_name')!r:.60})", json_rel)
     height = _int_field(ctx, rec, "height", "images[]", json_rel, minimum=1)
     width = _int_field(ctx, rec, "width", "images[]", json_rel, minimum=1)
+    if height * width > MAX_PIXELS:
+        raise ctx.fail("image_record", f"images[] record of image {image_id} says {width}x"
+                       f"{height} (WxH) = {width * height} pixels, more than the "
+                       f"{MAX_PIXELS} a panoptic map may have (panoptic.MAX_PIXELS); a corrupt "
+                       "record? fix its height/width", json_rel)
     _check_names(ctx, rec, ann, json_rel)
     segments = _segments(ctx, ann, json_rel)
 
@@ -636,6 +726,15 @@ def read_pancap_sample(item: dict[str, Any], *, fs=None) -> dict[str, Any]:
 
     png_rel = item["panoptic_png"]
     png_bytes = ctx.read(png_rel, "panoptic_png_missing", "panoptic PNG")
+    try:
+        png_h, png_w = png_size(png_bytes)
+    except PanopticPNGError as e:
+        raise ctx.fail("panoptic_png", f"panoptic PNG {posixpath.basename(png_rel)}: {e.reason}",
+                       png_rel) from None
+    if (png_h, png_w) != (height, width):  # from the header: before decoding anything
+        raise ctx.fail("panoptic_size", f"panoptic PNG {posixpath.basename(png_rel)} is "
+                       f"{png_w}x{png_h} (WxH) but the image record says {width}x{height}",
+                       png_rel)
     try:
         ids_HW = read_id_png(png_bytes, source=ctx.url(png_rel))
     except PanopticPNGError as e:
@@ -679,10 +778,16 @@ def read_pancap_sample(item: dict[str, Any], *, fs=None) -> dict[str, Any]:
     n_pixels = height * width
     things = sum(s["isthing"] for s in segments)
     tagged_px = sum(int(areas[i]) for i in parsed.ids)
-    digest = content_digest(
-        DATASET, image_bytes, png_bytes, raw,
-        {"image": {k: rec[k] for k in ("id", "file_name", "height", "width") if k in rec},
-         "annotation": ann, "categories": item.get("categories") or []})
+    records = {"image": {k: rec[k] for k in ("id", "file_name", "height", "width") if k in rec},
+               "annotation": ann, "categories": item.get("categories") or []}
+    try:
+        digest = content_digest(DATASET, image_bytes, png_bytes, raw, records)
+    except (TypeError, ValueError, RecursionError) as e:
+        where = bad_json_path(records)
+        raise ctx.fail("annotation_json", f"the records of image {image_id} are not canonical "
+                       f"JSON ({type(e).__name__}: {e})" + (f" at {where}" if where else "")
+                       + "; expected finite numbers and valid Unicode text: fix or drop that "
+                       "field", json_rel) from None
     return {
         "sample_id": item["sample_id"],
         "content_digest": digest,

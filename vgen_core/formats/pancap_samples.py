@@ -110,7 +110,7 @@ class PancapImage:
 def _resize(rgb: np.ndarray, width: int) -> np.ndarray:
     h, w = rgb.shape[:2]
     height = max(8, round(h * width / w))
-    return np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
+    return np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.BILINEAR))
 
 
 def _segment_records(ids: np.ndarray, cats: dict[int, int], crowd: set[int], style: str,

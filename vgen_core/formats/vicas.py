@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -34,6 +34,7 @@ from vgen_core.data import rle as rle_codec
 from vgen_core.data.fsio import filesystem_for
 from vgen_core.data.identity import Digest, canonical_json, make_sample_id
 from vgen_core.data.schemas import VICAS_SAMPLES
+from vgen_core.formats._json import bad_json_path
 from vgen_core.formats.errors import SampleError
 
 __all__ = [
@@ -64,6 +65,10 @@ SEGMENTATION_KEYS = ("filename", "is_gt", "track_ids", "mask_rles")
 KNOWN_SOURCES = ("oops", "uvo", "kinetics")
 #: Consecutive-frame IoU of one track below this is flagged as a sudden mask jump.
 DEFAULT_JUMP_IOU = 0.2
+#: ``image_size`` may not exceed this many pixels (8K UHD is 7680 x 4320 = 33 M; ViCaS videos are
+#: at most 1280 x 720): a corrupt size fails at once instead of making anything allocate H*W.
+MAX_FRAME_PIXELS = 2**25
+_INT32 = (-2**31, 2**31 - 1)  # track ids are int32 in VICAS_SAMPLES
 
 _IMAGE_EXT = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png"}
 _VIDEO_EXT = (".mp4", ".mkv", ".webm", ".mov", ".avi")
@@ -291,11 +296,21 @@ def _url(fs, path: str) -> str:
 
 
 def _read_split(fs, path: str) -> list[int]:
-    with fs.open(path, "rb") as f:
-        ids = json.load(f)
-    if not isinstance(ids, list) or not all(isinstance(v, int) and not isinstance(v, bool)
-                                            for v in ids):
-        raise ValueError(f"split file {_url(fs, path)}: expected a JSON list of int video ids")
+    """The ids of a split file; ``SampleError("split_json")`` (a listing-level error the curate
+    stage reports) when it does not parse or is not a list of ints."""
+    try:
+        with fs.open(path, "rb") as f:
+            ids = json.load(f)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, ...
+        raise SampleError("split_json", f"split file does not parse as JSON ({type(e).__name__}:"
+                          f" {e}); expected a JSON list of int video ids: re-download it from "
+                          f"the ViCaS repo (splits/<version>/)", source=_url(fs, path)) from None
+    if not isinstance(ids, list) or not all(_is_int(v) and v >= 0 for v in ids):
+        bad = (type(ids).__name__ if not isinstance(ids, list) else
+               repr(next(v for v in ids if not (_is_int(v) and v >= 0)))[:40])
+        raise SampleError("split_json", f"expected a JSON list of non-negative int video ids, "
+                          f"found {bad}; re-download it from the ViCaS repo (splits/<version>/)",
+                          source=_url(fs, path))
     return ids
 
 
@@ -304,11 +319,11 @@ def _splits(fs, base: str, version: str, split: str | None) -> tuple[dict[int, s
     """({video_id: split name} of every known split, ids of ``split`` or None)."""
     if split is not None and split.endswith(".json"):
         sfs, spath = filesystem_for(split)
-        wanted = _read_split(sfs, spath)
+        listed = _read_split(sfs, spath)
         name = posixpath.basename(spath)[:-len(".json")]
-        return {v: name for v in wanted}, wanted
+        return {v: name for v in listed}, listed
     split_of: dict[int, str] = {}
-    wanted = None
+    wanted: list[int] | None = None
     for name in ("train", "val", "test"):
         p = f"{base}/splits/{version}/{name}.json"
         if fs.exists(p):
@@ -320,7 +335,7 @@ def _splits(fs, base: str, version: str, split: str | None) -> tuple[dict[int, s
         raise FileNotFoundError(f"split file {_url(fs, p)} not found (the split lists live in "
                                 f"the ViCaS GitHub repo under splits/<version>/; copy them "
                                 f"under <root>/splits/)")
-    if wanted is not None:
+    if split is not None and wanted is not None:  # (wanted is set only when split is)
         split_of.update({v: split for v in wanted})
     return split_of, wanted
 
@@ -396,11 +411,13 @@ def list_vicas(root: str, *, version: str, split: str | None = None) -> list[dic
     def stamp(*paths: str | None) -> str:
         d = Digest().update("vicas-listing")
         for path in paths:
-            path = path.rstrip("/") if path else None
-            d.update(canonical_json([path, stamps.get(path), sorted(in_dir.get(path, []))]))
+            key = path.rstrip("/") if path else None
+            st = stamps.get(key) if key is not None else None
+            files = in_dir.get(key, []) if key is not None else []
+            d.update(canonical_json([key, st, sorted(files)]))
         return d.hexdigest()
 
-    items = []
+    items: list[dict[str, Any]] = []
     for vid in (sorted(by_id) if wanted is None else sorted(set(wanted))):
         cands = sorted(by_id.get(vid, []))  # canonical (legacy=False) first
         if cands and not cands[0][0]:
@@ -435,7 +452,7 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _int_list(v: Any) -> bool:
+def _int_list(v: Any) -> TypeGuard[list[Any]]:
     return isinstance(v, list) and all(_is_int(x) for x in v)
 
 
@@ -466,9 +483,12 @@ def _load_annotation(fs, item: dict, ctx: _Ctx) -> dict:
     try:
         with fs.open(path, "rb") as f:
             ann = json.loads(f.read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ctx.fail("annotation_json", f"not valid UTF-8 JSON ({e}); truncated download?") \
-            from None
+    except RecursionError:
+        raise ctx.fail("annotation_json", "JSON nested too deeply to parse; expected the ViCaS "
+                       "annotation object: corrupt file? re-download it") from None
+    except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, ints past 4300 digits
+        raise ctx.fail("annotation_json", f"not valid UTF-8 JSON ({type(e).__name__}: {e}); "
+                       "truncated download? re-download it") from None
     if not isinstance(ann, dict):
         raise ctx.fail("annotation_json", f"expected a JSON object at the top level, found "
                        f"{type(ann).__name__}")
@@ -484,13 +504,16 @@ def _check_keys_and_types(ann: dict, ctx: _Ctx) -> tuple[int, int, int]:
                 "caption_raw_en_gpt", "caption_parsed_en_gpt", "caption_raw_cn")
     bad = [f"{k} (expected str, found {type(ann[k]).__name__})"
            for k in str_keys if not isinstance(ann[k], str)]
-    if not _is_int(ann["video_id"]) or ann["video_id"] < 0:
-        bad.append(f"video_id (expected a non-negative int, found {ann['video_id']!r})")
+    if not _is_int(ann["video_id"]) or not 0 <= ann["video_id"] < 2**63:
+        bad.append(f"video_id (expected a non-negative int, found {ann['video_id']!r:.40})")
     if not (isinstance(ann["reworded_en_captions"], list)
             and all(isinstance(c, str) for c in ann["reworded_en_captions"])):
         bad.append("reworded_en_captions (expected a list of str)")
     if not _int_list(ann["all_track_ids"]):
         bad.append(f"all_track_ids (expected a list of int, found {ann['all_track_ids']!r:.80})")
+    elif any(not _INT32[0] <= i <= _INT32[1] for i in ann["all_track_ids"]):
+        bad.append(f"all_track_ids (expected 32-bit ints, found "
+                   f"{max(ann['all_track_ids'], key=abs)!r:.40})")
     if not isinstance(ann["object_referrals"], list):
         bad.append("object_referrals (expected a list)")
     if not isinstance(ann["segmentations"], list) or not ann["segmentations"]:
@@ -500,7 +523,11 @@ def _check_keys_and_types(ann: dict, ctx: _Ctx) -> tuple[int, int, int]:
     size = ann["image_size"]
     if not (_int_list(size) and len(size) == 2 and min(size) > 0):
         raise ctx.fail("image_size", f"expected image_size = [height, width] (two positive "
-                       f"ints), found {size!r}")
+                       f"ints), found {size!r:.80}")
+    if size[0] * size[1] > MAX_FRAME_PIXELS:
+        raise ctx.fail("image_size", f"image_size {size[0]}x{size[1]} (HxW) = "
+                       f"{size[0] * size[1]} pixels is more than MAX_FRAME_PIXELS = "
+                       f"{MAX_FRAME_PIXELS}: a corrupt size? fix image_size to the frames' size")
     return ann["video_id"], size[0], size[1]
 
 
@@ -565,7 +592,7 @@ def _check_segmentations(ann: dict, h: int, w: int, ctx: _Ctx) -> list[list[dict
     return frames
 
 
-_FRAME_NAME = re.compile(r"^(\d+)\.(jpg|jpeg|png)$", re.IGNORECASE)
+_FRAME_NAME = re.compile(r"^([0-9]{1,18})\.(jpg|jpeg|png)$", re.IGNORECASE)
 
 
 def _check_frame_names(names: list[str], ctx: _Ctx) -> None:
@@ -692,11 +719,14 @@ def _temporal_stats(ann: dict, frames: list[list[dict]], h: int, w: int, jump_io
 # ---------------------------------------------------------------------------------------------
 
 
-def _image_size(data: bytes) -> tuple[int, int]:
+def _image_size(data: bytes, expect: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of an encoded frame; decoded fully only when it is ``expect`` (so a corrupt
+    header never makes Pillow allocate a giant image)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
-        im.load()
+        if (im.height, im.width) == expect:
+            im.load()
         return im.height, im.width
 
 
@@ -722,7 +752,7 @@ def _frames_from_dir(fs, fdir: str, names: list[str], h: int, w: int, decode: bo
     for n, p in zip(names, paths):
         data = fs.cat_file(p)
         try:
-            fh, fw = _image_size(data)
+            fh, fw = _image_size(data, (h, w))
         except Exception as e:  # PIL raises many types for broken files
             raise ctx.fail("frame_decode", f"frame {n} does not decode ({e})",
                            source=_url(fs, p)) from None
@@ -775,9 +805,11 @@ def _iter_video(fs, path: str, ctx: _Ctx) -> Iterator[np.ndarray]:
     clip never sits decoded in memory)."""
     try:
         import av
+
+        have_av = True
     except ImportError:
-        av = None
-    if av is not None:
+        have_av = False
+    if have_av:
         try:
             with fs.open(path, "rb") as f, av.open(f) as container:
                 stream = container.streams.video[0]
@@ -875,6 +907,11 @@ def _read_frames(fs, item: dict, ann: dict, h: int, w: int, decode: bool, ctx: _
         return {"source": "frames_dir", "blobs": blobs, "paths": paths, "sizes": sizes,
                 "format": _IMAGE_EXT[posixpath.splitext(names[0])[1].lower()]}
     root = filesystem_for(item["root"])[1].rstrip("/")
+    if not item.get("video") and (posixpath.basename(ann["filename"]) != ann["filename"]
+                                  or ann["filename"] in ("", ".", "..") or "\0" in ann["filename"]):
+        raise ctx.fail("frames_missing", f"no frames folder for this video, and its filename "
+                       f"{ann['filename']!r:.80} is not a plain file name under videos/; expected "
+                       f"video_frames/{ann['video_id']:06d}/ or videos/<video_id:06d>_<name>.mp4")
     video = item.get("video") or f"{root}/videos/{ann['filename']}"
     if not fs.exists(video):
         frames_dir = item.get("frames_dir") or f"{root}/video_frames/{ann['video_id']:06d}"
@@ -931,8 +968,12 @@ def read_vicas_sample(item: dict, *, fs=None, decode_frames: bool = True,
     cap_gpt, cap_en = _check_captions(ann, ctx)
     try:
         ann_json = canonical_json(ann)
-    except (TypeError, ValueError) as e:
-        raise ctx.fail("annotation_json", f"not canonical JSON ({e}); NaN or Infinity?") from None
+        ann_json.encode("utf-8")  # lone surrogates (\udc80 escapes) are not valid Unicode
+    except (TypeError, ValueError, RecursionError) as e:
+        where = bad_json_path(ann)
+        raise ctx.fail("annotation_json", f"not canonical JSON ({type(e).__name__}: {e})"
+                       + (f" at {where}" if where else "") + "; expected finite numbers (no "
+                       "NaN/Infinity) and valid Unicode text: fix or drop that field") from None
     _meta_flags(ann, video_id, ctx)
     fr = _read_frames(fs, item, ann, h, w, decode_frames, ctx)
     digest = Digest().update("vicas").update(ann_json)

@@ -139,9 +139,10 @@ def _gif_video(scale: int = 4) -> tuple[list[np.ndarray], list[dict]]:
 
 def _pan_video(photo: str, n_frames: int, rng: np.random.Generator,
                crop_hw: tuple[int, int] = (96, 128)) -> tuple[list[np.ndarray], list[dict], str]:
-    img = Image.fromarray(load_photo(photo))
-    f = 200 / min(img.size)
-    img = np.asarray(img.resize((round(img.width * f), round(img.height * f)), Image.BILINEAR))
+    photo_im = Image.fromarray(load_photo(photo))
+    f = 200 / min(photo_im.size)
+    img = np.asarray(photo_im.resize((round(photo_im.width * f), round(photo_im.height * f)),
+                                     Image.Resampling.BILINEAR))
     labels = _segment(img, 300, 120)
     ch, cw = crop_hw
     H, W = labels.shape
@@ -353,7 +354,7 @@ def write_vicas_sample_dataset(root: str | os.PathLike, n_videos: int = 3, seed:
     "num_tracks", "versions"}}``."""
     root = Path(root)
     info: dict[int, dict] = {}
-    splits = {v: {s: [] for s in _SPLITS} for v in _VERSIONS}
+    splits: dict[str, dict[str, list[int]]] = {v: {s: [] for s in _SPLITS} for v in _VERSIONS}
     for j, (ann, frames) in enumerate(_make_videos(n_videos, seed)):
         vid, split = ann["video_id"], _SPLITS[j % 3]
         versions = ["v1.0"] + (["v0.1"] if ann["src_dataset"] == "oops" else [])

@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,7 @@ from vgen_core.generators.common import (
     adaln_modulation,
     apply_rope_interleaved,
     gumbel_noise,
+    linear_at,
     modulate,
     rope_2d_angles,
     swiglu_hidden,
@@ -113,7 +115,7 @@ class BARConfig(BaseModel):
     init_std: float = Field(0.02, gt=0.0)
 
     @model_validator(mode="after")
-    def _check(self) -> "BARConfig":
+    def _check(self) -> BARConfig:
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}.")
         if self.rope:
@@ -130,7 +132,7 @@ class BARConfig(BaseModel):
                 )
         return self
 
-    def build(self) -> "BAR":
+    def build(self) -> BAR:
         return BAR(self)
 
 
@@ -196,6 +198,8 @@ class _ResBlock(nn.Module):
 class _FourierEmbedding(nn.Module):
     """GaussianFourierEmbedding: [sin, cos](2 pi t W), W ~ N(0, 1) fixed (256), -> MLP to width."""
 
+    W: Tensor  # buffer
+
     def __init__(self, width: int, size: int = 256) -> None:
         super().__init__()
         self.register_buffer("W", torch.randn(size))
@@ -203,7 +207,8 @@ class _FourierEmbedding(nn.Module):
 
     def forward(self, t_M: Tensor) -> Tensor:
         arg = t_M[:, None].to(self.W.dtype) * self.W[None, :] * 2 * math.pi
-        return self.mlp(torch.cat([arg.sin(), arg.cos()], dim=-1).to(self.mlp[0].weight.dtype))
+        emb = torch.cat([arg.sin(), arg.cos()], dim=-1)
+        return self.mlp(emb.to(linear_at(self.mlp, 0).weight.dtype))
 
 
 class MBMHead(nn.Module):
@@ -249,6 +254,8 @@ class BAR(nn.Module):
 
     family: ClassVar[str] = "bar"
     config_class: ClassVar[type[BaseModel]] = BARConfig
+    rope_cos: Tensor  # buffers, registered only when config.rope
+    rope_sin: Tensor
 
     def __init__(self, config: BARConfig) -> None:
         super().__init__()

@@ -16,7 +16,8 @@ F rotary frequencies.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,7 @@ __all__ = [
     "apply_rope_interleaved",
     "attention",
     "gumbel_noise",
+    "linear_at",
     "modulate",
     "register_attention_backend",
     "rms_norm",
@@ -274,10 +276,23 @@ def adaln_modulation(dim: int, chunks: int) -> nn.Sequential:
     return nn.Sequential(nn.SiLU(), nn.Linear(dim, chunks * dim))
 
 
+def linear_at(seq: nn.Module | Tensor, idx: int) -> nn.Linear:
+    """`seq[idx]` of an nn.Sequential/nn.ModuleList, checked to be an nn.Linear (typed access
+    to e.g. `adaLN_modulation[-1]` or `mlp[0]`)."""
+    if not isinstance(seq, (nn.Sequential, nn.ModuleList)):
+        raise TypeError(f"linear_at: expected nn.Sequential or nn.ModuleList, got "
+                        f"{type(seq).__name__}.")
+    layer = seq[idx]
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"linear_at: [{idx}] is {type(layer).__name__}, not nn.Linear.")
+    return layer
+
+
 def zero_adaln(module: nn.Module) -> None:
     """adaLN-Zero: zero the last Linear of `module.adaLN_modulation`."""
-    nn.init.zeros_(module.adaLN_modulation[-1].weight)
-    nn.init.zeros_(module.adaLN_modulation[-1].bias)
+    last = linear_at(module.adaLN_modulation, -1)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
 
 
 def trunc_normal_init(module: nn.Module, std: float) -> None:
@@ -289,8 +304,9 @@ def trunc_normal_init(module: nn.Module, std: float) -> None:
     elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         if module.weight is not None:
             nn.init.ones_(module.weight)
-        if getattr(module, "bias", None) is not None:
-            nn.init.zeros_(module.bias)
+        bias = getattr(module, "bias", None)  # RMSNorm has none
+        if bias is not None:
+            nn.init.zeros_(bias)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,6 +402,8 @@ class CausalSelfAttention(nn.Module):
         past = 0
         if kv is not None:
             if kv.k is not None:
+                if kv.v is None:
+                    raise ValueError("LayerKV holds keys but no values; set k and v together.")
                 past = kv.k.shape[2]
                 k_BHSd = torch.cat([kv.k, k_BHSd], dim=2)
                 v_BHSd = torch.cat([kv.v, v_BHSd], dim=2)

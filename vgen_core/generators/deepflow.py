@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from vgen_core.families import FamilySpec, sized_config
 
-from vgen_core.generators.common import Mlp, adaln_modulation, attention, modulate
+from vgen_core.generators.common import Mlp, adaln_modulation, attention, linear_at, modulate
 from vgen_core.generators.flow import (
     TimestepEmbedder,
     euler_maruyama_sample,
@@ -98,7 +98,7 @@ class DeepFlowConfig(BaseModel):
     scale_factor: float = Field(0.18215, gt=0.0)  # applied when a batch carries `moments`
 
     @model_validator(mode="after")
-    def _check(self) -> "DeepFlowConfig":
+    def _check(self) -> DeepFlowConfig:
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}.")
         if self.input_size % self.patch_size:
@@ -126,7 +126,7 @@ class DeepFlowConfig(BaseModel):
     def weights(self) -> tuple[float, ...]:
         return self.branch_weights or default_branch_weights(self.num_branches)
 
-    def build(self) -> "DeepFlow":
+    def build(self) -> DeepFlow:
         return DeepFlow(self)
 
 
@@ -313,20 +313,43 @@ class DeepFlow(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        w = self.x_embedder.proj.weight
+        proj = self._x_proj
+        w = proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        assert proj.bias is not None  # built with bias (nn.Conv2d default)
+        nn.init.zeros_(proj.bias)
+        nn.init.normal_(self._y_table.weight, std=0.02)
         for emb in (self.t_embedder, self.dt_embedder):
-            nn.init.normal_(emb.mlp[0].weight, std=0.02)
-            nn.init.normal_(emb.mlp[2].weight, std=0.02)
-        zero = [b.adaLN_modulation[-1] for b in self.blocks]
+            nn.init.normal_(linear_at(emb.mlp, 0).weight, std=0.02)
+            nn.init.normal_(linear_at(emb.mlp, 2).weight, std=0.02)
+        zero = [linear_at(b.adaLN_modulation, -1) for b in self.blocks]
         for head in (*self.final_layer, self.final_acc_layer):
-            zero += [head.adaLN_modulation[-1], head.linear]
-        zero += [b.acc_norm.adaLN_modulation[-1] for b in self.df_blocks]
+            assert isinstance(head, _DynLayer)  # final_layer holds only these
+            zero += [linear_at(head.adaLN_modulation, -1), head.linear]
+        for vb in self.df_blocks:
+            assert isinstance(vb, _VeRABlock)  # df_blocks holds only these
+            zero.append(linear_at(vb.acc_norm.adaLN_modulation, -1))
         for m in zero:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+
+    @property
+    def _x_proj(self) -> nn.Conv2d:
+        """`x_embedder.proj`, the patchify conv (official PatchEmbed layout)."""
+        proj = self.x_embedder.proj
+        if not isinstance(proj, nn.Conv2d):
+            raise TypeError(f"DeepFlow.x_embedder.proj is {type(proj).__name__}, not nn.Conv2d.")
+        return proj
+
+    @property
+    def _y_table(self) -> nn.Embedding:
+        """`y_embedder.embedding_table`, the class embedding (official LabelEmbedder layout)."""
+        table = self.y_embedder.embedding_table
+        if not isinstance(table, nn.Embedding):
+            raise TypeError(
+                f"DeepFlow.y_embedder.embedding_table is {type(table).__name__}, not nn.Embedding."
+            )
+        return table
 
     @property
     def null_class_id(self) -> int:
@@ -369,8 +392,8 @@ class DeepFlow(nn.Module):
             raise ValueError(
                 f"DeepFlow with df_idxs={cfg.df_idxs} needs {K} times, got {len(t_list)}."
             )
-        y_BD = self.y_embedder.embedding_table(labels_B)
-        xt_BTD = self.x_embedder.proj(x_BCHW).flatten(2).transpose(1, 2) + self.pos_embed
+        y_BD = self._y_table(labels_B)
+        xt_BTD = self._x_proj(x_BCHW).flatten(2).transpose(1, 2) + self.pos_embed
         t_emb = [self.t_embedder(tk) for tk in t_list]
         dt_emb = [self.dt_embedder(t_list[k + 1] - t_list[k]) for k in range(K - 1)]
         c_BD = t_emb[0] + y_BD
@@ -481,6 +504,7 @@ def deepflow_loss(
     velocities, accelerations = model(flow_path(x, noise, times[0]), times, labels)
     fm_k = [_mean_flat((v.float() - target) ** 2).mean() for v in velocities]
     fm = sum(w * f for w, f in zip(cfg.weights, fm_k))
+    assert isinstance(fm, Tensor)  # K >= 1 branches, so the sum has terms
     acc = x.new_zeros(())
     for k, a in enumerate(accelerations):
         acc = acc + acceleration_loss(

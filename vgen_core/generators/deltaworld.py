@@ -77,7 +77,7 @@ class DeltaWorldConfig(BaseModel):
     smooth_l1_beta: float = Field(0.1, gt=0.0)
 
     @model_validator(mode="after")
-    def _check(self) -> "DeltaWorldConfig":
+    def _check(self) -> DeltaWorldConfig:
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}.")
         head_dim = self.hidden // self.heads
@@ -88,7 +88,7 @@ class DeltaWorldConfig(BaseModel):
             )
         return self
 
-    def build(self) -> "DeltaWorld":
+    def build(self) -> DeltaWorld:
         return DeltaWorld(self)
 
 
@@ -371,7 +371,7 @@ def sample(
     time = timestamps_BT.float().repeat_interleave(N, dim=0)
     preds = []
     try:
-        for h in range(horizon):
+        for _ in range(horizon):
             q = model.draw_queries(B * N, 1, device=context_BTD.device, generator=generator)
             k_len = kv.shape[1]
             z = model(q, kv, time[:, k_len: k_len + 1], time[:, :k_len])

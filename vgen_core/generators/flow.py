@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from vgen_core.generators.common import linear_at
 from vgen_core.tokenizers.kl_vae import sample_diag_gaussian, split_moments
 
 __all__ = [
@@ -171,7 +172,8 @@ class TimestepEmbedder(nn.Module):
         )
 
     def forward(self, t_B: Tensor) -> Tensor:
-        emb = timestep_embedding(t_B, self.frequency_dim).to(self.mlp[0].weight.dtype)
+        dtype = linear_at(self.mlp, 0).weight.dtype
+        emb = timestep_embedding(t_B, self.frequency_dim).to(dtype)
         return self.mlp(emb)
 
 

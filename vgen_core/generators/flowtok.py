@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from vgen_core.families import FamilySpec, sized_config
 
-from vgen_core.generators.common import adaln_modulation, attention, modulate
+from vgen_core.generators.common import adaln_modulation, attention, linear_at, modulate
 from vgen_core.generators.deepflow import DiTBlock
 from vgen_core.generators.flow import (
     TimestepEmbedder,
@@ -98,7 +98,7 @@ class FlowTokConfig(BaseModel):
     scale_factor: float = Field(1.0, gt=0.0)
 
     @model_validator(mode="after")
-    def _check(self) -> "FlowTokConfig":
+    def _check(self) -> FlowTokConfig:
         for width, heads, what in (
             (self.hidden, self.heads, "hidden/heads"),
             (self.projector_hidden, self.text_heads, "projector_hidden/text_heads"),
@@ -112,7 +112,7 @@ class FlowTokConfig(BaseModel):
             )
         return self
 
-    def build(self) -> "FlowTok":
+    def build(self) -> FlowTok:
         return FlowTok(self)
 
 
@@ -234,10 +234,10 @@ class FlowTok(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        zero = [b.adaLN_modulation[-1] for b in self.blocks]
-        zero += [self.final_adaLN[-1], self.final_linear]
+        nn.init.normal_(linear_at(self.t_embedder.mlp, 0).weight, std=0.02)
+        nn.init.normal_(linear_at(self.t_embedder.mlp, 2).weight, std=0.02)
+        zero = [linear_at(b.adaLN_modulation, -1) for b in self.blocks]
+        zero += [linear_at(self.final_adaLN, -1), self.final_linear]
         for m in zero:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
@@ -253,6 +253,8 @@ class FlowTok(nn.Module):
                     f"FlowTok(text_input='bytes') expects int64 byte ids (B, {cfg.num_tokens}) "
                     f"(encode_text_bytes), got {tuple(text.shape)} {text.dtype}."
                 )
+            if self.byte_encoder is None:
+                raise RuntimeError("FlowTok: text_input='bytes' but the model has no byte_encoder.")
             return self.byte_encoder(text)
         if text.ndim != 3 or text.shape[1:] != (cfg.num_tokens, cfg.text_dim):
             raise ValueError(

@@ -77,7 +77,7 @@ class MaskBitConfig(BaseModel):
     init_std: float = Field(0.02, gt=0.0)
 
     @model_validator(mode="after")
-    def _check(self) -> "MaskBitConfig":
+    def _check(self) -> MaskBitConfig:
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}.")
         if self.token_bits % self.codebook_splits:
@@ -100,7 +100,7 @@ class MaskBitConfig(BaseModel):
     def group_size(self) -> int:
         return 1 << self.group_bits
 
-    def build(self) -> "MaskBit":
+    def build(self) -> MaskBit:
         return MaskBit(self)
 
 

@@ -60,12 +60,12 @@ class MaskGITConfig(BaseModel):
     init_std: float = Field(0.02, gt=0.0)
 
     @model_validator(mode="after")
-    def _check(self) -> "MaskGITConfig":
+    def _check(self) -> MaskGITConfig:
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}.")
         return self
 
-    def build(self) -> "MaskGIT":
+    def build(self) -> MaskGIT:
         return MaskGIT(self)
 
 

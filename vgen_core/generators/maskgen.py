@@ -92,14 +92,14 @@ class MaskGenConfig(BaseModel):
     init_std: float = Field(0.02, gt=0.0)
 
     @model_validator(mode="after")
-    def _check(self) -> "MaskGenConfig":
+    def _check(self) -> MaskGenConfig:
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}.")
         if self.micro_condition_dim % 2:
             raise ValueError(f"micro_condition_dim={self.micro_condition_dim} must be even.")
         return self
 
-    def build(self) -> "MaskGen":
+    def build(self) -> MaskGen:
         return MaskGen(self)
 
 
@@ -170,7 +170,8 @@ class _JointBlock(nn.Module):
             self.to_add_out = nn.Linear(dim, dim)
             self.ff_context = Mlp(dim, int(dim * mlp_ratio), approximate="tanh")
 
-    def _heads(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _heads(self, t: Tensor) -> Tensor:
+        """(B, S, 3D) -> (3, B, heads, S, D // heads): unpacks into q, k, v."""
         B, S, three_d = t.shape
         return t.view(B, S, 3, self.heads, three_d // (3 * self.heads)).permute(2, 0, 3, 1, 4)
 
@@ -254,7 +255,7 @@ class MaskGen(nn.Module):
                 nn.init.zeros_(m.linear.bias)
         nn.init.trunc_normal_(self.pos_embed, std=std)
 
-    def train(self, mode: bool = True) -> "MaskGen":
+    def train(self, mode: bool = True) -> MaskGen:
         super().train(mode)
         if not self.config.train_text_encoder:
             self.text_encoder.eval()

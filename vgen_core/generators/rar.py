@@ -84,12 +84,12 @@ class RARConfig(BaseModel):
     init_std: float = Field(0.02, gt=0.0)
 
     @model_validator(mode="after")
-    def _check(self) -> "RARConfig":
+    def _check(self) -> RARConfig:
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}.")
         return self
 
-    def build(self) -> "RAR":
+    def build(self) -> RAR:
         return RAR(self)
 
 
@@ -209,7 +209,7 @@ class RAR(nn.Module):
             x_BSD (token + absolute + target-aware position embeddings), c_BSD (conditions).
         """
         B, N = tokens_BN.shape
-        V, L = self.config.codebook_size, self.config.seq_len
+        V = self.config.codebook_size
         e_BSD = self.embeddings(torch.cat([labels_B[:, None] + V + 1, tokens_BN], dim=1))
         x_BSD = torch.cat([self.cls_token.expand(B, -1, -1), e_BSD], dim=1)
         pos_BSD = torch.cat(

@@ -25,7 +25,8 @@ samples are bit-identical to its pre-refactor ones.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
+from typing import overload
 
 import torch
 from torch import Tensor
@@ -55,6 +56,12 @@ def _clamp01(r: float) -> float:
     return min(max(float(r), 0.0), 1.0)
 
 
+@overload
+def arccos_mask_ratio(r: float) -> float: ...
+@overload
+def arccos_mask_ratio(r: Tensor) -> Tensor: ...
+@overload
+def arccos_mask_ratio(r: float | Tensor) -> float | Tensor: ...
 def arccos_mask_ratio(r: float | Tensor) -> float | Tensor:
     """Arccos mask schedule: fraction of tokens masked at progress r in [0, 1], arccos(r) / (pi/2).
 
@@ -65,6 +72,12 @@ def arccos_mask_ratio(r: float | Tensor) -> float | Tensor:
     return math.acos(_clamp01(r)) / (math.pi / 2)
 
 
+@overload
+def cosine_mask_ratio(r: float) -> float: ...
+@overload
+def cosine_mask_ratio(r: Tensor) -> Tensor: ...
+@overload
+def cosine_mask_ratio(r: float | Tensor) -> float | Tensor: ...
 def cosine_mask_ratio(r: float | Tensor) -> float | Tensor:
     """Cosine mask schedule cos(r pi/2) (r clamped to [0, 1]); float or tensor in, same out."""
     if isinstance(r, Tensor):
@@ -72,6 +85,12 @@ def cosine_mask_ratio(r: float | Tensor) -> float | Tensor:
     return math.cos(_clamp01(r) * (math.pi / 2))
 
 
+@overload
+def linear_mask_ratio(r: float) -> float: ...
+@overload
+def linear_mask_ratio(r: Tensor) -> Tensor: ...
+@overload
+def linear_mask_ratio(r: float | Tensor) -> float | Tensor: ...
 def linear_mask_ratio(r: float | Tensor) -> float | Tensor:
     """Linear mask schedule 1 - r (r clamped to [0, 1]); float or tensor in, same out."""
     if isinstance(r, Tensor):

@@ -108,12 +108,12 @@ class TextEncoderConfig(BaseModel):
     layer_norm_eps: float = Field(1e-5, gt=0.0)
 
     @model_validator(mode="after")
-    def _check(self) -> "TextEncoderConfig":
+    def _check(self) -> TextEncoderConfig:
         if self.width % self.heads:
             raise ValueError(f"width={self.width} must be divisible by heads={self.heads}.")
         return self
 
-    def build(self) -> "TextEncoder":
+    def build(self) -> TextEncoder:
         return TextEncoder(self)
 
 
@@ -179,6 +179,7 @@ class TextEncoder(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.01)
         proj_std, attn_std, fc_std = E**-0.5 * (2 * n) ** -0.5, E**-0.5, (2 * E) ** -0.5
         for blk in self.blocks:
+            assert isinstance(blk, _CausalBlock)  # self.blocks holds only these
             for lin, std in ((blk.qkv, attn_std), (blk.proj, proj_std), (blk.fc1, fc_std),
                              (blk.fc2, proj_std)):
                 nn.init.normal_(lin.weight, std=std)

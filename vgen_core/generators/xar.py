@@ -32,6 +32,7 @@ S = K * L tokens, D hidden width, Hh heads, d head dim.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -99,7 +100,7 @@ class XARConfig(BaseModel):
     scale_factor: float = Field(0.2325, gt=0.0)  # applied when a batch carries `moments`
 
     @model_validator(mode="after")
-    def _check(self) -> "XARConfig":
+    def _check(self) -> XARConfig:
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}.")
         g = math.isqrt(self.clusters)
@@ -127,7 +128,7 @@ class XARConfig(BaseModel):
     def seq_len(self) -> int:
         return self.latent_size**2
 
-    def build(self) -> "XAR":
+    def build(self) -> XAR:
         return XAR(self)
 
 
@@ -245,6 +246,9 @@ class XAR(nn.Module):
 
     family: ClassVar[str] = "xar"
     config_class: ClassVar[type[BaseModel]] = XARConfig
+    mask: Tensor  # buffers
+    rope_cos: Tensor
+    rope_sin: Tensor
 
     def __init__(self, config: XARConfig) -> None:
         super().__init__()
@@ -308,7 +312,7 @@ class XAR(nn.Module):
         rope = (self.rope_cos[tokens], self.rope_sin[tokens]) if self.config.rope else None
         new_cache: list[KV] = []
         layers = [*self.encoder_blocks, *self.decoder_blocks]
-        past = cache or [None] * len(layers)
+        past: Sequence[KV | None] = cache or [None] * len(layers)
         x = self.z_proj_ln(self.z_proj(x_BSC) + self.encoder_pos_embed_learned[:, tokens])
         for i, blk in enumerate(layers):
             if i == len(self.encoder_blocks):
@@ -474,7 +478,7 @@ def sample(
                 N = x_NLC.shape[0]
                 labels = labels_B if N == B else all_labels
                 if use_cache:
-                    return model.forward_cell(x_NLC, t_N, labels, k, cache)[0]
+                    return model.forward_cell(x_NLC, t_N, labels, k, cache)[0]  # noqa: B023
                 prefix = [c.repeat(N // B, 1, 1) for c in cells]
                 pad = x_NLC.new_zeros(N, (K - k - 1) * L, C)
                 seq = torch.cat([*prefix, x_NLC, pad], dim=1)

@@ -192,7 +192,7 @@ class _LayerScale(nn.Module):
 class _Block(nn.Module):
     """Pre-norm block: h + ls1(attn(norm1(h))), then + ls2(mlp(norm2(h)))."""
 
-    def __init__(self, cfg: "VFMConfig | DeltaTokConfig", *, qk_norm: bool, gated_attn: bool,
+    def __init__(self, cfg: VFMConfig | DeltaTokConfig, *, qk_norm: bool, gated_attn: bool,
                  gated_mlp: bool, layer_scale: float) -> None:
         super().__init__()
         D, eps = cfg.hidden_size, cfg.layer_norm_eps
@@ -236,7 +236,7 @@ class _ViTCommon(BaseModel):
     mlp_bias: bool = True
 
     @model_validator(mode="after")
-    def _check_heads(self) -> "_ViTCommon":
+    def _check_heads(self) -> _ViTCommon:
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
             raise ValueError(
                 f"hidden_size={self.hidden_size} must split into num_heads={self.num_heads} heads "
@@ -272,7 +272,7 @@ class VFMConfig(_ViTCommon):
     init_seed: int = 0
 
     @model_validator(mode="after")
-    def _check_norm(self) -> "VFMConfig":
+    def _check_norm(self) -> VFMConfig:
         if not len(self.image_mean) == len(self.image_std) == self.num_channels:
             raise ValueError(
                 f"image_mean/image_std need {self.num_channels} values (num_channels), got "
@@ -280,7 +280,7 @@ class VFMConfig(_ViTCommon):
             )
         return self
 
-    def build(self) -> "FrozenViT":
+    def build(self) -> FrozenViT:
         return FrozenViT(self)
 
 
@@ -316,6 +316,8 @@ class FrozenViT(nn.Module):
 
     family: ClassVar[str] = "vfm_vit"
     config_class: ClassVar[type[BaseModel]] = VFMConfig
+    image_mean: Tensor  # buffers
+    image_std: Tensor
 
     def __init__(self, config: VFMConfig) -> None:
         super().__init__()
@@ -339,7 +341,7 @@ class FrozenViT(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> "FrozenViT":
+    def train(self, mode: bool = True) -> FrozenViT:
         return super().train(False)
 
     @property
@@ -573,7 +575,7 @@ class DeltaTokConfig(_ViTCommon):
     gated_attn: bool = True
     swiglu: bool = True
 
-    def build(self) -> "DeltaTok":
+    def build(self) -> DeltaTok:
         return DeltaTok(self)
 
 

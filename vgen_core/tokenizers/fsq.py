@@ -161,7 +161,7 @@ class BinaryFSQConfig(BaseModel):
     clip_hidden: int = Field(2048, ge=1)
 
     @model_validator(mode="after")
-    def _check(self) -> "BinaryFSQConfig":
+    def _check(self) -> BinaryFSQConfig:
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}."
@@ -188,7 +188,7 @@ class BinaryFSQConfig(BaseModel):
     def codebook_size(self) -> int:
         return 1 << self.token_bits
 
-    def build(self) -> "BinaryFSQTokenizer":
+    def build(self) -> BinaryFSQTokenizer:
         return BinaryFSQTokenizer(self)
 
 
@@ -363,8 +363,9 @@ def _init_weights(module: nn.Module) -> None:
     """Official `BAR_FSQ._init_weights`: trunc-normal(0.02) weights, zero bias, unit LayerNorm."""
     if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
         nn.init.trunc_normal_(module.weight, mean=0.0, std=0.02)
-        if getattr(module, "bias", None) is not None:
-            nn.init.zeros_(module.bias)
+        bias = getattr(module, "bias", None)  # nn.Embedding has none
+        if bias is not None:
+            nn.init.zeros_(bias)
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
@@ -548,11 +549,14 @@ def load_encoder_weights(
 # --------------------------------------------------------------------------------------------------
 
 
+_PIXEL_RANGE = "signed"  # SPEC.pixel_range, typed as str for the loss
+
+
 def bar_fsq_loss(model: BinaryFSQTokenizer, batch: dict[str, Tensor], step: int, **_: Any):
     """BAR-FSQ: L1 x 0.1 + L2 x 1.0 in [-1, 1] pixels (official weights)."""
     from vgen_core.families import to_model_pixels
 
-    images = to_model_pixels(batch["image"], SPEC.pixel_range)
+    images = to_model_pixels(batch["image"], _PIXEL_RANGE)
     recon, _ = model(images)
     l1, mse = F.l1_loss(recon, images), F.mse_loss(recon, images)
     return 0.1 * l1 + mse, {"mse": mse.detach(), "l1": l1.detach()}
@@ -572,7 +576,7 @@ def _decode(model: BinaryFSQTokenizer, tokens: Tensor, grid_hw: Any = None) -> T
 SPEC = FamilySpec(
     name="bar_fsq", role="tokenizer", config_class=BinaryFSQConfig, sizes=BAR_FSQ_SIZES,
     model_class=BinaryFSQTokenizer, data="images", data_fields=("image_size",),
-    loss=bar_fsq_loss, produces=("bit_tokens",), pixel_range="signed", encode=_encode,
+    loss=bar_fsq_loss, produces=("bit_tokens",), pixel_range=_PIXEL_RANGE, encode=_encode,
     decode=_decode, load_official=load_official_bar_fsq, default_for=("tokenize.fsq",),
     summary="BAR binary FSQ: one K-bit token per SigLIP2 patch, ViT decoder",
 )

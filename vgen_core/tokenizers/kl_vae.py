@@ -132,7 +132,7 @@ class KLVAEConfig(BaseModel):
     scale_factor: float = Field(0.18215, gt=0.0)
 
     @model_validator(mode="after")
-    def _check(self) -> "KLVAEConfig":
+    def _check(self) -> KLVAEConfig:
         if not self.ch_mult or any(m < 1 for m in self.ch_mult):
             raise ValueError(f"ch_mult must be non-empty positive ints, got {self.ch_mult}.")
         for m in (1, *self.ch_mult):
@@ -152,7 +152,7 @@ class KLVAEConfig(BaseModel):
         """Image pixels per latent position along each axis: 2 ** (len(ch_mult) - 1)."""
         return 2 ** (len(self.ch_mult) - 1)
 
-    def build(self) -> "AutoencoderKL":
+    def build(self) -> AutoencoderKL:
         return AutoencoderKL(self)
 
 
@@ -255,6 +255,9 @@ class _Mid(nn.Module):
 class _Level(nn.Module):
     """One resolution level: `block` (res blocks), `attn` (one per block, or none), resampler."""
 
+    downsample: _Downsample  # set on encoder levels that downsample (all but the last)
+    upsample: _Upsample  # set on decoder levels that upsample (all but level 0)
+
     def __init__(self, c_in: int, c_out: int, n_blocks: int, attn: bool, groups: int) -> None:
         super().__init__()
         self.block = nn.ModuleList(
@@ -290,6 +293,7 @@ class _Encoder(nn.Module):
     def forward(self, x_BCHW: Tensor) -> Tensor:
         h = self.conv_in(x_BCHW)
         for lvl in self.down:
+            assert isinstance(lvl, _Level)  # self.down holds only these
             h = lvl.run_blocks(h)
             if hasattr(lvl, "downsample"):
                 h = lvl.downsample(h)
@@ -319,6 +323,7 @@ class _Decoder(nn.Module):
     def forward(self, z_BZhw: Tensor) -> Tensor:
         h = self.mid(self.conv_in(z_BZhw))
         for lvl in reversed(self.up):
+            assert isinstance(lvl, _Level)  # self.up holds only these
             h = lvl.run_blocks(h)
             if hasattr(lvl, "upsample"):
                 h = lvl.upsample(h)
@@ -522,12 +527,15 @@ def load_official(
 # --------------------------------------------------------------------------------------------------
 
 
+_PIXEL_RANGE = "signed"  # SPEC.pixel_range, typed as str for the loss
+
+
 def kl_vae_loss(model: AutoencoderKL, batch: dict[str, Tensor], step: int, *,
                 kl_weight: float = 1e-6, **_: Any):
     """LDM autoencoder: L1 reconstruction + kl_weight x KL (per sample, summed over latents)."""
     from vgen_core.families import to_model_pixels
 
-    images = to_model_pixels(batch["image"], SPEC.pixel_range)
+    images = to_model_pixels(batch["image"], _PIXEL_RANGE)
     recon, d = model(images)
     l1 = F.l1_loss(recon, images)
     kl = d["kl"].mean()
@@ -546,7 +554,7 @@ def _decode(model: AutoencoderKL, latents: Tensor, grid_hw: Any = None) -> Tenso
 SPEC = FamilySpec(
     name="kl_vae", role="tokenizer", config_class=KLVAEConfig, sizes=KL_VAE_SIZES,
     model_class=AutoencoderKL, data="images", loss=kl_vae_loss, produces=("latents",),
-    pixel_range="signed", encode=_encode, decode=_decode, load_official=load_official,
+    pixel_range=_PIXEL_RANGE, encode=_encode, decode=_decode, load_official=load_official,
     resolution_free=True, default_for=("cache.latents",),
     summary="SD / MAR KL autoencoder: posterior moments cached as latents",
 )

@@ -76,7 +76,7 @@ def pack_bits(bits_NK: np.ndarray | Tensor) -> np.ndarray | Tensor:
     A torch tensor in gives a (CPU) torch tensor out; a numpy array in gives numpy out.
     """
     is_torch = isinstance(bits_NK, Tensor)
-    arr = bits_NK.detach().cpu().numpy() if is_torch else np.asarray(bits_NK)
+    arr = bits_NK.detach().cpu().numpy() if isinstance(bits_NK, Tensor) else np.asarray(bits_NK)
     if arr.dtype != np.bool_:
         raise TypeError(f"pack_bits: expected bool bits, got dtype {arr.dtype}.")
     if arr.ndim == 0 or arr.shape[-1] == 0:
@@ -88,7 +88,8 @@ def pack_bits(bits_NK: np.ndarray | Tensor) -> np.ndarray | Tensor:
 def unpack_bits(packed_NB: np.ndarray | Tensor, token_bits: int) -> np.ndarray | Tensor:
     """Inverse of `pack_bits`: (..., ceil(K/8)) uint8 -> (..., K) bool (same array type as in)."""
     is_torch = isinstance(packed_NB, Tensor)
-    arr = packed_NB.detach().cpu().numpy() if is_torch else np.asarray(packed_NB)
+    arr = (packed_NB.detach().cpu().numpy() if isinstance(packed_NB, Tensor)
+           else np.asarray(packed_NB))
     if arr.dtype != np.uint8:
         raise TypeError(f"unpack_bits: expected uint8 bytes, got dtype {arr.dtype}.")
     n_bytes = (token_bits + 7) // 8
@@ -162,7 +163,7 @@ class _AvgEntropyChunked(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, z_NK: Tensor, temperature: float, chunk_size: int
     ) -> Tensor:
         N, K = z_NK.shape
@@ -179,7 +180,7 @@ class _AvgEntropyChunked(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None]:
         z_NK, log_avg_V = ctx.saved_tensors
         T, chunk_size = ctx.temperature, ctx.chunk_size
         N, K = z_NK.shape
@@ -319,7 +320,7 @@ class LFQConfig(BaseModel):
     entropy_chunk_size: int = Field(4096, ge=1)
 
     @model_validator(mode="after")
-    def _check(self) -> "LFQConfig":
+    def _check(self) -> LFQConfig:
         if not self.ch_mult or any(m < 1 for m in self.ch_mult):
             raise ValueError(
                 f"ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult}."
@@ -342,7 +343,7 @@ class LFQConfig(BaseModel):
     def codebook_size(self) -> int:
         return 1 << self.token_bits
 
-    def build(self) -> "LFQTokenizer":
+    def build(self) -> LFQTokenizer:
         return LFQTokenizer(self)
 
 
@@ -507,7 +508,8 @@ class LFQTokenizer(nn.Module):
     def encode(self, images_BCHW: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
         """Images (B, C, H, W) in [-1, 1] -> (quantized_BKhw, bits_BhwK, indices_Bhw, losses).
 
-        bits_BhwK is bool, indices_Bhw int64. H and W must be multiples of `config.downsample_factor`; h = H / f, w = W / f.
+        bits_BhwK is bool, indices_Bhw int64. H and W must be multiples of
+        `config.downsample_factor`; h = H / f, w = W / f.
         `losses` holds the quantizer terms (see `LookupFreeQuantizer.forward`).
         """
         f = self.config.downsample_factor
@@ -566,12 +568,15 @@ class LFQTokenizer(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+_PIXEL_RANGE = "signed"  # SPEC.pixel_range, typed as str for the loss
+
+
 def lfq_loss(model: LFQTokenizer, batch: dict[str, Tensor], step: int, **_: Any):
     """Training loss on curated images (uint8 ``image`` (B, H, W, 3)): MSE in [-1, 1] pixels
     plus the quantizer's commitment + annealed entropy terms."""
     from vgen_core.families import to_model_pixels
 
-    images = to_model_pixels(batch["image"], SPEC.pixel_range)
+    images = to_model_pixels(batch["image"], _PIXEL_RANGE)
     recon, losses = model(images, step=step)
     mse = F.mse_loss(recon, images)
     total = mse + losses["total_quant"]
@@ -599,7 +604,7 @@ def _load_official(path: Any, config: LFQConfig) -> LFQTokenizer:
 SPEC = FamilySpec(
     name="lfq", role="tokenizer", config_class=LFQConfig, sizes=LFQ_SIZES,
     model_class=LFQTokenizer, data="images", loss=lfq_loss, produces=("bit_tokens",),
-    pixel_range="signed", encode=_encode, decode=_decode, load_official=_load_official,
+    pixel_range=_PIXEL_RANGE, encode=_encode, decode=_decode, load_official=_load_official,
     resolution_free=True, default_for=("tokenize.lfq", "train.tokenizer", "evaluate.tokenizer"),
     summary="MaskBit lookup-free quantization: K sign bits per conv-grid position",
 )

@@ -89,7 +89,7 @@ from torch import Tensor, nn
 
 from vgen_core.families import FamilySpec
 
-from ._vit import MLP as _MLP, Attention as _Attention, Block as _Block
+from ._vit import Attention as _Attention, Block as _Block
 
 
 __all__ = [
@@ -140,7 +140,7 @@ class TiTokConfig(BaseModel):
     scale_factor: float = Field(1.0, gt=0.0)  # generator-side latent scale (MaskGen-KL: 0.7525)
 
     @model_validator(mode="after")
-    def _check(self) -> "TiTokConfig":
+    def _check(self) -> TiTokConfig:
         for name in ("enc_patch_size", "dec_patch_size"):
             p = getattr(self, name)
             if self.image_size % p:
@@ -166,7 +166,7 @@ class TiTokConfig(BaseModel):
         """Encoder output channels: token_size, or 2 * token_size (mean, logvar) in VAE mode."""
         return self.token_size * (2 if self.quantize_mode == "vae" else 1)
 
-    def build(self) -> "TiTok":
+    def build(self) -> TiTok:
         return TiTok(self)
 
 
@@ -177,7 +177,7 @@ class TATiTokConfig(TiTokConfig):
     text_embed_dim: int = Field(768, ge=1)
     is_legacy: bool = False
 
-    def build(self) -> "TATiTok":
+    def build(self) -> TATiTok:
         return TATiTok(self)
 
 
@@ -421,6 +421,7 @@ class VectorQuantizer(nn.Module):
     """
 
     gather_fn: Callable[[Tensor], Tensor] | None
+    code_usage: Tensor  # buffer, registered only when clustering_vq
 
     def __init__(
         self,

@@ -3,7 +3,8 @@
 One place decides what a secret looks like, and every output path of vgen goes through it:
 
 * `redact_uri(uri)`: the user-info part of a URI (``user:password@`` or ``token@``) becomes
-  ``***@`` (unless it is only ``${VAR}`` references, the template a DAG file holds), and query values whose names look like credentials (``?token=...``,
+  ``***@`` (unless it is only ``${VAR}`` references, the template a DAG file holds), and query
+  values whose names look like credentials (``?token=...``,
   ``X-Amz-Signature=...``) become ``***``. Anything else is returned unchanged, so a URI without
   a secret (``sqlite:///...``, ``s3://bucket/x``) prints exactly as given.
 * `redact_text(text)`: the same for every URI inside free text (an exception message, a log line).
@@ -12,7 +13,8 @@ One place decides what a secret looks like, and every output path of vgen goes t
   model fields such as ``token_dim``, ``num_tokens``, ``key_map`` or ``keys`` do not.
 * `redact_config(obj, env_substituted=None)`: a copy of a nested config (mappings, lists,
   strings) where string values under secret-looking keys are ``***`` (numbers are kept),
-  every string goes through `redact_text`, and the values at the paths in ``env_substituted`` (values that came from
+  every string goes through `redact_text`, and the values at the paths in ``env_substituted``
+  (values that came from
   ``${VAR}`` substitutions in a DAG file, see :mod:`pipelines.dag.spec`) are replaced by their
   template as written in the file (``${MLFLOW_PASSWORD}``), so the record says where the value
   came from without containing it.

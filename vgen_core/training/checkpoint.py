@@ -1,4 +1,5 @@
-"""What a training worker saves beside DeepSpeed's checkpoint, and the resume arithmetic.
+"""What a training worker saves beside DeepSpeed's checkpoint, how it is loaded back safely, and
+the resume arithmetic.
 
 One checkpoint is one directory, merged from every rank (Ray Train merges the ranks' reports):
 
@@ -7,9 +8,16 @@ One checkpoint is one directory, merged from every rank (Ray Train merges the ra
     vgen_rank{r}.json            rank r: optimizer step, data position, numpy RNG, restore count,
                                  the last logged metrics
     vgen_rank{r}.safetensors     rank r: torch RNG state(s), the EMA this rank holds
+    vgen_manifest_rank{r}.json   rank r: the SHA-256 and size of every file rank r wrote
 
-DeepSpeed's files are torch pickles: we wrote them into our own storage and only ever load our
-own; everything else here is JSON or safetensors. Exported models are safetensors only.
+A checkpoint lives in a shared storage root, so it is not trusted when read back
+(:func:`restore_checkpoint`): every file must match the digest its rank recorded at save, every
+file under ``ds/`` and every ``vgen_rank*`` file must be listed, and DeepSpeed's files (torch
+pickles) are read weights-only (:mod:`vgen_core.training.safe_load`): tensors and a short
+allow-list of DeepSpeed classes, never arbitrary objects. Everything else is JSON or safetensors;
+exported models are safetensors only. The manifests catch a checkpoint changed or corrupted after
+its save; they sit beside it, so it is the weights-only load that stops a deliberately planted
+pickle.
 
 Resume: a worker restored at optimizer step ``s`` runs steps ``s+1 .. steps``; it logs a step only
 if it is past both ``s`` and the last step the tracking run already holds (a step between the
@@ -18,15 +26,20 @@ checkpoint and the crash was logged by the attempt that crashed), so each step a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["DS_TAG", "WorkerState", "checkpoint_due", "log_floor", "save_worker_state",
-           "load_worker_state", "rng_tensors", "restore_rng"]
+from .safe_load import _FIX, CheckpointRejected, weights_only_loads
+
+__all__ = ["DS_TAG", "CheckpointRejected", "WorkerState", "checkpoint_due", "log_floor",
+           "save_checkpoint", "restore_checkpoint", "save_worker_state", "load_worker_state",
+           "write_manifest", "verify_manifest", "rng_tensors", "restore_rng"]
 
 #: DeepSpeed tag of the one checkpoint a directory holds.
 DS_TAG = "ds"
@@ -100,3 +113,118 @@ def load_worker_state(directory: str, rank: int) -> tuple[WorkerState, dict[str,
     with open(js) as f:
         state = WorkerState(**json.load(f))
     return state, load_file(st)
+
+
+_MANIFEST = re.compile(r"vgen_manifest_rank\d+\.json")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(directory: str) -> list[str]:
+    """Every file under ``directory`` as a '/'-separated relative path, manifests left out."""
+    out = []
+    for root, _, names in os.walk(directory):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), directory).replace(os.sep, "/")
+            if not _MANIFEST.fullmatch(rel):
+                out.append(rel)
+    return sorted(out)
+
+
+def write_manifest(directory: str, rank: int) -> str:
+    """Record the SHA-256 and size of every file in ``directory`` (what rank ``rank`` wrote) in
+    ``vgen_manifest_rank{rank}.json``; returns its path. Call it last."""
+    files = {rel: {"sha256": _sha256(os.path.join(directory, rel)),
+                   "bytes": os.path.getsize(os.path.join(directory, rel))}
+             for rel in _files(directory)}
+    path = os.path.join(directory, f"vgen_manifest_rank{rank}.json")
+    with open(path, "w") as f:
+        json.dump({"format": 1, "rank": rank, "algorithm": "sha256", "files": files}, f, indent=1)
+    return path
+
+
+def _expected(directory: str, where: str) -> dict[str, tuple[str, str]]:
+    """Path -> (sha256, manifest naming it), merged over the ranks' manifests."""
+    names = sorted(n for n in os.listdir(directory) if _MANIFEST.fullmatch(n))
+    if not names:
+        raise CheckpointRejected(
+            f"checkpoint {where} has no digest manifest (vgen_manifest_rank*.json): it was written "
+            f"by an older vgen or by other code, and vgen loads only checkpoints whose files it "
+            f"can verify; {_FIX}")
+    expected: dict[str, tuple[str, str]] = {}
+    for name in names:
+        try:
+            with open(os.path.join(directory, name)) as f:
+                files = json.load(f)["files"]
+            entries = {rel: e["sha256"] for rel, e in files.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointRejected(f"checkpoint {where}: manifest {name} is unreadable "
+                                     f"({err!r}); {_FIX}") from None
+        for rel, digest in entries.items():
+            if rel.startswith("/") or ".." in rel.split("/") or _MANIFEST.fullmatch(rel):
+                raise CheckpointRejected(f"checkpoint {where}: manifest {name} lists '{rel}', "
+                                         f"which is not a file of the checkpoint; {_FIX}")
+            if rel in expected and expected[rel][0] != digest:
+                raise CheckpointRejected(
+                    f"checkpoint {where}: {rel} has two recorded digests, {expected[rel][0]} "
+                    f"({expected[rel][1]}) and {digest} ({name}); {_FIX}")
+            expected[rel] = (digest, name)
+    return expected
+
+
+def verify_manifest(directory: str, where: str | None = None) -> None:
+    """Refuse (:class:`CheckpointRejected`) a checkpoint whose files do not match the digests
+    recorded at save, or with a DeepSpeed or vgen state file no manifest lists. ``where`` names
+    the checkpoint in messages (its storage path; ``directory`` may be a local copy)."""
+    where = where or directory
+    expected = _expected(directory, where)
+    present = _files(directory)
+    unlisted = [rel for rel in present if rel not in expected
+                and rel.startswith((f"{DS_TAG}/", "vgen_rank"))]
+    if unlisted:
+        raise CheckpointRejected(
+            f"checkpoint {where}: {unlisted[0]} is in no manifest (unlisted: {unlisted}): it was "
+            f"added after the checkpoint was saved; {_FIX}")
+    for rel, (digest, name) in sorted(expected.items()):
+        path = os.path.join(directory, rel)
+        if not os.path.isfile(path):
+            raise CheckpointRejected(f"checkpoint {where}: {rel}, listed in {name}, is missing; "
+                                     f"{_FIX}")
+        actual = _sha256(path)
+        if actual != digest:
+            raise CheckpointRejected(
+                f"checkpoint {where}: {rel} was changed after it was saved: sha256 expected "
+                f"{digest} ({name}), actual {actual}; vgen does not load it: {_FIX}")
+
+
+def save_checkpoint(engine: Any, directory: str, rank: int, state: WorkerState,
+                    tensors: dict[str, torch.Tensor]) -> None:
+    """Collective: rank ``rank``'s part of a checkpoint into ``directory``: DeepSpeed's files, the
+    worker state, then the manifest of all of them."""
+    engine.save_checkpoint(directory, tag=DS_TAG, save_latest=False)
+    save_worker_state(directory, rank, state, tensors)
+    write_manifest(directory, rank)
+
+
+def restore_checkpoint(engine: Any, directory: str, rank: int, where: str | None = None,
+                       ) -> tuple[WorkerState, dict[str, torch.Tensor]]:
+    """Collective: verify the checkpoint in ``directory`` against its manifests, load DeepSpeed's
+    part into ``engine`` weights-only, and return rank ``rank``'s worker state and tensors.
+    Raises :class:`CheckpointRejected` (naming ``where``) rather than load anything unverified."""
+    where = where or directory
+    verify_manifest(directory, where)
+    try:
+        with weights_only_loads(engine):
+            path, _ = engine.load_checkpoint(directory, tag=DS_TAG,
+                                             load_lr_scheduler_states=False)
+    except CheckpointRejected as err:
+        raise CheckpointRejected(f"checkpoint {where}: {err}") from None
+    if path is None:
+        raise RuntimeError(f"DeepSpeed found no checkpoint '{DS_TAG}' in {where}")
+    return load_worker_state(directory, rank)

@@ -13,7 +13,7 @@ partitions. ``applied`` swaps the averages into those tensors for an export, the
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 
