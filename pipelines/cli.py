@@ -27,6 +27,8 @@ failed or was stopped, 2 nothing could be done (unreachable cluster, unknown job
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import signal
@@ -86,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run per-sample stages in this process instead of Ray Data (debugging)",
     )
     _verify_sources(p)
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="also stream Ray's, DeepSpeed's and MLflow's own output to the console "
+                        "(it always goes to the run's log file, whose path is printed)")
 
     p = sub.add_parser("plan", help="say which stages would run and why, without running them")
     _common(p)
@@ -257,63 +262,116 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.console import run_log_path
+    from pipelines.dag.planner import require_valid_config
     from pipelines.dag.runner import Runner
-    from vgen_core.tracking import MlflowTracker
+    from vgen_core.tracking import MlflowTracker, default_artifact_location
 
     dag, store, tracking = _load(args)
-    from pipelines.dag.planner import require_valid_config
-
     require_valid_config(dag, store)  # before the MLflow run, Ray and any write: exit 2
     store.check_writable()
-    from vgen_core.tracking import default_artifact_location
-
-    tracker = MlflowTracker.start(
-        tracking,
-        experiment=dag.name,
-        run_name=f"{dag.name}",
-        tags={"vgen.dag": dag.name},
-        artifact_location=default_artifact_location(store.root),
-    )
-    runner = Runner(
-        dag,
-        store,
-        tracker,
-        tracking,
-        address=args.address,
-        executor="local" if args.local else "ray",
-        verify_sources=args.verify_sources,
-    )
-    summary = runner.run()
-    _print_summary(summary, store)
+    log_file, log_uri = run_log_path(store.root, dag.name)
+    with _run_console(log_file, verbose=args.verbose) as (console, out):
+        shown = log_uri or log_file
+        console.print(f"vgen: DAG '{dag.name}' ({dag.source}), storage {store.root}")
+        console.print(f"vgen: log file {shown}" + ("" if args.verbose else
+                      " (Ray, DeepSpeed and MLflow output; --verbose streams it here)"))
+        try:
+            tracker = MlflowTracker.start(
+                tracking, experiment=dag.name, run_name=f"{dag.name}",
+                tags={"vgen.dag": dag.name, "vgen.log_file": shown},
+                artifact_location=default_artifact_location(store.root))
+            runner = Runner(dag, store, tracker, tracking, address=args.address,
+                            executor="local" if args.local else "ray",
+                            verify_sources=args.verify_sources, console=console,
+                            log_path=shown)
+            summary = runner.run()
+        except BaseException as e:
+            console.print(f"vgen: the run stopped: {type(e).__name__}: {e}"[:2000])
+            console.print(f"vgen: details in {shown}")
+            raise
+        finally:
+            # Ray's log monitor prints worker lines until Ray stops: stop it while they still
+            # go to the log file (the process is done with Ray either way)
+            if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+                sys.modules["ray"].shutdown()
+            if log_uri:
+                _upload_log(log_file, log_uri)
+        _print_summary(summary, store, out)
+        print(f"Log:    {shown}", file=out)
     return EXIT_OK if summary.ok else EXIT_STAGE_FAILED
 
 
-def _print_summary(summary: Any, store: Any) -> None:
+@contextlib.contextmanager
+def _run_console(log_file: str, *, verbose: bool):
+    """``(Console, stdout stream)`` for ``vgen run``: library output to ``log_file``
+    (:func:`pipelines.console.capture_output`). When ``sys.stdout`` / ``sys.stderr`` are not the
+    process's own descriptors (vgen embedded in another program, pytest's capsys) nothing is
+    redirected and the console writes to them."""
+    import logging
+
+    from pipelines.console import Console, capture_output, vgen_warnings_to
+
+    if not verbose:  # Ray Data's per-operator bars: redrawn lines that fill a log
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    try:
+        own = sys.stdout.fileno() == 1 and sys.stderr.fileno() == 2
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        own = False
+    logging.basicConfig(level=logging.WARNING,  # library records: the log file, with time
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not own:
+        console = Console(sys.stderr)
+        with vgen_warnings_to(console):
+            yield console, sys.stdout
+        return
+    with capture_output(log_file, verbose=verbose) as (err, out):
+        console = Console(err)
+        try:
+            with vgen_warnings_to(console):
+                yield console, out
+        finally:
+            console.close()
+
+
+def _upload_log(local: str, uri: str) -> None:
+    """Copy the run's log file to the object-store root (best effort: a warning if it fails)."""
+    from vgen_core.data.fsio import filesystem_for
+
+    try:
+        fs, path = filesystem_for(uri)
+        fs.put(local, path)
+    except Exception as e:
+        print(f"vgen: could not copy the log file to {uri} ({type(e).__name__}: {e}); it is "
+              f"at {local}", file=sys.stderr)
+
+
+def _print_summary(summary: Any, store: Any, out: Any = None) -> None:
+    """The final table: one row per stage with its counts and outputs; a training stage adds
+    its steps and final loss, a failed one its error."""
     from vgen_core.tracking.redact import redact_text, redact_uri
 
-    print(
-        f"\nDAG '{summary.dag}' finished in {summary.seconds:.1f}s "
-        f"({'ok' if summary.ok else 'FAILED'})"
-    )
-    print(
-        f"{'stage':<14} {'action':<8} {'processed':>9} {'skipped':>8} {'quarant.':>8} "
-        f"{'filtered':>8}  outputs"
-    )
+    out = out or sys.stdout
+    lines = [f"\nDAG '{summary.dag}' finished in {summary.seconds:.1f}s "
+             f"({'ok' if summary.ok else 'FAILED'})",
+             f"{'stage':<14} {'action':<8} {'processed':>9} {'skipped':>8} {'quarant.':>8} "
+             f"{'filtered':>8} {'seconds':>8}  outputs"]
     for o in summary.outcomes.values():
-        outs = ", ".join(
-            f"{r.uri}@v{r.version}" if r.kind == "table" else r.uri
-            for k, r in o.outputs.items()
-            if k != "quarantine"
-        )
-        print(
-            f"{o.stage:<14} {o.action:<8} {o.counts.processed:>9} {o.counts.skipped:>8} "
-            f"{o.counts.quarantined:>8} {o.counts.filtered:>8}  {outs}"
-        )
+        outs = ", ".join(f"{r.uri}@v{r.version}" if r.kind == "table" else r.uri
+                         for k, r in o.outputs.items() if k != "quarantine")
+        lines.append(f"{o.stage:<14} {o.action:<8} {o.counts.processed:>9} "
+                     f"{o.counts.skipped:>8} {o.counts.quarantined:>8} {o.counts.filtered:>8} "
+                     f"{o.seconds:>8.1f}  {outs}")
+        m = o.metrics or {}
+        if "final/step" in m:
+            lines.append(f"  trained {int(m['final/step'])} steps"
+                         + (f", final loss {m['final/loss']:.4g}" if "final/loss" in m else ""))
         if o.error:
-            print(f"  error: {redact_text(o.error)}")
-    print(f"\nTables under: {store.root}/tables")
-    print(f"MLflow: {redact_uri(summary.tracking_uri)}  run {summary.run_id}")
-    print(f"Browse: vgen ui --storage {store.root}")
+            lines.append(f"  error: {redact_text(o.error)}")
+    lines += [f"\nTables under: {store.root}/tables",
+              f"MLflow: {redact_uri(summary.tracking_uri)}  run {summary.run_id}",
+              f"Browse: vgen ui --storage {store.root}"]
+    print("\n".join(lines), file=out, flush=True)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -473,7 +531,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         if args.dry_run:
-            print(json.dumps(plan.to_json(), indent=2))
+            print(json.dumps(plan.to_json(), indent=2))  # env_vars values redacted
             return EXIT_OK
         for note in plan.notes:
             print(f"vgen submit: note: {note}", file=sys.stderr)
@@ -483,7 +541,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         plan.cleanup()
     print(job_id, flush=True)
     print(
-        f"submitted job {job_id} to {jobs.address}: {plan.entrypoint}\n"
+        f"submitted job {job_id} to {jobs.address}: {plan.shown_entrypoint()}\n"
         f"  follow: vgen logs {job_id} --address {jobs.address} --follow\n"
         f"  status: vgen status --job {job_id} --address {jobs.address}\n"
         f"  stop:   vgen stop {job_id} --address {jobs.address}",

@@ -52,7 +52,8 @@ ACCEPTS: dict[str, tuple[str, ...]] = {
 }
 
 
-def sized_config(title: str, config_class: type[BaseModel], sizes: Mapping[str, Any]) -> Callable[..., Any]:
+def sized_config(title: str, config_class: type[BaseModel],
+                 sizes: Mapping[str, Any]) -> Callable[..., Any]:
     """``config(size, **overrides)`` for a family's size table: the registered size's fields
     with ``overrides`` applied, validated by ``config_class``; an unknown size names the known."""
 

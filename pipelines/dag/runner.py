@@ -22,13 +22,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipelines.console import Console
 from pipelines.stages.base import Counts, OutputRef, StageError
 from vgen_core.faults import fault_point
 
@@ -103,34 +103,19 @@ def connect_ray(address: str | None = None) -> None:
             os.environ[var] = saved[0]
 
 
-class _Progress:
-    """One line per update per stage on stderr: ``[stage] 40/80 processed, 0 quarantined``."""
-
-    def __init__(self, stream=None):
-        self.stream, self.lock = stream or sys.stderr, threading.Lock()
-
-    def __call__(self, stage: str, counts: Counts, total: int) -> None:
-        done = counts.processed + counts.skipped + counts.quarantined + counts.filtered
-        width = 24
-        filled = int(width * done / total) if total else width
-        bar = "#" * filled + "." * (width - filled)
-        with self.lock:
-            print(f"[{stage}] [{bar}] {done}/{total}  processed={counts.processed} "
-                  f"skipped={counts.skipped} quarantined={counts.quarantined}",
-                  file=self.stream, flush=True)
-
-
 class Runner:
     def __init__(self, dag: Dag, store: Any, tracker: Any, tracking_uri: str, *,
                  address: str | None = None, executor: str = "ray", stream=None,
-                 verify_sources: bool = False):
+                 verify_sources: bool = False, console: Any = None, log_path: str | None = None):
         self.dag, self.store, self.tracker = dag, store, tracker
         #: source stages compare file contents, not sizes + mtimes (``vgen run --verify-sources``)
         self.verify_sources = verify_sources
         self.tracking_uri, self.address, self.executor = tracking_uri, address, executor
         self.state = StageState(store)
-        self.stream = stream or sys.stderr  # looked up now: a test may have swapped sys.stderr
-        self.progress = _Progress(self.stream)
+        # vgen's own lines (pipelines.console); stream: looked up now, a test may swap sys.stderr
+        self.console = console or Console(stream or sys.stderr)
+        #: where library output and tracebacks go (`vgen run` prints it; None: not captured)
+        self.log_path = log_path
 
     # ---------------------------------------------------------------------------------
     def run(self) -> RunSummary:
@@ -156,8 +141,7 @@ class Runner:
         if noop:  # the plan just made is the answer: nothing to schedule, nothing re-read
             outcomes = {}
             for p in plans:
-                print(f"[{p.stage}] up-to-date: skipped ({p.reason})", file=self.stream,
-                      flush=True)
+                self.console.print(f"[{p.stage}] up-to-date: skipped ({p.reason})")
                 outcomes[p.stage] = StageOutcome(p.stage, p.kind, "skipped", p.reason,
                                                  outputs=p.outputs)
         else:
@@ -258,7 +242,7 @@ class Runner:
         resumed = self._reattach(prev) if prev else None
         if resumed is None:
             return self.tracker.child(name)
-        print(f"[{name}] continues MLflow run {prev}", file=self.stream, flush=True)
+        self.console.print(f"[{name}] continues MLflow run {prev}")
         resumed.set_tags({"vgen.resumed_in_dag_run": self.tracker.run_id})
         return resumed
 
@@ -298,23 +282,22 @@ class Runner:
                 verify_sources=self.verify_sources,
                 tracking_uri=self.tracking_uri,
                 cluster=self.cluster,
-                progress=lambda c, total: self.progress(name, c, total),
+                progress=lambda c, total: self.console.samples(
+                    name, c.processed + c.skipped + c.quarantined + c.filtered, total,
+                    quarantined=c.quarantined, filtered=c.filtered),
+                step_progress=lambda step, total, m: self.console.steps(name, step, total, m),
             )
         except Exception as e:  # planning touches inputs: report like a stage failure
             msg = f"{type(e).__name__}: {e}"
-            print(f"[{name}] FAILED while planning: {msg}", file=self.stream, flush=True)
+            self.console.print(f"[{name}] FAILED while planning: {msg}")
             return StageOutcome(name, kind, "failed", error=msg, seconds=time.time() - t0), ""
         if plan.state == UP_TO_DATE:
-            print(f"[{name}] up-to-date: skipped ({plan.reason})", file=self.stream, flush=True)
+            self.console.print(f"[{name}] up-to-date: skipped ({plan.reason})")
             return StageOutcome(
                 name, kind, "skipped", plan.reason, outputs=plan.outputs, seconds=time.time() - t0
             ), plan.fingerprint
-        print(
-            f"[{name}] {plan.state}: {plan.reason}"
-            + (f" [sources: {plan.sources}]" if plan.sources else ""),
-            file=self.stream,
-            flush=True,
-        )
+        self.console.print(f"[{name}] {plan.state}: {plan.reason}"
+                           + (f" [sources: {plan.sources}]" if plan.sources else ""))
         stage.stage_fingerprint = plan.fingerprint
         child = self._stage_tracker(name, stage, plan.fingerprint, last)
         stage.ctx.tracker = child
@@ -356,9 +339,12 @@ class Runner:
         except Exception as e:
             msg = str(e) if isinstance(e, StageError) else f"{type(e).__name__}: {e}"
             log.debug("stage %s failed:\n%s", name, traceback.format_exc())
-            print(f"[{name}] FAILED: {msg}", file=self.stream, flush=True)
-            if not isinstance(e, StageError):
-                print(traceback.format_exc(), file=self.stream, flush=True)
+            self.console.done(name)
+            self.console.print(f"[{name}] FAILED: {msg}")
+            # the traceback: the log file when `vgen run` captures output, else stderr
+            print(f"[{name}] FAILED:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            if self.log_path:
+                self.console.print(f"[{name}] details: {self.log_path}")
             self.state.record(
                 dag=self.dag.name,
                 stage=name,
@@ -402,12 +388,16 @@ class Runner:
         )
         fault_point("after_stage_completed")
         child.finish("FINISHED")
-        print(
-            f"[{name}] done in {seconds:.1f}s: processed={counts.processed} "
-            f"skipped={counts.skipped} quarantined={counts.quarantined}",
-            file=self.stream,
-            flush=True,
-        )
+        self.console.done(name)
+        if "final/step" in result.metrics:  # a training stage
+            m = result.metrics
+            done = f"trained {int(m['final/step'])} steps" + (
+                f", final loss {m['final/loss']:.4g}" if "final/loss" in m else "")
+        else:
+            done = (f"processed={counts.processed} skipped={counts.skipped} "
+                    f"quarantined={counts.quarantined}"
+                    + (f" filtered={counts.filtered}" if counts.filtered else ""))
+        self.console.print(f"[{name}] done in {seconds:.1f}s: {done}")
         return StageOutcome(
             name, kind, "ran", plan.reason, counts, result.outputs, result.metrics, seconds
         ), plan.fingerprint

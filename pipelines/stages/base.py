@@ -101,12 +101,15 @@ class StageContext:
     tracking_uri: str | None = None
     cluster: dict[str, float] = field(default_factory=dict)  # total CPU / GPU of the cluster
     progress: Callable[[Counts, int], None] | None = None
+    #: training stages: ``(optimizer step, total steps, last logged metrics)`` as the run goes
+    step_progress: Callable[[int, int, dict[str, float]], None] | None = None
     #: source stages: decide what changed by content, not size + mtime (:class:`SourceStage`)
     verify_sources: bool = False
 
     def for_worker(self) -> StageContext:
         """The part of the context that travels to Ray workers (no tracker, no callbacks)."""
-        return dataclasses.replace(self, tracker=NullTracker(), progress=None)
+        return dataclasses.replace(self, tracker=NullTracker(), progress=None,
+                                   step_progress=None)
 
     def input_ref(self, upstream: str, output: str) -> OutputRef:
         try:

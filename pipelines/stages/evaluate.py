@@ -50,8 +50,8 @@ from vgen_core import families
 from vgen_core.data.images import IMAGE_COLUMNS, decode_image, pick_column, preprocess
 from vgen_core.data.schemas import EVAL_RESULTS
 
-from .base import (InProcessExecutor, JobStage, OutputRef, StageConfig, StageError, StageResult,
-                   filter_to_key_set, filter_to_keys, resolve_device, row_keys)
+from .base import (Counts, InProcessExecutor, JobStage, OutputRef, StageConfig, StageError,
+                   StageResult, filter_to_key_set, filter_to_keys, resolve_device, row_keys)
 from .evaluate_generation import decode_to_uint8, load_model_ref
 
 __all__ = ["EvaluateTokenizerConfig", "EvaluateTokenizer", "build_extractor"]
@@ -285,7 +285,7 @@ class EvaluateTokenizer(JobStage):
                                commit_metadata={"vgen.stage": self.ctx.stage})
         return StageResult(outputs={"results": OutputRef("table", name, store.uri(name),
                                                          version=version)},
-                           metrics=metrics)
+                           metrics=metrics, counts=Counts(processed=n))  # samples reconstructed
 
     # -- pieces of the run ----------------------------------------------------------------
     def _reconstruct(self, executor: Any, tok_ref: OutputRef, resolution: int, col: str,

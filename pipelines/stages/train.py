@@ -22,10 +22,12 @@ when ``train.ema_decay`` > 0) are registered in MLflow's model registry as ``<da
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import tempfile
+import threading
 from typing import Any
 
 import numpy as np
@@ -34,7 +36,7 @@ from pydantic import Field
 from vgen_core.faults import fault_point
 from vgen_core.training import TrainConfig
 
-from .base import JobStage, OutputRef, StageConfig, StageError, StageResult
+from .base import Counts, JobStage, OutputRef, StageConfig, StageError, StageResult
 
 SUMMARY_NAME = "train_summary.json"
 
@@ -104,7 +106,11 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
         if rank == 0 and cfg.get("run_id") else NullTracker()
     floor = log_floor(resumed_from, _logged_through(tracker) if rank == 0 else None)
 
+    board = cfg.get("progress") if rank == 0 else None
+
     def on_log(step: int, metrics: dict[str, float]) -> None:
+        if board is not None:  # the driver's console line (fire and forget)
+            board.put.remote(step, tcfg.steps, dict(metrics))
         if step > floor:
             tracker.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
 
@@ -125,6 +131,56 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
     _export(engine, ema, cfg, rank, {
         "final": last or state.last_metrics, "world_size": world, "step": state.step,
         "resumed_from": resumed_from, "restores": state.restores})
+
+
+class _ProgressBoard:
+    """The last training progress rank 0 posted: a zero-CPU actor the driver polls."""
+
+    def __init__(self) -> None:
+        self.last: tuple[int, int, dict[str, float]] | None = None
+
+    def put(self, step: int, total: int, metrics: dict[str, float]) -> None:
+        self.last = (step, total, metrics)
+
+    def get(self) -> tuple[int, int, dict[str, float]] | None:
+        return self.last
+
+
+@contextlib.contextmanager
+def _progress_to(callback: Any, loop_cfg: dict[str, Any], every_s: float = 1.0):
+    """While training: rank 0 posts ``(step, steps, metrics)`` at each log step to a
+    :class:`_ProgressBoard` (``loop_cfg["progress"]``), and a driver thread hands each new post
+    to ``callback`` (the console's training line). Nothing when there is no callback."""
+    if callback is None:
+        yield
+        return
+    import ray
+
+    board = ray.remote(num_cpus=0)(_ProgressBoard).remote()
+    loop_cfg["progress"] = board
+    stop = threading.Event()
+
+    def poll() -> None:
+        seen = None
+        while not stop.wait(every_s):
+            try:
+                last = ray.get(board.get.remote(), timeout=10)
+            except Exception:  # progress is never worth failing the stage
+                continue
+            if last is not None and last != seen:
+                seen = last
+                callback(*last)
+
+    t = threading.Thread(target=poll, name="vgen-train-progress", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(timeout=15)
+        loop_cfg.pop("progress", None)
+        with contextlib.suppress(Exception):
+            ray.kill(board)
 
 
 def _make_ema(engine: Any, tcfg: TrainConfig, rank: int):
@@ -374,7 +430,8 @@ class TrainTokenizer(JobStage):
                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
             datasets={"train": ds},
         )
-        trainer.fit()
+        with _progress_to(self.ctx.step_progress, loop_cfg):
+            trainer.fit()
         from vgen_core.data.fsio import filesystem_for
 
         fs, path = filesystem_for(output_uri)
@@ -390,7 +447,9 @@ class TrainTokenizer(JobStage):
         if version is not None:
             metrics["registry/version"] = version
         ref = OutputRef("model", name, output_uri, digest=summary["digest"])
-        return StageResult(outputs={self.output_key: ref}, metrics=metrics)
+        # processed: the rows of the table it trained on
+        return StageResult(outputs={self.output_key: ref}, metrics=metrics,
+                           counts=Counts(processed=int(data_info.get("num_rows", 0))))
 
     def ray_run_name(self) -> str:
         """The Ray Train run (directory under ``<storage>/ray_train``) of this stage fingerprint.

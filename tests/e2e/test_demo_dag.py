@@ -59,6 +59,15 @@ def test_demo_runs_then_skips_then_recomputes_changed(demo_env):
     p = vgen("run", str(DEMO), "--storage", str(storage), env=env)
     assert p.returncode == 0
     assert "MLflow:" in p.stdout and str(storage) in p.stdout
+    # the console: vgen's own lines only, every stage's final line; the rest in the log file
+    console = (p.stdout + p.stderr).splitlines()
+    assert len(console) <= 100, "\n".join(console)
+    for s in STAGES:
+        assert sum(line.startswith(f"[{s}] done in ") for line in console) == 1, s
+    assert not [line for line in console if "RayTrainWorker" in line or "Traceback" in line]
+    (log,) = [line.split(None, 1)[1] for line in console if line.startswith("Log: ")]
+    assert log.startswith(f"{storage}/_vgen/logs/demo/") and f"vgen: log file {log}" in p.stderr
+    assert "RayTrainWorker" in Path(log).read_text()  # the workers' output went there
     st = status(storage, env)
     assert all(s["state"] == "up-to-date" for s in st.values()), st
     assert st["images"]["counts"] == counts(N)

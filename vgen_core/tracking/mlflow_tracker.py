@@ -723,10 +723,11 @@ class MlflowTracker:
                 offline_reason=self._offline_reason or "parent not tracked",
             )
         tags = {MLFLOW_PARENT_RUN_ID: self._run_id}
+        experiment_id = self._experiment_id  # not None here (the offline case returned above)
         run = self._guard(
             "child",
             {"run_name": name},
-            lambda c: c.create_run(self._experiment_id, run_name=name, tags=_context_tags(tags)),
+            lambda c: c.create_run(experiment_id, run_name=name, tags=_context_tags(tags)),
         )
         if run is None:
             child_id = f"offline-{uuid.uuid4().hex}"

@@ -154,7 +154,8 @@ class _Replayer:
         tags["vgen.synced_from"] = source
         if parent_target:
             tags[MLFLOW_PARENT_RUN_ID] = parent_target
-        first = min((r.get("time") for r in records if r.get("time") is not None), default=None)
+        times = [t for r in records if (t := r.get("time")) is not None]
+        first = min(times, default=None)
         run = self.client.create_run(
             experiment_id, run_name=start.get("run_name") or source, tags=tags,
             start_time=int(first * 1000) if first is not None else None)
@@ -196,7 +197,8 @@ class _Replayer:
             self.result.records += 1
         return True
 
-    def _apply(self, run_id: str, kind: str, data: Mapping[str, Any], t: float | None) -> None:
+    def _apply(self, run_id: str, kind: str | None, data: Mapping[str, Any],
+               t: float | None) -> None:
         c = self.client
         if kind == "params":
             params = [Param(_key(k), str(v)) for k, v in data.items()]
@@ -207,12 +209,12 @@ class _Replayer:
             step = int(data.get("step") or 0)
             batch = [Metric(_key(k), float(v), ts, step)
                      for k, v in (data.get("metrics") or {}).items()]
-            for chunk in _chunks(batch, _METRICS_PER_BATCH):
-                c.log_batch(run_id, metrics=chunk, synchronous=True)
+            for metric_chunk in _chunks(batch, _METRICS_PER_BATCH):
+                c.log_batch(run_id, metrics=metric_chunk, synchronous=True)
         elif kind == "tags":
             tags = [RunTag(_key(k), str(v)) for k, v in data.items()]
-            for chunk in _chunks(tags, _PARAMS_PER_BATCH):
-                c.log_batch(run_id, tags=chunk, synchronous=True)
+            for tag_chunk in _chunks(tags, _PARAMS_PER_BATCH):
+                c.log_batch(run_id, tags=tag_chunk, synchronous=True)
         elif kind == "image":
             import numpy as np
             from PIL import Image
@@ -221,11 +223,12 @@ class _Replayer:
             if not path.is_file():
                 raise FileNotFoundError(f"image file {path} is missing")
             image = np.asarray(Image.open(path))
-            step = data.get("step")
-            if step is None:
+            image_step = data.get("step")
+            if image_step is None:
                 c.log_image(run_id, image, artifact_file=f"{data['name']}.png")
             else:
-                c.log_image(run_id, image, key=data["name"], step=int(step), synchronous=True)
+                c.log_image(run_id, image, key=data["name"], step=int(image_step),
+                            synchronous=True)
         elif kind == "text":
             c.log_text(run_id, str(data["text"]), data["artifact_file"])
         elif kind == "dict":
