@@ -393,7 +393,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "storage": store.root,
             "stages": [p.to_json() for p in plans],
         }
-        if cluster is not None:
+        if cluster is not None and alloc is not None:
             out["cluster"] = cluster
             for s in out["stages"]:
                 s["cluster"] = alloc[s["stage"]]

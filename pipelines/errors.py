@@ -14,6 +14,7 @@ class DagError(ValueError):
     def __init__(self, message: str, *, file: str | None = None, stage: str | None = None,
                  field: str | None = None):
         self.file, self.stage, self.field = file, stage, field
+        self.detail = message  # the message without the file / stage / field prefix
         where = [p for p in (file, f"stage '{stage}'" if stage else None,
                              f"field '{field}'" if field else None) if p]
         super().__init__(f"{': '.join(where)}: {message}" if where else message)

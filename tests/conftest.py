@@ -94,6 +94,18 @@ def vgen_cmd() -> list[str]:
     return [sys.executable, "-m", "pipelines.cli"]
 
 
+def run_output(p: subprocess.CompletedProcess) -> str:
+    """What a `vgen run` subprocess said: its stderr and stdout, then its run log file (library
+    output, tracebacks, fault-point messages: ``pipelines.console``), whose path it prints."""
+    import re
+
+    text = (p.stderr or "") + (p.stdout or "")
+    m = re.search(r"^vgen: log file (\S+)", p.stderr or "", re.M)
+    if m and os.path.exists(m.group(1)):
+        text += "\n==== " + m.group(1) + "\n" + Path(m.group(1)).read_text(errors="replace")
+    return text
+
+
 @contextlib.contextmanager
 def serve_ui(storage: Path, timeout: float = 120.0):
     """`vgen ui --storage STORAGE` on a free loopback port: yields its base URL once it answers,

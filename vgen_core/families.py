@@ -177,6 +177,16 @@ class FamilySpec:
         return self.model_class(config)
 
     # -- what it can do -------------------------------------------------------------------
+    def hook(self, name: str) -> Callable[..., Any]:
+        """The function ``name`` (``loss``, ``sampler``, ``encode``, ``decode``,
+        ``load_official``); ValueError when this family has none (``capabilities`` says which
+        it has)."""
+        fn = getattr(self, name, None)
+        if fn is None:
+            raise ValueError(f"model family {self.name!r} has no {name} (it can: "
+                             f"{', '.join(self.capabilities) or 'nothing here'})")
+        return fn
+
     @property
     def capabilities(self) -> list[str]:
         caps = []

@@ -56,9 +56,7 @@ def check_stage(dag: Dag, name: str, store: Any) -> list[DagError]:
         problems = [("with", f"checking the config failed: {type(e).__name__}: {e}")]
     out = []
     for field_, why in problems:
-        err = DagError(why, file=dag.source, stage=name, field=field_)
-        err.detail = why  # the message without the file / stage / field prefix
-        out.append(err)
+        out.append(DagError(why, file=dag.source, stage=name, field=field_))
     return out
 
 
@@ -156,7 +154,7 @@ def plan_stage(dag: Dag, name: str, store: Any, inputs: dict[str, dict[str, Outp
                if done and k not in done["outputs"]]
     unchanged = (done is not None and done["fingerprint"] == fp and not lacking
                  and _outputs_exist(store, done["outputs"]))
-    if unchanged and not verify:
+    if unchanged and not verify and done is not None:
         plan.state, plan.reason = UP_TO_DATE, "fingerprint and outputs unchanged"
         plan.outputs = {k: OutputRef.from_json(v) for k, v in done["outputs"].items()}
         return plan, stage
@@ -182,9 +180,9 @@ def plan_stage(dag: Dag, name: str, store: Any, inputs: dict[str, dict[str, Outp
         plan.todo = work.todo_count if work.items is None else None
         plan.breakdown = dict(work.breakdown)
         if plan.todo is not None:
-            parts = ", ".join(f"{v} {k.replace('_', '-')}" for k, v in work.breakdown.items() if v)
+            kinds = ", ".join(f"{v} {k.replace('_', '-')}" for k, v in work.breakdown.items() if v)
             plan.reason += (f" ({plan.todo} of {work.total} samples to compute"
-                            + (f": {parts}" if parts else "") + ")")
+                            + (f": {kinds}" if kinds else "") + ")")
         elif verify:
             n = work.breakdown.get("new_or_changed", 0)
             plan.reason += (f" ({work.total} samples; {n} new or changed by size+mtime; only "
@@ -254,7 +252,7 @@ def plan_dag(dag: Dag, store: Any, state: Any,
                                     + " will run first")
             continue
         inputs = {u: plans[u].outputs for u in needs}
-        fps = {u: plans[u].fingerprint for u in needs}
+        fps = {u: plans[u].fingerprint or "" for u in needs}  # planned: all set
         plans[name], _ = plan_stage(
             dag,
             name,

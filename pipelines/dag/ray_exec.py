@@ -124,6 +124,9 @@ class RayDataExecutor:
             n_blocks = max(1, min(work.items.num_rows, pool * 4))
             ds = ray.data.from_arrow(work.items).repartition(n_blocks)
         else:
+            if work.table_uri is None:
+                raise ValueError(f"stage {stage.ctx.stage!r}: its work names neither items nor "
+                                 "a table to read")
             ds = ray.data.read_delta(
                 work.table_uri, version=work.table_version, columns=work.columns,
                 storage_options=stage.ctx.store.worker_storage_options() or None)
@@ -143,5 +146,6 @@ class RayDataExecutor:
             num_gpus=float(getattr(res, "gpus", 0.0) or 0.0) or None,
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            assert isinstance(batch, pa.Table)  # batch_format="pyarrow"
             for row in batch.to_pylist():
                 yield _open_envelope(row)

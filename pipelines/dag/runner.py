@@ -138,7 +138,7 @@ class Runner:
         self.tracker.log_params(self.dag.resolved())
         self.tracker.set_tags({"vgen.dag": self.dag.name, "vgen.storage": self.store.root,
                                "vgen.dag_file": self.dag.source})
-        if noop:  # the plan just made is the answer: nothing to schedule, nothing re-read
+        if plans is not None and noop:  # the plan is the answer: nothing to run, nothing re-read
             outcomes = {}
             for p in plans:
                 self.console.print(f"[{p.stage}] up-to-date: skipped ({p.reason})")
@@ -254,6 +254,8 @@ class Runner:
         if not isinstance(t, MlflowTracker) or t.offline or run_id.startswith("offline-"):
             return None
         try:
+            if t.client is None:
+                return None
             t.client.get_run(run_id)
         except Exception:
             return None
@@ -291,15 +293,17 @@ class Runner:
             msg = f"{type(e).__name__}: {e}"
             self.console.print(f"[{name}] FAILED while planning: {msg}")
             return StageOutcome(name, kind, "failed", error=msg, seconds=time.time() - t0), ""
+        fp = plan.fingerprint
+        assert fp is not None  # plan_stage always computes it (only plan_dag leaves it unset)
         if plan.state == UP_TO_DATE:
             self.console.print(f"[{name}] up-to-date: skipped ({plan.reason})")
             return StageOutcome(
                 name, kind, "skipped", plan.reason, outputs=plan.outputs, seconds=time.time() - t0
-            ), plan.fingerprint
+            ), fp
         self.console.print(f"[{name}] {plan.state}: {plan.reason}"
                            + (f" [sources: {plan.sources}]" if plan.sources else ""))
-        stage.stage_fingerprint = plan.fingerprint
-        child = self._stage_tracker(name, stage, plan.fingerprint, last)
+        stage.stage_fingerprint = fp
+        child = self._stage_tracker(name, stage, fp, last)
         stage.ctx.tracker = child
         child.set_tags(
             {
@@ -323,7 +327,7 @@ class Runner:
             dag=self.dag.name,
             stage=name,
             kind=kind,
-            fingerprint=plan.fingerprint,
+            fingerprint=fp,
             parts=plan.parts,
             status="started",
             run_id=child.run_id,
@@ -349,7 +353,7 @@ class Runner:
                 dag=self.dag.name,
                 stage=name,
                 kind=kind,
-                fingerprint=plan.fingerprint,
+                fingerprint=fp,
                 parts=plan.parts,
                 status="failed",
                 run_id=child.run_id,
@@ -358,7 +362,7 @@ class Runner:
             child.finish("FAILED")
             return StageOutcome(
                 name, kind, "failed", plan.reason, error=msg, seconds=time.time() - t0
-            ), plan.fingerprint
+            ), fp
         seconds = time.time() - t0
         counts = result.counts
         child.log_metrics(
@@ -379,7 +383,7 @@ class Runner:
             dag=self.dag.name,
             stage=name,
             kind=kind,
-            fingerprint=plan.fingerprint,
+            fingerprint=fp,
             parts=plan.parts,
             status="completed",
             run_id=child.run_id,
@@ -391,13 +395,13 @@ class Runner:
         self.console.done(name)
         if "final/step" in result.metrics:  # a training stage
             m = result.metrics
-            done = f"trained {int(m['final/step'])} steps" + (
+            what = f"trained {int(m['final/step'])} steps" + (
                 f", final loss {m['final/loss']:.4g}" if "final/loss" in m else "")
         else:
-            done = (f"processed={counts.processed} skipped={counts.skipped} "
+            what = (f"processed={counts.processed} skipped={counts.skipped} "
                     f"quarantined={counts.quarantined}"
                     + (f" filtered={counts.filtered}" if counts.filtered else ""))
-        self.console.print(f"[{name}] done in {seconds:.1f}s: {done}")
+        self.console.print(f"[{name}] done in {seconds:.1f}s: {what}")
         return StageOutcome(
             name, kind, "ran", plan.reason, counts, result.outputs, result.metrics, seconds
-        ), plan.fingerprint
+        ), fp

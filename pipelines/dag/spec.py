@@ -170,7 +170,7 @@ def parse_dag(data: Any, source: str = "<dag>", *, storage: str | None = None,
     except ValidationError as e:
         err = e.errors()[0]
         loc = tuple(err["loc"])
-        stage = loc[1] if len(loc) > 1 and loc[0] == "stages" else None
+        stage = str(loc[1]) if len(loc) > 1 and loc[0] == "stages" else None
         field = _loc_to_field(loc[2:] if stage else loc) or None
         raise DagError(f"{err['msg']} (got {err.get('input')!r})", file=source, stage=stage,
                        field=field) from None

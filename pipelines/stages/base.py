@@ -275,6 +275,9 @@ class Stage:
     Config: ClassVar[type[StageConfig]] = StageConfig
     #: upstream stages this kind expects, as (min, max); max None = any number
     needs_range: ClassVar[tuple[int, int | None]] = (0, None)
+    #: the planner's fingerprint of this run of the stage (input versions included); set by the
+    #: runner before ``run`` (None when a stage is built outside a DAG run)
+    stage_fingerprint: str | None = None
     #: config fields naming a data root (folder, s3:// prefix, or a built-in ``skimage://`` /
     #: ``sample://``) the stage lists: checked to exist before anything runs
     root_fields: ClassVar[tuple[str, ...]] = ()

@@ -72,6 +72,7 @@ class _Curate(SourceStage):
     dataset: str
     #: the layout ``root`` should hold, for the message when it holds nothing
     layout: str
+    config: _CurateConfig
 
     def check_config(self) -> list[tuple[str, str]]:
         """Besides the root existing (:meth:`Stage.check_config`): it holds at least one file.
@@ -287,7 +288,7 @@ class CuratePanCap(_Curate):
     config: CuratePanCapConfig
 
     @property
-    def output_schema(self) -> pa.Schema:  # type: ignore[override]
+    def output_schema(self) -> pa.Schema:
         from vgen_core.data.schemas import PANCAP_SAMPLES
 
         return PANCAP_SAMPLES
@@ -348,7 +349,7 @@ class CurateViCaS(_Curate):
     config: CurateViCaSConfig
 
     @property
-    def output_schema(self) -> pa.Schema:  # type: ignore[override]
+    def output_schema(self) -> pa.Schema:
         from vgen_core.data.schemas import VICAS_SAMPLES
 
         return VICAS_SAMPLES

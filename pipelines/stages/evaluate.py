@@ -394,14 +394,15 @@ class EvaluateTokenizer(JobStage):
                                 f"{gspec.conditioning}, not class labels; sample it with "
                                 "evaluate.generation")
             return 0
-        params = inspect.signature(gspec.sampler).parameters
+        sampler = gspec.hook("sampler")
+        params = inspect.signature(sampler).parameters
         options = {k: v for k, v in (("steps", cfg.sample_steps),
                                      ("guidance_scale", cfg.guidance_scale)) if k in params}
         classes = int(getattr(gen.config, "num_classes", 1) or 1)
         labels = torch.arange(cfg.num_samples) % classes
         g = torch.Generator().manual_seed(cfg.seed)
         with torch.inference_mode():
-            out = gspec.sampler(gen, labels, generator=g, **options)
+            out = sampler(gen, labels, generator=g, **options)
         if gspec.output == "tokens" and codebook_size is not None:
             s_usage = codebook_usage(out.flatten(), codebook_size)
             metrics["samples/codebook_usage"] = float(s_usage["usage_fraction"])

@@ -48,7 +48,7 @@ class _PredictActor:
         self._tmp = tempfile.TemporaryDirectory()
         self.plan, self.device = plan, resolve_device(plan["device"])
         self.model = load_model_ref(plan["generator"], self._tmp.name).to(self.device)
-        self.sample = families.get(self.model.family).sampler
+        self.sample = families.get(self.model.family).hook("sampler")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch

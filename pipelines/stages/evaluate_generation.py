@@ -48,7 +48,7 @@ import inspect
 import io
 import json
 import tempfile
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import numpy as np
 import pyarrow as pa
@@ -156,7 +156,7 @@ class _SampleActor:
         self.decoder = load_model_ref(plan["tokenizer"], f"{self._tmp.name}/tok").to(self.device)
         self.extractor = build_extractor(plan["extractor"], self._tmp.name, self.device)
         spec = families.get(self.generator.family)
-        self.sample_fn = spec.sampler
+        self.sample_fn = spec.hook("sampler")
         self.condition, self.output = spec.conditioning, spec.output
         self.grid_hw = tuple(plan["grid_hw"]) if plan.get("grid_hw") else None
 
@@ -281,12 +281,22 @@ class EvaluateGeneration(JobStage):
     def _refs(self, key: str) -> list[tuple[str, OutputRef]]:
         return [(u, outs[key]) for u, outs in self.ctx.inputs.items() if key in outs]
 
+    @overload
+    def generator_ref(self, required: Literal[True] = ...) -> OutputRef: ...
+    @overload
+    def generator_ref(self, required: bool) -> OutputRef | None: ...
+
     def generator_ref(self, required: bool = True) -> OutputRef | None:
         refs = self._refs("generator")
         if len(refs) != 1 and (required or len(refs) > 1):
             raise StageError(f"{self._where()}: needs exactly one train.generator stage among "
                              f"`needs`, found {len(refs)}")
         return refs[0][1] if refs else None
+
+    @overload
+    def side_input(self, required: Literal[True] = ...) -> tuple[str, OutputRef, OutputRef]: ...
+    @overload
+    def side_input(self, required: bool) -> tuple[str, OutputRef, OutputRef] | None: ...
 
     def side_input(self, required: bool = True) -> tuple[str, OutputRef, OutputRef] | None:
         """(tokenize stage name, its side table, the curated table it was made from)."""
@@ -327,6 +337,7 @@ class EvaluateGeneration(JobStage):
                                              what="extractor_weights")
             except FileNotFoundError as e:
                 raise StageError(f"{self._where()}: {e}") from None
+        reference: dict[str, Any] | None
         if self.config.reference_npz:
             reference = {"npz": self.config.reference_npz,
                          "file": _file_identity(self.config.reference_npz)}
@@ -353,7 +364,7 @@ class EvaluateGeneration(JobStage):
             raise StageError(f"{self._where()}: the tokenizer at {tok.uri} is no longer the one "
                              f"that made the tokens (digest {cfg.get('weights_digest')} vs "
                              f"{tok.digest}); re-run the tokenize stage and the generator")
-        return cfg.get("family"), cfg
+        return str(cfg.get("family") or "unknown"), cfg
 
     # -- the run --------------------------------------------------------------------------
     def run(self, executor: Any = None) -> StageResult:
@@ -373,6 +384,9 @@ class EvaluateGeneration(JobStage):
         gen_cfg = _model_config(gen_ref.uri)
         family = gen_cfg.get("family")
         try:
+            if not family:
+                raise ValueError(f"{gen_ref.uri}/config.json names no model family (not a vgen "
+                                 "export); re-run the train stage")
             spec = families.get(family, role="generator", can="sample")
         except ValueError as e:
             raise StageError(f"{where}: {e}") from None
@@ -398,8 +412,13 @@ class EvaluateGeneration(JobStage):
                 "extractor": ext, "sampler": dict(cfg.sampler), "seed": cfg.seed,
                 "grid_images": cfg.grid_images, "device": cfg.device,
                 "grid_hw": _grid_hw(store, side)}
-        pool = spatial = None
-        index, pools, logits, tokens, grid = [], [], [], [], {}
+        pool: FeatureStats | None = None
+        spatial: FeatureStats | None = None
+        index: list[np.ndarray] = []
+        pools: list[np.ndarray] = []
+        logits: list[np.ndarray] = []
+        tokens: list[np.ndarray] = []
+        grid: dict[int, bytes] = {}
         for b in executor.map_actors(
                 _SampleActor, (plan,), make_ds=lambda: _shards_ds(shards),
                 local_batches=lambda: (pa.Table.from_pylist([s]) for s in shards),
@@ -421,6 +440,8 @@ class EvaluateGeneration(JobStage):
             for i, png in zip(b["index"].to_pylist(), b["png"].to_pylist()):
                 if png:
                     grid[i] = png
+        if pool is None:
+            raise StageError(f"{where}: the sampling actors returned no samples")
         order = np.argsort(np.concatenate(index), kind="stable")
         pool_ND = np.concatenate(pools)[order]
         logits_NK = np.concatenate(logits)[order] if logits else None
@@ -461,7 +482,7 @@ class EvaluateGeneration(JobStage):
 
     # -- pieces of the run ----------------------------------------------------------------
     def _check_sampler(self, spec: families.FamilySpec) -> None:
-        params = inspect.signature(spec.sampler).parameters
+        params = inspect.signature(spec.hook("sampler")).parameters
         allowed = [p for p, v in params.items() if v.kind == v.KEYWORD_ONLY and p != "generator"]
         bad = sorted(set(self.config.sampler) - set(allowed))
         if bad:
@@ -536,6 +557,7 @@ class EvaluateGeneration(JobStage):
         keys = store.read(source.name, version=source.version,
                           columns=["sample_id", "content_digest"])
         digest = keys_digest(keys)
+        assert source.version is not None  # a table reference always has its version
         key = ReferenceKey(source.uri, int(source.version), name, int(resolution))
         hit = cache.get(key, digest)
         if hit is not None:
@@ -547,8 +569,11 @@ class EvaluateGeneration(JobStage):
     def _import_npz(self, ext: dict[str, Any], ident: str):
         from vgen_core.eval.reference import import_adm_npz
 
+        npz = self.config.reference_npz
+        if not npz:
+            raise StageError(f"{self._where()}: with.reference_npz is not set")
         with tempfile.TemporaryDirectory() as tmp:
-            path = fetch_file(self.config.reference_npz, tmp)
+            path = fetch_file(npz, tmp)
             extractor = build_extractor(ext, tmp, _device(self.config.device))
             try:
                 return import_adm_npz(path, extractor, source_uri=self.config.reference_npz,
@@ -597,7 +622,7 @@ class EvaluateGeneration(JobStage):
                 spatial = spatial or FeatureStats(s.shape[1], key.extractor, "spatial")
                 spatial.update(s)
             subset.add(b["sample_id"].to_pylist(), x)
-        if pool is None or pool.count < 2:
+        if pool is None or (pool.count or 0) < 2:
             raise StageError(f"{self._where()}: {source.uri}@v{source.version} has fewer than 2 "
                              "images; reference statistics need at least 2")
         return ReferenceStats(key, "delta", pool, spatial, subset.result(), digest, False,

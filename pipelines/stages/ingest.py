@@ -114,10 +114,11 @@ class IngestImages(SourceStage):
     def _list_source(self) -> list[dict[str, Any]]:
         root = self.config.root
         if root.startswith("skimage://"):
-            import skimage
+            from importlib.metadata import version
 
+            stamp = f"skimage-{version('scikit-image')}"
             return [{"path": f"skimage://{n}", "file": escape_key(f"skimage://{n}"),
-                     "key": escape_key(n), "stamp": f"skimage-{skimage.__version__}"}
+                     "key": escape_key(n), "stamp": stamp}
                     for n in sorted(PHOTOS)]
         fs, base = filesystem_for(root)
         try:
@@ -189,8 +190,8 @@ class IngestImages(SourceStage):
                     f"stage '{self.ctx.stage}': labels: folder needs every image "
                     f"in a class sub-folder of with.root; {flat} is not"
                 )
-            classes = {c: k for k, c in enumerate(sorted(set(folders)))}
-            return [classes[f] for f in folders]
+            classes = {c: k for k, c in enumerate(sorted({str(f) for f in folders}))}
+            return [classes[str(f)] for f in folders]
         return list(range(len(listing)))
 
     # -- per worker -----------------------------------------------------------------------
@@ -256,7 +257,7 @@ class IngestImages(SourceStage):
         y0 = int(rng.integers(0, h - side + 1))
         x0 = int(rng.integers(0, w - side + 1))
         crop = Image.fromarray(rgb[y0 : y0 + side, x0 : x0 + side])
-        return np.asarray(crop.resize((cfg.size, cfg.size), Image.BICUBIC))
+        return np.asarray(crop.resize((cfg.size, cfg.size), Image.Resampling.BICUBIC))
 
 
 def _no_images(root: str) -> str:

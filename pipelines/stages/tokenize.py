@@ -88,7 +88,7 @@ class ImageTokenizeStage(MapStage):
     Config = ImageTokenizeConfig
     write_mode = "append"
     needs_range = (1, 2)
-    file_fields = ("weights",)  # checked to exist before anything runs
+    file_fields: ClassVar[tuple[str, ...]] = ("weights",)  # checked to exist before anything runs
     #: the side-table kind this stage writes (tokenizer families that can fill it are taken)
     produces: ClassVar[str]
     #: outputs every completed run records (an older record without one is re-run)
@@ -200,7 +200,7 @@ class ImageTokenizeStage(MapStage):
                              f"{model.family} tokenizer's downsample factor {factor}")
         self.resolution = res
         self.model = model.to(self.device).eval()
-        self.encode_fn = spec.encode
+        self.encode_fn = spec.hook("encode")
 
     def declared_resolution(self) -> int | None:
         """The crop size rows are made at, known on the driver (config, else the model's)."""
@@ -276,11 +276,14 @@ class ImageTokenizeStage(MapStage):
         res = self.declared_resolution()
         return None if res is None else {"resolution": int(res)}
 
-    def prepare_batch(self, batch: pa.Table, resolution: int) -> pa.Table:
+    def prepare_batch(self, batch: pa.Table, **kwargs: Any) -> pa.Table:
         """Decode + preprocess on a CPU task (no model): the image column becomes ``_pixels``
-        (``resolution``² × 3 uint8 bytes, null where it failed) and ``_error`` (why)."""
+        (``resolution``² × 3 uint8 bytes, null where it failed) and ``_error`` (why).
+        ``kwargs``: :meth:`prepare_args`."""
+        resolution = int(kwargs["resolution"])
         col = self._image_column(batch)
-        pixels, errors = [], []
+        pixels: list[bytes | None] = []
+        errors: list[str | None] = []
         for data in batch[col].to_pylist():
             try:
                 pixels.append(preprocess(decode_image(data), resolution).tobytes())
@@ -308,7 +311,7 @@ class ImageTokenizeStage(MapStage):
         (kept row indices, (n, R, R, 3) uint8, quarantine records for the rest)."""
         names = batch.schema.names
         if "_pixels" not in names:
-            batch = self.prepare_batch(batch, self.resolution)
+            batch = self.prepare_batch(batch, resolution=self.resolution)
         else:
             made = set(batch["_resolution"].to_pylist())
             if made - {self.resolution}:

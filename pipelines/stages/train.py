@@ -123,7 +123,7 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
             _save_checkpoint(engine, state, rank, ema, rng, device)
 
     tokens = getattr(task, "tokens_per_sample", None)
-    loss_fn = functools.partial(task.loss, **cfg.get("loss", {}))
+    loss_fn = functools.partial(task.hook("loss"), **cfg.get("loss", {}))
     last = train_loop(engine, _batches(cfg, tcfg, device, rng, state), loss_fn, tcfg,
                       on_log=on_log, on_step=on_step, start_step=resumed_from, world_size=world,
                       tokens_per_sample=tokens(cfg["data_info"]) if callable(tokens)
@@ -156,7 +156,7 @@ def _progress_to(callback: Any, loop_cfg: dict[str, Any], every_s: float = 1.0):
         return
     import ray
 
-    board = ray.remote(num_cpus=0)(_ProgressBoard).remote()
+    board: Any = ray.remote(num_cpus=0)(_ProgressBoard).remote()  # an ActorHandle
     loop_cfg["progress"] = board
     stop = threading.Event()
 

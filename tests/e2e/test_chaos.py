@@ -38,7 +38,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import ROOT, vgen_cmd
+from tests.conftest import ROOT, run_output, vgen_cmd
 from vgen_core.data import TableStore
 
 DAG_NAME = "chaos"
@@ -127,8 +127,8 @@ def run_killed(dag: Path, storage: Path, executor: str, env: dict[str, str], fau
     p = run_subprocess(dag, storage, executor, dict(env, VGEN_FAULT=fault), tracking)
     point = fault.split(":")[0]
     assert p.returncode == -signal.SIGKILL, (
-        f"{fault}: expected death by SIGKILL, got rc {p.returncode}\n{p.stderr[-4000:]}")
-    assert f"SIGKILL at {point}" in p.stderr, p.stderr[-4000:]
+        f"{fault}: expected death by SIGKILL, got rc {p.returncode}\n{run_output(p)[-4000:]}")
+    assert f"SIGKILL at {point}" in run_output(p), run_output(p)[-4000:]
     return p
 
 
@@ -258,7 +258,7 @@ def kill_then_rerun(data: dict, tmp_path: Path, fault: str, executor: str,
     check_readable(storage)
     if (rerun_on or killed_on) == "ray":
         p = run_subprocess(data["dag"], storage, executor, env, data["tracking"])
-        assert p.returncode == 0, p.stderr[-4000:]
+        assert p.returncode == 0, run_output(p)[-4000:]
     else:
         run_inprocess(data["dag"], storage)
     orphans = check_readable(storage)
@@ -350,7 +350,7 @@ def test_kill_after_every_commit(data, tmp_path):
                            dict(env, VGEN_FAULT=f"after_table_commit:{n}"))
         if p.returncode == 0:
             break
-        assert p.returncode == -signal.SIGKILL, p.stderr[-4000:]
+        assert p.returncode == -signal.SIGKILL, run_output(p)[-4000:]
         check_readable(storage)
         run_inprocess(data["dag"], storage)
         orphans[n] = sum(check_readable(storage).values())
@@ -436,12 +436,12 @@ def test_kill_inside_checkpoint_save(ray_cluster, tmp_path, once):
         env["VGEN_FAULT_ONCE"] = str(tmp_path / "fault-taken")
     p = run_subprocess(dag, storage, "ray", env, tracking)
     if once:
-        assert p.returncode == 0, p.stderr[-6000:]
+        assert p.returncode == 0, run_output(p)[-6000:]
         assert (tmp_path / "fault-taken").exists()
     else:
-        assert p.returncode == 1, p.stderr[-6000:]
+        assert p.returncode == 1, run_output(p)[-6000:]
         p = run_subprocess(dag, storage, "ray", _env(ray_cluster), tracking)
-        assert p.returncode == 0, p.stderr[-6000:]
+        assert p.returncode == 0, run_output(p)[-6000:]
     summary, steps = train_outcome(storage, tracking)
     assert summary["step"] == TRAIN_STEPS
     if once:  # killed saving step 20: the group went on from step 10, in the same run

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import run_output
 from tests.e2e.test_chaos import (CROPS, DAG_NAME, _env, check_readable, make_dag,
                                   run_inprocess, run_subprocess, snapshot)
 from vgen_core.data import TableStore
@@ -147,7 +148,7 @@ def soak(tmp_path: Path, runs: int, seed: int, kill_every: int = 0) -> list[str]
         if kill_every and i % kill_every == kill_every - 1:
             fault = f"{rng.choice(KILL_POINTS)}:{int(rng.integers(1, 4))}"
             p = run_subprocess(dag, storage, "local", dict(_env(None), VGEN_FAULT=fault))
-            assert p.returncode in (0, -signal.SIGKILL), p.stderr[-4000:]
+            assert p.returncode in (0, -signal.SIGKILL), run_output(p)[-4000:]
             edits += f" | {fault}: {'killed' if p.returncode else 'not reached'}"
             check_readable(storage, ("images",))
         log.append(f"run {i + 1}: {edits}")

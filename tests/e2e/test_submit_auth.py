@@ -1,8 +1,8 @@
 """`vgen submit | status --job | logs | stop` against a real Ray head with token authentication
 (``RAY_AUTH_MODE=token``, the token in a file named by ``RAY_AUTH_TOKEN_PATH``).
 
-The head is this module's own: `ray start --head --block` on free ports, its own temp dir and
-HOME, single-machine (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: everything on 127.0.0.1), in its own
+The head is this module's own: `ray start --head --block` on free ports, its own (short) temp
+dir and HOME, single-machine (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: everything on 127.0.0.1), in its own
 process group. It is stopped by signalling that group and then killing the processes recorded
 at start-up that outlived it, so the session cluster of tests/conftest.py and any other Ray on
 the machine are left alone. Every `vgen` runs as a subprocess with its own environment: the
@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,11 +78,13 @@ def token_head(tmp_path_factory):
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(tmp / "head-token"),
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
     dash = _free_port()
+    # Ray's own sockets live under --temp-dir and AF_UNIX paths stop at 107 bytes: a short one
+    ray_tmp = tempfile.mkdtemp(prefix="vgen-auth-", dir="/tmp")
     cmd = [RAY, "start", "--head", "--block", f"--port={_free_port()}",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            f"--ray-client-server-port={_free_port()}",
            f"--dashboard-agent-listen-port={_free_port()}", "--node-ip-address=127.0.0.1",
-           f"--temp-dir={tmp / 'ray'}", "--num-cpus=1", "--num-gpus=0", "--disable-usage-stats"]
+           f"--temp-dir={ray_tmp}", "--num-cpus=1", "--num-gpus=0", "--disable-usage-stats"]
     log = tmp / "head.log"
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
@@ -106,6 +109,7 @@ def token_head(tmp_path_factory):
     finally:
         started += [p for p in _children(proc.pid) if p not in started]
         _stop(proc, started)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _children(pid: int) -> list[psutil.Process]:

@@ -412,3 +412,28 @@ def test_inception_weights_validation(tmp_path):
     wrong.write_bytes(small.read_bytes())
     with pytest.raises(ValueError, match="hash suffix"):
         load_inception_state_dict(wrong)
+
+
+def test_fid_on_fewer_samples_than_dims_warns_once_in_words(caplog):
+    """16 samples of 32-dim features: singular covariances. scipy's warnings are replaced by one
+    record of the ``vgen.eval`` logger (the console shows it); the value is still returned."""
+    import logging
+    import warnings
+
+    rng = np.random.default_rng(0)
+    a, b = FeatureStats(32, "x"), FeatureStats(32, "x")
+    a.update(rng.normal(size=(16, 32)))
+    b.update(rng.normal(size=(20, 32)) + 0.5)
+    with caplog.at_level(logging.WARNING, logger="vgen.eval"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # any scipy / numpy warning would fail here
+        d = a.frechet_distance(b)
+    assert math.isfinite(d) and d > 0
+    assert [r.getMessage() for r in caplog.records] == [
+        "FID on 16 samples is not meaningful: the covariance of 32-dim features is singular "
+        "below 33 samples; compare it only with runs of the same size"]
+    caplog.clear()
+    big = FeatureStats(4, "x")
+    big.update(rng.normal(size=(50, 4)))
+    with caplog.at_level(logging.WARNING, logger="vgen.eval"):
+        big.frechet_distance(big)
+    assert caplog.records == []

@@ -21,6 +21,7 @@ Shape legend: N, M sample counts, D feature dims, K logit classes.
 
 from __future__ import annotations
 
+import logging
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -35,6 +36,8 @@ from scipy.special import logsumexp
 from torch import Tensor
 
 from vgen_core.eval.extractors import check_comparable
+
+log = logging.getLogger("vgen.eval")
 
 __all__ = [
     "FeatureStats",
@@ -190,7 +193,7 @@ class FeatureStats:
 
     def frechet_distance(self, other: FeatureStats, eps: float = 1e-6) -> float:
         check_comparable(self, other, "frechet_distance")
-        return frechet_distance(self.mean, self.cov, other.mean, other.cov, eps=eps)
+        return _stats_distance(self, other, eps)
 
     # --- persistence ----------------------------------------------------------------------------
 
@@ -323,10 +326,28 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
+def _stats_distance(a: FeatureStats, b: FeatureStats, eps: float) -> float:
+    """The Frechet distance of two stats. With no more samples than feature dims the
+    covariances are singular: scipy's warnings about it are replaced by one warning of the
+    ``vgen.eval`` logger that says what it means (the console shows it as one line)."""
+    what = "sFID" if a.feature == "spatial" else "FID"
+    few = [int(s.count) for s in (a, b) if s.count is not None and s.count <= a.dims]
+    with warnings.catch_warnings():
+        if few:
+            warnings.simplefilter("ignore", linalg.LinAlgWarning)
+            warnings.simplefilter("ignore", RuntimeWarning)
+        d = frechet_distance(a.mean, a.cov, b.mean, b.cov, eps=eps)
+    if few:
+        log.warning("%s on %d samples is not meaningful: the covariance of %d-dim features is "
+                    "singular below %d samples; compare it only with runs of the same size",
+                    what, min(few), a.dims, a.dims + 1)
+    return d
+
+
 def fid(a: FeatureStats, b: FeatureStats, eps: float = 1e-6) -> float:
     """FID between two pool-feature stats from the same extractor."""
     check_comparable(a, b, "fid")
-    return frechet_distance(a.mean, a.cov, b.mean, b.cov, eps=eps)
+    return _stats_distance(a, b, eps)
 
 
 def sfid(a: FeatureStats, b: FeatureStats, eps: float = 1e-6) -> float:
@@ -335,7 +356,7 @@ def sfid(a: FeatureStats, b: FeatureStats, eps: float = 1e-6) -> float:
     if a.feature != "spatial":
         raise ValueError(f"sfid: needs 'spatial' feature stats, got {a.feature!r}; accumulate "
                          f"Features.spatial_BS into FeatureStats(..., feature='spatial').")
-    return frechet_distance(a.mean, a.cov, b.mean, b.cov, eps=eps)
+    return _stats_distance(a, b, eps)
 
 
 class InceptionScore(NamedTuple):
