@@ -219,7 +219,7 @@ def test_an_older_world_readable_record_is_made_private(tmp_path: Path) -> None:
 def test_run_summary_prints_no_password(capsys: pytest.CaptureFixture) -> None:
     from pipelines.cli import _print_summary
 
-    outcome = SimpleNamespace(stage="images", action="failed", outputs={},
+    outcome = SimpleNamespace(stage="images", action="failed", outputs={}, seconds=1.0, metrics={},
                               counts=SimpleNamespace(processed=0, skipped=0, quarantined=0,
                                                      filtered=0),
                               error="MlflowException: http://bob:pw@mlflow:5000 refused")
