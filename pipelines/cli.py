@@ -363,9 +363,9 @@ def _print_summary(summary: Any, store: Any, out: Any = None) -> None:
                      f"{o.counts.skipped:>8} {o.counts.quarantined:>8} {o.counts.filtered:>8} "
                      f"{o.seconds:>8.1f}  {outs}")
         m = o.metrics or {}
-        if "final/step" in m:
-            lines.append(f"  trained {int(m['final/step'])} steps"
-                         + (f", final loss {m['final/loss']:.4g}" if "final/loss" in m else ""))
+        if "final.step" in m:
+            lines.append(f"  trained {int(m['final.step'])} steps"
+                         + (f", final loss {m['final.loss']:.4g}" if "final.loss" in m else ""))
         if o.error:
             lines.append(f"  error: {redact_text(o.error)}")
     lines += [f"\nTables under: {store.root}/tables",
@@ -603,7 +603,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or default_tracking_uri(TableStore(args.storage).root)
     from vgen_core.tracking.redact import redact_uri
 
-    print(f"MLflow UI for {redact_uri(uri)} on http://{args.host}:{args.port} (Ctrl-C to stop)")
+    from vgen_core.tracking import mlflow_ui_url
+
+    base = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI for {redact_uri(uri)} on {base} (Ctrl-C to stop); the experiments in its "
+          f"model-training layout: {mlflow_ui_url(base)}")
     cmd = [
         sys.executable,
         "-m",

@@ -63,7 +63,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from urllib.parse import urlparse
 
 __all__ = [
@@ -284,7 +284,7 @@ def _choose_code(code: str, dag_file: Path, root: Path | None) -> str:
     if code in ("project", "modules") and root is None:
         raise ValueError(f"--code {code}: this vgen is installed without its source tree; "
                          "use --code image (the cluster image's vgen runs the DAG)")
-    if code == "project" and not dag_file.is_relative_to(root):
+    if code == "project" and root is not None and not dag_file.is_relative_to(root):
         raise ValueError(f"--code project: the DAG {dag_file} is outside the project root "
                          f"{root}; move it under the project or use --code modules")
     return code
@@ -304,7 +304,9 @@ def _ship_code(plan: SubmitPlan, dag_file: Path, root: Path | None,
     entrypoint (relative to the job's working directory)."""
     renv = plan.runtime_env
     secrets: list[str] = []
-    if plan.code == "project":
+    if plan.code in ("project", "modules"):
+        assert root is not None  # _choose_code refuses these modes without a source tree
+    if plan.code == "project" and root is not None:
         total = 0
         for p, size in _walk_files(root, excludes, secrets):
             if size >= LARGE_FILE_BYTES:
@@ -324,7 +326,7 @@ def _ship_code(plan: SubmitPlan, dag_file: Path, root: Path | None,
     plan.staging = tempfile.mkdtemp(prefix="vgen-submit-")
     shutil.copy2(dag_file, Path(plan.staging) / dag_file.name)
     renv["working_dir"] = plan.staging
-    if plan.code == "modules":
+    if plan.code == "modules" and root is not None:
         for pkg in PACKAGES:  # Ray packs each one with the same excludes
             found: list[str] = []
             for _ in _walk_files(root / pkg, excludes, found):
@@ -420,8 +422,8 @@ def build_submission(dag_path: str | os.PathLike, *, storage: str | None = None,
 
 def resolve_address(address: str | None, environ: dict[str, str] | None = None) -> str:
     """``--address``, else ``RAY_API_SERVER_ADDRESS``, else ``RAY_ADDRESS``; else ClusterError."""
-    environ = os.environ if environ is None else environ
-    address = (address or environ.get("RAY_API_SERVER_ADDRESS") or environ.get("RAY_ADDRESS")
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    address = (address or env.get("RAY_API_SERVER_ADDRESS") or env.get("RAY_ADDRESS")
                or "").strip()
     if not address:
         raise ClusterError("no Ray cluster address: pass --address http://HEAD:8265 (the head "
@@ -447,7 +449,7 @@ def _first_line(path: str) -> str:
         return ""
 
 
-def auth_token(environ: dict[str, str] | None = None) -> tuple[str, str] | None:
+def auth_token(environ: Mapping[str, str] | None = None) -> tuple[str, str] | None:
     """``(token, where it came from)`` as Ray 2.60's clients find it, or None when this machine
     does not use token auth.
 
@@ -490,14 +492,14 @@ def auth_token(environ: dict[str, str] | None = None) -> tuple[str, str] | None:
                        f"RAY_AUTH_TOKEN_PATH and {default} are all empty): {_HOW_TO_AUTH}")
 
 
-def auth_headers(environ: dict[str, str] | None = None) -> dict[str, str]:
+def auth_headers(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """``{"Authorization": "Bearer <token>"}`` (the header Ray's clients send) when
     :func:`auth_token` finds a token, else ``{}``."""
     found = auth_token(environ)
     return {"Authorization": f"Bearer {found[0]}"} if found else {}
 
 
-def _auth_source(environ: dict[str, str] | None = None) -> str | None:
+def _auth_source(environ: Mapping[str, str] | None = None) -> str | None:
     try:
         found = auth_token(environ)
     except ClusterError:

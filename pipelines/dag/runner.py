@@ -393,10 +393,10 @@ class Runner:
         fault_point("after_stage_completed")
         child.finish("FINISHED")
         self.console.done(name)
-        if "final/step" in result.metrics:  # a training stage
+        if "final.step" in result.metrics:  # a training stage
             m = result.metrics
-            what = f"trained {int(m['final/step'])} steps" + (
-                f", final loss {m['final/loss']:.4g}" if "final/loss" in m else "")
+            what = f"trained {int(m['final.step'])} steps" + (
+                f", final loss {m['final.loss']:.4g}" if "final.loss" in m else "")
         else:
             what = (f"processed={counts.processed} skipped={counts.skipped} "
                     f"quarantined={counts.quarantined}"

@@ -440,12 +440,12 @@ class TrainTokenizer(JobStage):
         except FileNotFoundError:
             raise StageError(f"stage '{self.ctx.stage}': training finished but rank 0 wrote no "
                              f"model under {output_uri}; see the worker logs above") from None
-        metrics = {f"final/{k}": float(v) for k, v in summary["final"].items()}
-        metrics.update({"final/step": summary["step"], "resume/restores": summary["restores"],
-                        "resume/from_step": summary["resumed_from"]})
+        metrics = {f"final.{k}": float(v) for k, v in summary["final"].items()}
+        metrics.update({"final.step": summary["step"], "resume.restores": summary["restores"],
+                        "resume.from_step": summary["resumed_from"]})
         version = self._register(output_uri, summary["digest"])
         if version is not None:
-            metrics["registry/version"] = version
+            metrics["registry.version"] = version
         ref = OutputRef("model", name, output_uri, digest=summary["digest"])
         # processed: the rows of the table it trained on
         return StageResult(outputs={self.output_key: ref}, metrics=metrics,

@@ -2,10 +2,10 @@
 (``RAY_AUTH_MODE=token``, the token in a file named by ``RAY_AUTH_TOKEN_PATH``).
 
 The head is this module's own: `ray start --head --block` on free ports, its own (short) temp
-dir and HOME, single-machine (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: everything on 127.0.0.1), in its own
-process group. It is stopped by signalling that group and then killing the processes recorded
-at start-up that outlived it, so the session cluster of tests/conftest.py and any other Ray on
-the machine are left alone. Every `vgen` runs as a subprocess with its own environment: the
+dir and HOME, single-machine (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: everything on 127.0.0.1),
+in its own process group. It is stopped by signalling that group and then killing the processes
+recorded at start-up that outlived it, so the session cluster of tests/conftest.py and any other
+Ray on the machine are left alone. Every `vgen` runs as a subprocess with its own environment: the
 token is found the way Ray's clients find it (here: ``~/.ray/auth_token`` of a temporary HOME,
 no ``RAY_AUTH_TOKEN`` and no ``RAY_AUTH_TOKEN_PATH``).
 """
@@ -45,7 +45,7 @@ def _base_env(home: Path) -> dict[str, str]:
     return env
 
 
-def _stop(proc: subprocess.Popen, started: list[psutil.Process], grace: float = 10.0) -> None:
+def _stop(proc: subprocess.Popen, started: list[psutil.Process], grace: float = 5.0) -> None:
     try:
         os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:

@@ -149,7 +149,7 @@ def test_worker_and_driver_kills_resume_from_checkpoints(ray_cluster, tmp_path):
                   if r.data.tags.get("vgen.stage") == "tokenizer"]
     assert [r.info.run_id for r in stage_runs] == [run_id]
     assert stage_runs[0].info.status == "FINISHED"
-    assert stage_runs[0].data.metrics["resume/restores"] == 2
+    assert stage_runs[0].data.metrics["resume.restores"] == 2
     for key in ("train/loss", "train/lr", "train/samples_per_second"):
         steps = [m.step for m in client.get_metric_history(run_id, key)]
         assert sorted(steps) == list(range(1, STEPS + 1)), (key, steps)

@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 #: files that look like credentials, at several depths (a folder ends with '/')
 SECRETS = [
     ".env", ".env.local", ".envrc", "pipelines/.env.production", ".aws/credentials",
-    ".aws/config", ".env.example", "deploy/db-secret.yaml", "config/MY_SECRET.txt", "config/ApiSecret.json",
+    ".aws/config", ".env.example", "deploy/db-secret.yaml", "config/MY_SECRET.txt",
+    "config/ApiSecret.json",
     "secrets/anything.txt", "secrets/notes.example.md", "certs/server.pem", "certs/server.key",
     "certs/client.p12", "keys/id_rsa", "keys/id_rsa.pub", "keys/id_ed25519", "keys/id_ecdsa",
     "credentials", "vgen_core/credentials", ".netrc", ".pypirc",

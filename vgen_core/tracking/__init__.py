@@ -5,7 +5,8 @@
 - `mlflow_tracker.py`: `MlflowTracker` (explicit `MlflowClient`, no global run state, backend
   failures degrade to a warning plus a local JSON-lines record; an unreachable server is
   noticed once by a short probe, not per call), `default_tracking_uri`,
-  `default_artifact_location`, `register_model`.
+  `default_artifact_location`, `register_model`, `mlflow_ui_url` (a link that opens the MLflow
+  UI in its model-training layout).
 - `redact.py`: `redact_uri`, `redact_text`, `redact_config`, `is_secret_key`: what every printed,
   logged or stored value goes through. No MLflow import.
 - `sync.py`: `sync_records`, the replay of fallback records behind `vgen tracking sync`.
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
         default_artifact_location,
         default_fallback_dir,
         default_tracking_uri,
+        mlflow_ui_url,
         register_model,
         tag_model_versions,
     )
@@ -44,6 +46,7 @@ __all__ = [
     "flatten_params",
     "image_grid",
     "is_secret_key",
+    "mlflow_ui_url",
     "redact_config",
     "redact_text",
     "redact_uri",
@@ -58,6 +61,7 @@ _MLFLOW_NAMES = (
     "default_artifact_location",
     "default_fallback_dir",
     "default_tracking_uri",
+    "mlflow_ui_url",
     "register_model",
     "tag_model_versions",
 )

@@ -41,6 +41,10 @@ Design decisions (read these before changing anything here):
 * Experiments are created with an explicit artifact location (MLflow's own default is relative
   to the working directory). An existing experiment keeps the location it was created with; a
   mismatch is reported once as a warning.
+* Experiments are model training: tag `mlflow.experimentKind` = `custom_model_development` at
+  creation, and on an existing experiment that has no kind (a kind someone set is kept). MLflow
+  3.17's UI lays a page out by its `workflowType` URL parameter rather than by this tag, so
+  links into the UI come from `mlflow_ui_url` (docs/tracking.md).
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ __all__ = [
     "default_artifact_location",
     "default_fallback_dir",
     "default_tracking_uri",
+    "mlflow_ui_url",
     "register_model",
 ]
 
@@ -814,8 +819,39 @@ def _table_dataset(name: str, uri: str, version: int, num_rows: int | None,
     )
 
 
-#: MLflow 3's experiment-type tag, read by its UI to pick the experiment's landing page
+#: MLflow 3's experiment-type tag (MLflow has no Python constant for it; its UI's ExperimentKind)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+#: the ExperimentKind of classic ML / deep-learning training ("Model training" in the UI)
+MODEL_TRAINING_KIND = "custom_model_development"
+#: MLflow 3.17's UI takes its layout from a `workflowType` URL parameter (else the browser's
+#: last choice, else GenAI), not from the tag: vgen's links carry it (`mlflow_ui_url`)
+_UI_WORKFLOW = "workflowType=machine_learning"
+
+
+def mlflow_ui_url(base_url: str, experiment_id: str | None = None, run_id: str | None = None,
+                  tab: str | None = None) -> str:
+    """A link into the MLflow UI at `base_url` that opens in its model-training layout.
+
+    `tab`: a run page tab (``model-metrics``: the charts, ``artifacts``, ...) or an experiment
+    page tab (``runs``, ``models``). docs/tracking.md says why the link carries the layout."""
+    path = "/experiments"
+    if experiment_id is not None:
+        path += f"/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+        path += f"/{tab.strip('/')}" if tab else ""
+    elif run_id or tab:
+        raise ValueError("a run or tab link needs the experiment id")
+    return f"{base_url.rstrip('/')}/#{path}?{_UI_WORKFLOW}"
+
+
+def _mark_model_training(client: MlflowClient, experiment_id: str, name: str) -> None:
+    """Give an existing experiment without a kind (made by an older vgen, or by hand) the
+    model-training kind. Best effort: the tag picks a UI layout and never stops a run (a user
+    who may log runs but not edit the experiment, a store going away, ...)."""
+    try:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    except Exception as e:
+        logger.info("MLflow experiment %r: could not set %s (%s)", name, EXPERIMENT_KIND_TAG,
+                    redact_text(f"{type(e).__name__}: {e}"))
 
 
 def _get_or_create_experiment(
@@ -824,10 +860,10 @@ def _get_or_create_experiment(
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            # the MLflow UI opens a "custom model development" experiment on its runs table
-            # (training runs, metrics, artifacts) rather than the GenAI traces overview
+            # a model-training experiment: MLflow UIs that read the kind open it on its runs
+            # table, not the GenAI overview (3.17 also needs the link's `workflowType`)
             return client.create_experiment(name, artifact_location=artifact_location,
-                                            tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
+                                            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":  # lost a creation race: use theirs
                 raise
@@ -837,6 +873,8 @@ def _get_or_create_experiment(
     if experiment.lifecycle_stage == "deleted":
         logger.warning("MLflow experiment %r was deleted; restoring it to log a new run", name)
         client.restore_experiment(experiment.experiment_id)
+    if not (experiment.tags or {}).get(EXPERIMENT_KIND_TAG):  # a kind someone chose is kept
+        _mark_model_training(client, experiment.experiment_id, name)
     if artifact_location and experiment.artifact_location.rstrip("/") not in (
         artifact_location.rstrip("/"),
         f"file://{artifact_location}".rstrip("/"),
