@@ -427,6 +427,7 @@ def _report_problems(problems: dict) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from pipelines.dag.planner import check_dag, plan_dag
     from pipelines.dag.state import StageState
+    from pipelines.stages.results import final_metrics
 
     if args.job:
         return _job_status(args)
@@ -456,6 +457,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "outputs": rec.get("outputs", {}),
                 "counts": rec.get("counts", {}),
                 "mlflow_run_id": rec.get("mlflow_run_id"),
+                # evaluate stages: the final metrics of the recorded run (its results table)
+                "metrics": final_metrics(store, rec.get("outputs", {}))
+                if p.kind.startswith("evaluate.") else {},
             }
         )
     if args.json:
@@ -486,6 +490,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         if s["state"] == "invalid":
             print(f"      {s['reason']}")
+        if s.get("metrics"):
+            shown = list(s["metrics"].items())[:8]
+            print("      metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in shown)
+                  + (f", ... ({len(s['metrics'])} in all)" if len(s["metrics"]) > 8 else ""))
         for k, o in s["outputs"].items():
             print(
                 f"      {k}: {o['uri']}"

@@ -773,6 +773,7 @@ class SourceStage(MapStage):
             set(self._existing["sample_id"].to_pylist()) if self._existing is not None else set()
         )
         self._removed = sorted(existing_ids - set(ids))
+        self._existing_ids = existing_ids
         self._item_ids: dict[str, list[str]] = {}
         self._stamps: dict[str, str] = {}
         self._unlisted: list[str] = []
@@ -839,6 +840,7 @@ class SourceStage(MapStage):
         store, name = self.ctx.store, self.sources_table()
         store.create(name, SOURCE_ITEMS)
         produced = set(row_ids.to_pylist())
+        self._delete_stale(items, produced)
         now = dt.datetime.now(dt.timezone.utc)
         fp = self.ctx.row_fingerprint
         recorded = getattr(self, "_recorded", {})
@@ -862,6 +864,22 @@ class SourceStage(MapStage):
                 pa.Table.from_pylist(recs, schema=SOURCE_ITEMS),
                 commit_metadata={"vgen.stage": self.ctx.stage},
             )
+
+    def _delete_stale(self, items: list[str], produced: set[str]) -> None:
+        """Rows in the table of samples these re-read items no longer produce: a file that
+        decoded before and is broken now (its samples are quarantined), or that now gives fewer
+        samples. A fresh run would have none of them, so they go before the items are recorded
+        (a crash in between re-reads the items and deletes them again)."""
+        existing = getattr(self, "_existing_ids", set())
+        stale = sorted({i for k in items for i in self._item_ids.get(k, [])
+                        if i not in produced and i in existing})
+        meta = {"vgen.stage": self.ctx.stage}
+        for i in range(0, len(stale), DELETE_BATCH):
+            values = ", ".join(_sql_str(k) for k in stale[i : i + DELETE_BATCH])
+            fault_point("before_stale_delete")
+            self.ctx.store.delete(self.table_name(), f"sample_id IN ({values})",
+                                  commit_metadata=meta)
+        existing.difference_update(stale)
 
     def known_ids(self) -> pa.Array | None:
         existing = getattr(self, "_existing", None)

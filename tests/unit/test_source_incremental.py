@@ -135,6 +135,27 @@ def test_ingest_label_shift_and_bad_file(tmp_path, monkeypatch):
                       "images/b3.png-c0": 3}
 
 
+def test_a_file_that_breaks_loses_its_rows_and_gets_them_back_when_repaired(tmp_path,
+                                                                            image_folder):
+    """Found by the soak test: a file that decoded and is now broken must not keep its old rows
+    (a fresh run has none; downstream would go on with stale pixels). Its samples are
+    quarantined and its rows deleted; repaired, it gets rows again."""
+    store = TableStore(str(tmp_path / "s"))
+    cfg = IngestImagesConfig(root=str(image_folder), crops_per_image=2, size=16)
+    assert run(store, IngestImages, cfg).counts.processed == 16
+    victim = image_folder / "class1" / "img3.png"
+    victim.write_bytes(b"not an image any more")
+    bump_mtime(victim)
+    r = run(store, IngestImages, cfg)
+    assert (r.counts.processed, r.counts.quarantined) == (0, 2)
+    ids = store.read("t/src")["sample_id"].to_pylist()
+    assert len(ids) == 14 and not [i for i in ids if "img3" in i]
+    assert run(store, IngestImages, cfg).counts.quarantined == 0  # recorded: not read again
+    write_png(victim, seed=99)
+    r = run(store, IngestImages, cfg)
+    assert r.counts.processed == 2 and store.read("t/src").num_rows == 16
+
+
 def test_crash_after_data_commit_rereads_but_rewrites_nothing(tmp_path, image_folder,
                                                               monkeypatch):
     store = TableStore(str(tmp_path / "s"))
