@@ -26,7 +26,7 @@ PYTEST_ARGS ?=
 # where uv finds the CPU torch build when it refreshes the lock
 LOCK_TORCH_SOURCE ?= $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 
-.PHONY: venv demo test test-fast lint lock clean
+.PHONY: venv demo test test-all test-fast lint lock clean
 
 venv: $(VENV)/.installed
 
@@ -51,22 +51,30 @@ lock:
 demo: venv
 	$(BIN)/vgen run pipelines/configs/demo.yaml --storage $(CURDIR)/.vgen-demo
 
-# The end-to-end tests (one local Ray cluster, in order) and the unit tests run as two pytest
-# processes side by side; the e2e log is printed when both are done.
 # Seconds: ruff (lint + import order) and mypy on the packages, configured in pyproject.toml.
 lint: venv
 	$(BIN)/ruff check vgen_core pipelines kernels tests benchmarks
 	$(BIN)/mypy
 
+# The end-to-end tests (one local Ray cluster, in order) and the unit tests run as two pytest
+# processes side by side; the e2e log is printed when both are done. `make test` (CI) leaves out
+# the `slow` variants (the long chaos sweeps, the 20-run soaks, fuzzing with 1500 examples, every
+# generator family through Ray Train); `make test-all` runs them too.
+TEST_MARKS ?= not slow
 test: venv lint
 	@mkdir -p .cache
-	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS) > .cache/e2e-tests.log 2>&1 & e2e=$$!; \
-	$(BIN)/python -m pytest --ignore=tests/e2e $(PYTEST_ARGS); unit=$$?; \
+	$(BIN)/python -m pytest tests/e2e -m "$(TEST_MARKS)" $(PYTEST_ARGS) \
+		> .cache/e2e-tests.log 2>&1 & e2e=$$!; \
+	$(BIN)/python -m pytest --ignore=tests/e2e -m "$(TEST_MARKS)" $(PYTEST_ARGS); unit=$$?; \
 	wait $$e2e; rc=$$?; echo "==== tests/e2e ===="; cat .cache/e2e-tests.log; \
 	echo "unit tests exit $$unit, e2e tests exit $$rc"; [ $$unit -eq 0 ] && [ $$rc -eq 0 ]
 
+test-all:
+	$(MAKE) test TEST_MARKS="slow or not slow"
+
+# the unit and property tests only (no Ray cluster), without the slow variants
 test-fast: venv
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --ignore=tests/e2e -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .vgen-demo .cache

@@ -7,13 +7,10 @@ from __future__ import annotations
 import os
 import subprocess
 
-import pytest
 import yaml
 
 from tests.conftest import ROOT, vgen_cmd
 from vgen_core.data import TableStore, make_sample_id
-
-pytestmark = pytest.mark.slow
 
 
 def run_dag(tmp, name: str, stages: dict, storage, env, budget: float = 1.0):

@@ -25,8 +25,6 @@ def counts(processed: int, skipped: int = 0, quarantined: int = 0, filtered: int
     return {"processed": processed, "skipped": skipped, "quarantined": quarantined,
             "filtered": filtered}
 
-pytestmark = pytest.mark.slow
-
 
 def vgen(*args: str, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
     p = subprocess.run(vgen_cmd() + list(args), env=env, capture_output=True, text=True,

@@ -19,7 +19,6 @@ import yaml
 from tests.conftest import ROOT, vgen_cmd
 from vgen_core.data import TableStore
 
-pytestmark = pytest.mark.slow
 EXTRACTOR = "tiny-conv-seed0-v1"
 
 

@@ -16,6 +16,9 @@ from tests.conftest import ROOT, vgen_cmd
 from vgen_core.data.fsio import filesystem_for
 from vgen_core.tokenizers.io import load_pretrained
 
+# slow (~6 min; `make test-all`): the default run covers the train stage (test_demo_dag,
+# test_train_resume), evaluate.generation (test_evaluate_generation) and every family's loss and
+# sampler (tests/unit)
 pytestmark = pytest.mark.slow
 DAG = ROOT / "pipelines" / "configs" / "generators_tiny.yaml"
 

@@ -20,8 +20,6 @@ from tests.conftest import ROOT, vgen_cmd
 from vgen_core.data import TableStore
 from vgen_core.data.sample_images import PHOTOS, export_photos
 
-pytestmark = pytest.mark.slow
-
 
 def C(processed: int, skipped: int = 0, quarantined: int = 0, filtered: int = 0) -> dict:
     return {"processed": processed, "skipped": skipped, "quarantined": quarantined,

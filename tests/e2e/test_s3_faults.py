@@ -164,8 +164,6 @@ if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "proxy":
 import pyarrow as pa  # noqa: E402
 import pytest  # noqa: E402
 
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parents[2]
 CREDS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
 

@@ -24,8 +24,6 @@ import yaml
 
 from tests.conftest import ROOT, _free_port, vgen_cmd
 
-pytestmark = pytest.mark.slow
-
 RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
 
 

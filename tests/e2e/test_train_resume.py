@@ -19,14 +19,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 from tests.conftest import ROOT, vgen_cmd
 from vgen_core.data import TableStore
 from vgen_core.data.sample_images import export_photos
-
-pytestmark = pytest.mark.slow
 
 STEPS, EVERY = 120, 20
 
@@ -96,9 +93,10 @@ def test_worker_and_driver_kills_resume_from_checkpoints(ray_cluster, tmp_path):
     env = dict(os.environ, RAY_ADDRESS=ray_cluster)
     log = tmp_path / "run1.err"
     with open(log, "w") as err:
-        proc = subprocess.Popen(vgen_cmd() + ["run", str(dag), "--storage", str(storage)],
-                                env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
-                                start_new_session=True)
+        # --verbose: the workers' lines (pids, restores) stream to stderr, not only the run log
+        proc = subprocess.Popen(vgen_cmd() + ["run", str(dag), "--storage", str(storage),
+                                              "--verbose"], env=env, cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     try:
         # 1. a checkpoint exists: SIGKILL rank 0 mid-run
         first = wait_for(lambda: latest_checkpoint_step(storage), proc, "a first checkpoint")

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import urllib.request
 
-import pytest
 
 from tests.conftest import serve_ui
-
-pytestmark = pytest.mark.slow
 
 
 def test_ui_serves_mlflow_on_loopback(tmp_path):
