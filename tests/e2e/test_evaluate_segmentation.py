@@ -135,5 +135,5 @@ def test_segmentation_eval_dag(ray_cluster, tmp_path):
     p = vgen("plan", str(dag), "--storage", str(storage), "--format", "json", env=env)
     assert p.returncode == 0, p.stderr
     plan = {s["stage"]: s for s in json.loads(p.stdout)["stages"]}
-    assert plan["pq"]["state"] == "to-run" and "predictions" in plan["pq"]["reason"]
+    assert plan["pq"]["state"] == "to-run" and "pngs" in plan["pq"]["reason"]  # the PNGs changed
     assert {plan[s]["state"] for s in ("pancap", "vicas", "lgvis")} == {"up-to-date"}
