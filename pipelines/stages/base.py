@@ -870,7 +870,7 @@ class SourceStage(MapStage):
         decoded before and is broken now (its samples are quarantined), or that now gives fewer
         samples. A fresh run would have none of them, so they go before the items are recorded
         (a crash in between re-reads the items and deletes them again)."""
-        existing = getattr(self, "_existing_ids", set())
+        existing: set[str] = getattr(self, "_existing_ids", set())
         stale = sorted({i for k in items for i in self._item_ids.get(k, [])
                         if i not in produced and i in existing})
         meta = {"vgen.stage": self.ctx.stage}
