@@ -34,6 +34,7 @@ import os
 import signal
 import subprocess
 import sys
+import traceback
 from typing import Any
 
 EXIT_OK, EXIT_STAGE_FAILED, EXIT_USAGE = 0, 1, 2
@@ -266,40 +267,63 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.dag.planner import require_valid_config
     from pipelines.dag.runner import Runner
     from vgen_core.tracking import MlflowTracker, default_artifact_location
+    from vgen_core.tracking.redact import redact_text
 
     dag, store, tracking = _load(args)
     require_valid_config(dag, store)  # before the MLflow run, Ray and any write: exit 2
     store.check_writable()
     log_file, log_uri = run_log_path(store.root, dag.name)
-    with _run_console(log_file, verbose=args.verbose) as (console, out):
-        shown = log_uri or log_file
-        console.print(f"vgen: DAG '{dag.name}' ({dag.source}), storage {store.root}")
-        console.print(f"vgen: log file {shown}" + ("" if args.verbose else
-                      " (Ray, DeepSpeed and MLflow output; --verbose streams it here)"))
-        try:
-            tracker = MlflowTracker.start(
-                tracking, experiment=dag.name, run_name=f"{dag.name}",
-                tags={"vgen.dag": dag.name, "vgen.log_file": shown},
-                artifact_location=default_artifact_location(store.root))
-            runner = Runner(dag, store, tracker, tracking, address=args.address,
-                            executor="local" if args.local else "ray",
-                            verify_sources=args.verify_sources, console=console,
-                            log_path=shown)
-            summary = runner.run()
-        except BaseException as e:
-            console.print(f"vgen: the run stopped: {type(e).__name__}: {e}"[:2000])
-            console.print(f"vgen: details in {shown}")
-            raise
-        finally:
-            # Ray's log monitor prints worker lines until Ray stops: stop it while they still
-            # go to the log file (the process is done with Ray either way)
-            if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-                sys.modules["ray"].shutdown()
-            if log_uri:
-                _upload_log(log_file, log_uri)
-        _print_summary(summary, store, out)
-        print(f"Log:    {shown}", file=out)
+    shown = log_uri or log_file
+    ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    restore_sigterm = _sigterm_as_interrupt()  # `vgen stop`, a pod eviction: clean up, upload
+    try:
+        with _run_console(log_file, verbose=args.verbose) as (console, out):
+            console.print(f"vgen: DAG '{dag.name}' ({dag.source}), storage {store.root}")
+            console.print(f"vgen: log file {shown}" + ("" if args.verbose else
+                          " (Ray, DeepSpeed and MLflow output; --verbose streams it here)"))
+            try:
+                tracker = MlflowTracker.start(
+                    tracking, experiment=dag.name, run_name=f"{dag.name}",
+                    tags={"vgen.dag": dag.name, "vgen.log_file": shown},
+                    artifact_location=default_artifact_location(store.root))
+                runner = Runner(dag, store, tracker, tracking, address=args.address,
+                                executor="local" if args.local else "ray",
+                                verify_sources=args.verify_sources, console=console,
+                                log_path=shown)
+                summary = runner.run()
+            except BaseException as e:
+                traceback.print_exc()  # into the log file (the captured stderr)
+                console.print(redact_text(f"vgen: the run stopped: {type(e).__name__}: {e}")
+                              [:2000])
+                console.print(f"vgen: details in {shown}")
+                raise
+            finally:
+                # Ray's log monitor prints worker lines until Ray stops: stop it while they
+                # still go to the log file (only a Ray this command started)
+                if (not ray_before and "ray" in sys.modules
+                        and sys.modules["ray"].is_initialized()):
+                    sys.modules["ray"].shutdown()
+            _print_summary(summary, store, out)
+            print(f"Log:    {shown}", file=out)
+    finally:
+        restore_sigterm()
+        if log_uri:  # after the capture: the file is complete and a failure shows
+            _upload_log(log_file, log_uri)
     return EXIT_OK if summary.ok else EXIT_STAGE_FAILED
+
+
+def _sigterm_as_interrupt():
+    """Make SIGTERM raise KeyboardInterrupt (so ``finally`` blocks run: Ray stops, the log is
+    uploaded) until the returned function restores the previous handler. A no-op off the main
+    thread (vgen embedded in another program)."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -326,7 +350,8 @@ def _run_console(log_file: str, *, verbose: bool):
             yield console, sys.stdout
         return
     with capture_output(log_file, verbose=verbose) as (err, out):
-        console = Console(err)
+        # --verbose copies raw output onto the same terminal: a redrawn block would garble it
+        console = Console(err, live=False if verbose else None)
         try:
             with vgen_warnings_to(console):
                 yield console, out
@@ -344,6 +369,10 @@ def _upload_log(local: str, uri: str) -> None:
     except Exception as e:
         print(f"vgen: could not copy the log file to {uri} ({type(e).__name__}: {e}); it is "
               f"at {local}", file=sys.stderr)
+        return
+    import shutil
+
+    shutil.rmtree(os.path.dirname(local), ignore_errors=True)  # the private temp folder
 
 
 def _print_summary(summary: Any, store: Any, out: Any = None) -> None:

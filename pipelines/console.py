@@ -61,6 +61,7 @@ class _Line:
     text: str = ""
     printed_at: float = 0.0  # plain mode: when this stage's last line went out
     printed_key: Any = None  # what the last printed line said: it is only repeated on a move
+    done0: int | None = None  # done at the first update (items skipped before any work)
 
 
 class Console:
@@ -77,6 +78,7 @@ class Console:
             interval = float(os.environ.get("VGEN_PROGRESS_INTERVAL", DEFAULT_INTERVAL_S))
         self.interval = interval
         self._lines: dict[str, _Line] = {}
+        self._finished: set[str] = set()
         self._drawn = 0  # live block lines on screen now
         self._last_draw = 0.0
         self._lock = threading.RLock()
@@ -95,12 +97,16 @@ class Console:
                 filtered: int = 0, unit: str = "samples") -> None:
         """Progress of a per-sample stage: ``done`` of ``total`` items handled."""
         line = self._line(stage)
+        if line is None:
+            return
+        if line.done0 is None:
+            line.done0 = done  # what was skipped before the first update is not work done
         elapsed = time.monotonic() - line.started
         text = f"[{stage}] {done}/{total} {unit}"
         if total:
             text += f" ({100 * done // total}%)"
-        if elapsed > 0 and done:
-            rate = done / elapsed
+        if elapsed > 0 and done > line.done0:
+            rate = (done - line.done0) / elapsed
             text += f"  {_rate(rate)}/s"
             if total > done:
                 text += f"  ETA {format_duration((total - done) / rate)}"
@@ -114,6 +120,8 @@ class Console:
         """Progress of a training stage: optimizer ``step`` of ``total``, the last logged
         ``metrics`` (``loss``, ``samples_per_second``, ``steps_per_second``)."""
         line = self._line(stage)
+        if line is None:
+            return
         text = f"[{stage}] step {step}/{total}"
         if "loss" in metrics:
             text += f"  loss {metrics['loss']:.4g}"
@@ -127,6 +135,7 @@ class Console:
     def done(self, stage: str) -> None:
         """The stage ended: its progress line goes (its own final line follows via print)."""
         with self._lock:
+            self._finished.add(stage)
             if self._lines.pop(stage, None) is not None and self.live:
                 self._clear()
                 self._draw()
@@ -139,8 +148,11 @@ class Console:
             self.stream.flush()
 
     # -- internals ----------------------------------------------------------------------------
-    def _line(self, stage: str) -> _Line:
+    def _line(self, stage: str) -> _Line | None:
+        """The stage's progress line (None once the stage is done: a late update is dropped)."""
         with self._lock:
+            if stage in self._finished:
+                return None
             return self._lines.setdefault(stage, _Line(stage))
 
     def _update(self, line: _Line, text: str, key: Any) -> None:
@@ -206,7 +218,8 @@ def run_log_path(storage_root: str, dag: str) -> tuple[str, str | None]:
     """Where this run's log goes: ``(local file, storage URI or None)``.
 
     ``<storage>/_vgen/logs/<dag>/<UTC time>-<pid>.log`` for a local storage root; for an object
-    store, a local file under the temp dir copied to that URI when the run ends."""
+    store, a file in a new private (0700) folder under the temp dir, copied to that URI when the
+    run ends."""
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     rel = f"_vgen/logs/{dag}/{stamp}-{os.getpid()}.log"
     if "://" not in storage_root or storage_root.startswith("file://"):
@@ -214,7 +227,7 @@ def run_log_path(storage_root: str, dag: str) -> tuple[str, str | None]:
         return os.path.join(root, rel), None
     import tempfile
 
-    local = os.path.join(tempfile.gettempdir(), "vgen-logs", rel.replace("/", "-"))
+    local = os.path.join(tempfile.mkdtemp(prefix="vgen-log-"), os.path.basename(rel))
     return local, f"{storage_root.rstrip('/')}/{rel}"
 
 
@@ -225,7 +238,7 @@ def capture_output(path: str, *, verbose: bool = False) -> Iterator[tuple[TextIO
     ``(console_err, console_out)``: streams on the original stderr / stdout for vgen's own lines.
     With ``verbose`` everything written to 1 and 2 is also copied to the original stderr."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     for s in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             s.flush()
@@ -235,13 +248,26 @@ def capture_output(path: str, *, verbose: bool = False) -> Iterator[tuple[TextIO
     tee: threading.Thread | None = None
     if verbose:
         r, w = os.pipe()
+        # the thread's own copies, closed by the thread: a child process that still holds the
+        # pipe's write end after the run keeps the thread alive, never a reused fd number
+        log_fd, con_fd = os.dup(fd), os.dup(saved_err)
 
         def pump() -> None:  # the pipe -> the log file and the console
-            while chunk := os.read(r, 1 << 16):
-                os.write(fd, chunk)
-                with contextlib.suppress(OSError):
-                    os.write(saved_err, chunk)
-            os.close(r)
+            try:
+                while True:
+                    try:
+                        chunk = os.read(r, 1 << 16)
+                    except OSError:
+                        break
+                    if not chunk:
+                        break
+                    for target in (log_fd, con_fd):  # a full disk must not stop the draining
+                        with contextlib.suppress(OSError):
+                            os.write(target, chunk)
+            finally:
+                for x in (r, log_fd, con_fd):
+                    with contextlib.suppress(OSError):
+                        os.close(x)
 
         tee = threading.Thread(target=pump, name="vgen-log-tee", daemon=True)
         tee.start()
@@ -259,8 +285,8 @@ def capture_output(path: str, *, verbose: bool = False) -> Iterator[tuple[TextIO
                 s.flush()
         os.dup2(saved_out, 1)  # closes the last write end of the pipe: the tee sees EOF
         os.dup2(saved_err, 2)
-        if tee is not None:
-            tee.join(timeout=5)
+        if tee is not None:  # EOF once no child holds the pipe; else it drains on its own fds
+            tee.join(timeout=2)
         os.close(saved_out)
         os.close(saved_err)
         os.close(fd)

@@ -31,6 +31,7 @@ from typing import Any
 from pipelines.console import Console
 from pipelines.stages.base import Counts, OutputRef, StageError
 from vgen_core.faults import fault_point
+from vgen_core.tracking.redact import redact_text
 
 from .planner import UP_TO_DATE, plan_dag, plan_stage, require_valid_config
 from .spec import Dag
@@ -291,7 +292,7 @@ class Runner:
             )
         except Exception as e:  # planning touches inputs: report like a stage failure
             msg = f"{type(e).__name__}: {e}"
-            self.console.print(f"[{name}] FAILED while planning: {msg}")
+            self.console.print(redact_text(f"[{name}] FAILED while planning: {msg}"))
             return StageOutcome(name, kind, "failed", error=msg, seconds=time.time() - t0), ""
         fp = plan.fingerprint
         assert fp is not None  # plan_stage always computes it (only plan_dag leaves it unset)
@@ -344,7 +345,7 @@ class Runner:
             msg = str(e) if isinstance(e, StageError) else f"{type(e).__name__}: {e}"
             log.debug("stage %s failed:\n%s", name, traceback.format_exc())
             self.console.done(name)
-            self.console.print(f"[{name}] FAILED: {msg}")
+            self.console.print(redact_text(f"[{name}] FAILED: {msg}"))
             # the traceback: the log file when `vgen run` captures output, else stderr
             print(f"[{name}] FAILED:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
             if self.log_path:

@@ -40,8 +40,8 @@ from vgen_core.tracking import NullTracker, Tracker
 __all__ = [
     "StageConfig", "OutputRef", "Counts", "StageContext", "StageResult", "StageError",
     "BatchResult", "Work", "Stage", "MapStage", "SourceStage", "JobStage", "InProcessExecutor",
-    "quarantine_record", "FILTER_PREFIX", "BUILTIN_ROOTS", "root_problem", "file_problem",
-    "SOURCES_STAMP", "SOURCES_VERIFY", "first_file",
+    "quarantine_record", "FILTER_PREFIX", "TRANSIENT_CHECKS", "BUILTIN_ROOTS", "root_problem",
+    "file_problem", "SOURCES_STAMP", "SOURCES_VERIFY", "first_file",
 ]
 
 
@@ -166,6 +166,10 @@ class Work:
 
 
 FILTER_PREFIX = "filter:"
+#: quarantine checks that say nothing about the sample's content (the file could not be read, an
+#: unexpected exception): a source stage reads such items again on the next run and keeps their
+#: rows until a read succeeds (``SourceStage.record_items``)
+TRANSIENT_CHECKS = frozenset({"read", "exception"})
 #: how a source stage decides an item changed (``SourceStage.sources_mode``, ``vgen plan``)
 SOURCES_STAMP, SOURCES_VERIFY = "size+mtime", "content (verify)"
 #: keys per DELETE commit when a source stage removes samples / records (``SourceStage.finalize``)
@@ -531,6 +535,10 @@ class MapStage(Stage):
 
         def flush() -> None:
             nonlocal recorded
+            # samples that failed for a reason that may pass on a retry (an I/O error, an
+            # unexpected exception): their items are neither recorded nor cleaned up
+            retry_ids = frozenset(r["sample_id"] for r in pending_q
+                                  if r["check"] in TRANSIENT_CHECKS)
             if pending_rows:
                 rows = pa.concat_tables(pending_rows)
                 if rows.num_rows:
@@ -572,7 +580,8 @@ class MapStage(Stage):
                 counts.quarantined += len(recs) - n_filtered
             if pending_items:  # after the data: a crash in between only redoes these items
                 fault_point("before_sources_record")
-                self.record_items(pending_items, pa.chunked_array(pending_ids, pa.string()))
+                self.record_items(pending_items, pa.chunked_array(pending_ids, pa.string()),
+                                  transient=retry_ids)
                 fault_point("after_sources_record")
             pending_rows.clear()
             pending_q.clear()
@@ -698,9 +707,11 @@ class MapStage(Stage):
         """Driver-side hook before commit: drop rows that need no write (returns the count)."""
         return rows, 0
 
-    def record_items(self, items: list[str], row_ids: pa.ChunkedArray) -> None:
+    def record_items(self, items: list[str], row_ids: pa.ChunkedArray, *,
+                     transient: frozenset[str] = frozenset()) -> None:
         """Driver-side hook after a chunk's commits: the work items it covered (their results
-        are now in the output) and the sample_ids of every row they produced."""
+        are now in the output), the sample_ids of every row they produced, and the sample_ids
+        quarantined for a reason that may pass on a retry (:data:`TRANSIENT_CHECKS`)."""
 
     def finalize(self) -> None:
         """Driver-side hook after the last chunk (e.g. delete samples whose source is gone)."""
@@ -834,12 +845,15 @@ class SourceStage(MapStage):
             result.items = batch["item_key"].to_pylist()
         return result
 
-    def record_items(self, items: list[str], row_ids: pa.ChunkedArray) -> None:
+    def record_items(self, items: list[str], row_ids: pa.ChunkedArray, *,
+                     transient: frozenset[str] = frozenset()) -> None:
         if not items or not self._item_ids:
             return
         store, name = self.ctx.store, self.sources_table()
         store.create(name, SOURCE_ITEMS)
         produced = set(row_ids.to_pylist())
+        if transient:  # read again next run: no record, and its rows stay until then
+            items = [k for k in items if not transient.intersection(self._item_ids.get(k, []))]
         self._delete_stale(items, produced)
         now = dt.datetime.now(dt.timezone.utc)
         fp = self.ctx.row_fingerprint

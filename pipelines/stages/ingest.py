@@ -200,15 +200,20 @@ class IngestImages(SourceStage):
         rows: list[dict[str, Any]] = []
         quarantine = []
         for item in batch.to_pylist():
+            path = unescape_key(item["file"])
+            check = "read"  # the bytes could not be read: retried next run (TRANSIENT_CHECKS)
             try:
-                rgb = self._load(unescape_key(item["file"]))
-            except Exception as e:  # undecodable file: quarantine every crop of it
+                data = self._read(path)
+                check = "decode"  # undecodable: its content is bad until the file changes
+                rgb = self._decode(path, data)
+            except Exception as e:  # quarantine every crop of it
+                what = "read" if check == "read" else "decode image"
                 for k in range(cfg.crops_per_image):
                     quarantine.append(
                         quarantine_record(
                             image_sample_id(cfg.dataset, item["key"], k),
-                            "decode",
-                            f"cannot decode image {item['path']}: {type(e).__name__}: "
+                            check,
+                            f"cannot {what} {item['path']}: {type(e).__name__}: "
                             f"{_ADDRESS.sub('>', str(e))}",
                             source=item["path"],
                         )
@@ -231,12 +236,16 @@ class IngestImages(SourceStage):
                 )
         return BatchResult(pa.Table.from_pylist(rows, schema=IMAGE_SAMPLES), quarantine)
 
-    def _load(self, path: str) -> np.ndarray:
+    def _read(self, path: str) -> bytes:
         if path.startswith("skimage://"):
-            return load_photo(path[len("skimage://") :])
+            return b""  # a built-in photo: nothing to read
         fs, p = filesystem_for(path)
         with fs.open(p, "rb") as f:
-            data = f.read()
+            return f.read()
+
+    def _decode(self, path: str, data: bytes) -> np.ndarray:
+        if path.startswith("skimage://"):
+            return load_photo(path[len("skimage://") :])
         import io
 
         with Image.open(io.BytesIO(data)) as im:

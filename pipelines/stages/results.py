@@ -26,7 +26,15 @@ def write_results(store: Any, name: str, *, stage: str, fingerprint: str,
                   row_details: Mapping[str, Mapping[str, Any]] | None = None,
                   extractor: str | None = None) -> int:
     """Append one row per metric to the results table ``name`` in one commit; returns the
-    table version. ``details`` (JSON) goes on every row, merged with ``row_details[metric]``."""
+    table version. ``details`` (JSON) goes on every row, merged with ``row_details[metric]``.
+    No metrics is an error (StageError naming the stage): an empty append commits nothing, so
+    the version returned would be the previous run's, whose metrics would pass for this run's."""
+    from .base import StageError
+
+    if not metrics:
+        raise StageError(f"stage '{stage}': the evaluation produced no metrics (nothing to "
+                         "score: no prediction or ground-truth segment counted); check that the "
+                         "predictions refer to the curated images / videos")
     now = dt.datetime.now(dt.timezone.utc)
     rows = []
     for k, v in metrics.items():

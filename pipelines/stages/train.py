@@ -430,6 +430,7 @@ class TrainTokenizer(JobStage):
                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
             datasets={"train": ds},
         )
+        self._check_resume_checkpoint()
         with _progress_to(self.ctx.step_progress, loop_cfg):
             trainer.fit()
         from vgen_core.data.fsio import filesystem_for
@@ -450,6 +451,30 @@ class TrainTokenizer(JobStage):
         # processed: the rows of the table it trained on
         return StageResult(outputs={self.output_key: ref}, metrics=metrics,
                            counts=Counts(processed=int(data_info.get("num_rows", 0))))
+
+    def _check_resume_checkpoint(self) -> None:
+        """The checkpoint Ray Train will restore for this run name (a re-run of an interrupted
+        stage), scanned once on the driver (:func:`~vgen_core.training.checkpoint.scan_checkpoint`):
+        a refused one fails the stage here, naming the fix, rather than every restarted worker
+        group. Local storage roots only (the workers verify every restore anyway)."""
+        from vgen_core.data.fsio import filesystem_for
+        from vgen_core.training.checkpoint import CheckpointRejected, scan_checkpoint
+
+        run_dir = f"{self.ctx.store.path('ray_train').rstrip('/')}/{self.ray_run_name()}"
+        fs, path = filesystem_for(run_dir)
+        if "file" not in fs.protocol:
+            return
+        try:
+            snap = json.loads(fs.cat_file(f"{path}/checkpoint_manager_snapshot.json"))
+        except (OSError, ValueError):  # none yet (a first run), or Ray Train's to judge
+            return
+        name = (snap.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+        if not name or not fs.isdir(f"{path}/{name}"):
+            return
+        try:
+            scan_checkpoint(f"{path}/{name}", where=f"{run_dir}/{name}")
+        except CheckpointRejected as e:
+            raise StageError(f"stage '{self.ctx.stage}': {e}") from None
 
     def ray_run_name(self) -> str:
         """The Ray Train run (directory under ``<storage>/ray_train``) of this stage fingerprint.

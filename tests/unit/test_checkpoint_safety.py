@@ -156,7 +156,7 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", LO
 import torch, deepspeed
 from vgen_core.training import TrainConfig, deepspeed_config
 from vgen_core.training.checkpoint import (CheckpointRejected, WorkerState, restore_checkpoint,
-                                           save_checkpoint, write_manifest)
+                                           save_checkpoint, scan_checkpoint, write_manifest)
 
 deepspeed.init_distributed(dist_backend="gloo")
 work = sys.argv[2]
@@ -196,6 +196,13 @@ def refused(e, d):
         return str(err)
     return None
 
+def scanned(d):
+    try:
+        scan_checkpoint(d)
+    except CheckpointRejected as err:
+        return str(err)
+    return None
+
 out = {}
 for stage in (0, 2, 3):
     src = os.path.join(work, f"zero{stage}")
@@ -212,7 +219,7 @@ for stage in (0, 2, 3):
     res = {"init_differs": changed, "params_equal": same(params(e), params(fresh)),
            "opt_equal": same(opt_state(e), opt_state(fresh)) and len(opt_state(e)) > 0,
            "global_steps": [e.global_steps, fresh.global_steps], "step": state.step,
-           "planted": {}}
+           "planted": {}, "scan_clean": scanned(src)}
     victim = engine(stage, 2)
     pts = sorted(f for f in os.listdir(os.path.join(src, "ds")) if f.endswith(".pt"))
     for i, name in enumerate(pts):
@@ -225,7 +232,7 @@ for stage in (0, 2, 3):
         torch.save(sd, f)
         os.remove(os.path.join(bad, "vgen_manifest_rank0.json"))
         write_manifest(bad, 0)
-        res["planted"][name] = [refused(victim, bad), os.path.exists(marker)]
+        res["planted"][name] = [refused(victim, bad), os.path.exists(marker), scanned(bad)]
     # the same plant without a manifest rewrite: the digest check refuses it first
     bad = os.path.join(work, f"zero{stage}-planted-stale-manifest")
     shutil.copytree(src, bad)
@@ -278,9 +285,12 @@ def test_save_restore_round_trip(engine_results, stage):
 def test_a_planted_pickle_is_refused_and_never_runs(engine_results, stage):
     r = engine_results[stage]
     assert sorted(r["planted"]) == _FILES[stage]
-    for name, (msg, ran) in r["planted"].items():
+    assert r["scan_clean"] is None  # the driver's scan accepts what vgen saved
+    for name, (msg, ran, scan) in r["planted"].items():
         assert not ran, f"{name}: the payload ran"
         assert msg is not None, f"{name}: the restore accepted a planted pickle"
         assert f"ds/{name}: refused to load" in msg and "system" in msg, msg
+        # the driver's scan (before Ray Train restores anything) finds it without loading it
+        assert scan is not None and f"ds/{name} holds objects vgen does not load" in scan, scan
     msg, ran = r["stale_manifest"]
     assert not ran and msg is not None and "was changed after it was saved" in msg, msg

@@ -177,3 +177,24 @@ def test_a_failed_stage_shows_its_error_and_the_log_file(tmp_path):
     assert f"[images] details: {log}" in console
     assert "Traceback" not in p.stderr and len(console) < 30
     assert "[images] FAILED:" in open(log).read()
+
+
+def test_rate_counts_only_work_done_since_the_first_update(clock):
+    """9000 items skipped (unchanged) before the first update are not a rate of 9000/s."""
+    out = io.StringIO()
+    c = Console(out, live=False, interval=0)
+    c.samples("tokens", 9000, 9100)
+    clock.t += 2
+    c.samples("tokens", 9020, 9100)
+    assert out.getvalue().splitlines()[-1] == "[tokens] 9020/9100 samples (99%)  10.0/s  ETA 8s"
+
+
+def test_live_update_after_done_does_not_bring_the_line_back(clock):
+    out = io.StringIO()
+    c = Console(out, live=True)
+    c.samples("a", 1, 2)
+    c.done("a")
+    clock.t += 1
+    c.samples("a", 2, 2)  # a late callback from a worker thread
+    c.close()
+    assert out.getvalue() == "[a] 1/2 samples (50%)\n\x1b[1F\x1b[J"

@@ -53,7 +53,7 @@ def test_same_name_in_two_folders_are_two_samples(tmp_path, monkeypatch):
     assert {parse_image_sample_id(s)[1] for s in first} == {"a/cat.png", "b/cat.png"}
 
     # edit b/cat.png only: b's rows change, a's stay exactly as they were
-    loads = Counting(monkeypatch, IngestImages, "_load")
+    loads = Counting(monkeypatch, IngestImages, "_read")
     write_png(root / "b" / "cat.png", seed=99, size=40)
     r = run(store, IngestImages, cfg)
     assert [os.path.relpath(p, root) for p in loads.calls] == [os.path.join("b", "cat.png")]
@@ -207,7 +207,7 @@ def test_version_2_table_is_reingested_with_no_old_ids_left(tmp_path, monkeypatc
 
     # version 3 over the version-2 table: a new row fingerprint, so the stage runs, reads every
     # file, writes the new ids and deletes the old ones as no longer listed
-    loads = Counting(monkeypatch, IngestImages, "_load")
+    loads = Counting(monkeypatch, IngestImages, "_read")
     out = go()
     assert out.action == "ran"
     assert loads.take() == len(rels)

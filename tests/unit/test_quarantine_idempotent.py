@@ -36,7 +36,7 @@ def broken_dataset(tmp_path):
 def crash_once_in_record_items(monkeypatch):
     orig = CuratePanCap.record_items
 
-    def boom(self, items, ids):
+    def boom(self, *args, **kwargs):
         monkeypatch.setattr(CuratePanCap, "record_items", orig)
         raise RuntimeError("killed between the quarantine commit and the sources record")
 

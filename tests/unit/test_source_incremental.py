@@ -66,7 +66,7 @@ def image_folder(tmp_path):
 
 
 def test_ingest_rereads_only_changed_files(tmp_path, image_folder, monkeypatch):
-    loads = Counting(monkeypatch, IngestImages, "_load")
+    loads = Counting(monkeypatch, IngestImages, "_read")
     store = TableStore(str(tmp_path / "s"))
     cfg = IngestImagesConfig(root=str(image_folder), crops_per_image=2, size=16)
 
@@ -114,7 +114,7 @@ def test_ingest_rereads_only_changed_files(tmp_path, image_folder, monkeypatch):
 def test_ingest_label_shift_and_bad_file(tmp_path, monkeypatch):
     """A flat folder labels by listing index: a new first file relabels every other file, so they
     are all read again. An undecodable file is quarantined once, not on every re-run."""
-    loads = Counting(monkeypatch, IngestImages, "_load")
+    loads = Counting(monkeypatch, IngestImages, "_read")
     root = tmp_path / "flat"
     for i in range(1, 4):
         write_png(root / f"b{i}.png", seed=i)
@@ -156,13 +156,40 @@ def test_a_file_that_breaks_loses_its_rows_and_gets_them_back_when_repaired(tmp_
     assert r.counts.processed == 2 and store.read("t/src").num_rows == 16
 
 
+def test_a_read_error_keeps_the_rows_and_retries_the_file(tmp_path, image_folder, monkeypatch):
+    """An I/O error (a throttled or flaky store) says nothing about a file's content: its rows
+    stay, it is quarantined with check 'read', and the next run reads it again."""
+    store = TableStore(str(tmp_path / "s"))
+    cfg = IngestImagesConfig(root=str(image_folder), crops_per_image=2, size=16)
+    run(store, IngestImages, cfg)
+    victim = image_folder / "class0" / "img2.png"
+    bump_mtime(victim)  # changed by stamp: re-read, and the read fails this time
+    orig = IngestImages._read
+
+    def flaky(stage, path):
+        if path.endswith("img2.png"):
+            raise OSError("SlowDown: please reduce your request rate")
+        return orig(stage, path)
+
+    monkeypatch.setattr(IngestImages, "_read", flaky)
+    r = run(store, IngestImages, cfg)
+    assert (r.counts.processed, r.counts.quarantined) == (0, 2)
+    q = store.read("t/src__quarantine").to_pylist()
+    assert {x["check"] for x in q} == {"read"} and "SlowDown" in q[0]["reason"]
+    assert store.read("t/src").num_rows == 16  # its rows were kept
+    monkeypatch.setattr(IngestImages, "_read", orig)
+    loads = Counting(monkeypatch, IngestImages, "_read")
+    r = run(store, IngestImages, cfg)  # not recorded: read again, and it reads now
+    assert loads.take() == 1 and store.read("t/src").num_rows == 16
+
+
 def test_crash_after_data_commit_rereads_but_rewrites_nothing(tmp_path, image_folder,
                                                               monkeypatch):
     store = TableStore(str(tmp_path / "s"))
     cfg = IngestImagesConfig(root=str(image_folder), crops_per_image=1, size=16)
     orig = IngestImages.record_items
 
-    def boom(self, items, ids):
+    def boom(self, *args, **kwargs):
         raise RuntimeError("killed between the data commit and its record")
 
     monkeypatch.setattr(IngestImages, "record_items", boom)
@@ -170,7 +197,7 @@ def test_crash_after_data_commit_rereads_but_rewrites_nothing(tmp_path, image_fo
         run(store, IngestImages, cfg)
     assert store.read("t/src").num_rows > 0  # the first chunk's rows landed
     monkeypatch.setattr(IngestImages, "record_items", orig)
-    loads = Counting(monkeypatch, IngestImages, "_load")
+    loads = Counting(monkeypatch, IngestImages, "_read")
     r = run(store, IngestImages, cfg)
     assert loads.take() == 8
     assert r.counts.processed + r.counts.skipped == 8 and r.counts.skipped >= 1

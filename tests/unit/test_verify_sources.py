@@ -28,17 +28,17 @@ CROPS = 2
 
 
 class Loads:
-    """Counts the source files a stage opens (``IngestImages._load``)."""
+    """Counts the source files a stage opens (``IngestImages._read``)."""
 
     def __init__(self, monkeypatch):
         self.paths: list[str] = []
-        orig = IngestImages._load
+        orig = IngestImages._read
 
         def load(stage, path):
             self.paths.append(os.path.basename(path))
             return orig(stage, path)
 
-        monkeypatch.setattr(IngestImages, "_load", load)
+        monkeypatch.setattr(IngestImages, "_read", load)
 
     def take(self) -> list[str]:
         out, self.paths = sorted(self.paths), []

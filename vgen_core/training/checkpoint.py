@@ -39,7 +39,7 @@ from .safe_load import _FIX, CheckpointRejected, weights_only_loads
 
 __all__ = ["DS_TAG", "CheckpointRejected", "WorkerState", "checkpoint_due", "log_floor",
            "save_checkpoint", "restore_checkpoint", "save_worker_state", "load_worker_state",
-           "write_manifest", "verify_manifest", "rng_tensors", "restore_rng"]
+           "write_manifest", "verify_manifest", "scan_checkpoint", "rng_tensors", "restore_rng"]
 
 #: DeepSpeed tag of the one checkpoint a directory holds.
 DS_TAG = "ds"
@@ -228,3 +228,33 @@ def restore_checkpoint(engine: Any, directory: str, rank: int, where: str | None
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint '{DS_TAG}' in {where}")
     return load_worker_state(directory, rank)
+
+
+def scan_checkpoint(directory: str, where: str | None = None) -> None:
+    """What a restore would refuse, found without loading anything: the manifests
+    (:func:`verify_manifest`) and, in every DeepSpeed file, a pickled global that is neither a
+    tensor type nor one of the allowed DeepSpeed classes (read from the pickle's opcodes by
+    ``torch.serialization.get_unsafe_globals_in_checkpoint``). Raises
+    :class:`CheckpointRejected`. The train stage runs it on the driver before Ray Train restores a
+    checkpoint, so a refused one fails the stage once, with the fix, instead of failing every
+    restarted worker group up to ``max_failures``."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    from .safe_load import deepspeed_allowed
+
+    where = where or directory
+    verify_manifest(directory, where)
+    allowed = {f"{c.__module__}.{c.__name__}" for c in deepspeed_allowed()}
+    for rel in _files(directory):
+        if not rel.startswith(f"{DS_TAG}/"):
+            continue
+        try:
+            found = set(get_unsafe_globals_in_checkpoint(os.path.join(directory, rel)))
+        except Exception as e:  # not a torch file at all
+            raise CheckpointRejected(f"checkpoint {where}: {rel} is not a readable torch file "
+                                     f"({type(e).__name__}: {e}); {_FIX}") from None
+        if found - allowed:
+            raise CheckpointRejected(
+                f"checkpoint {where}: {rel} holds objects vgen does not load "
+                f"({', '.join(sorted(found - allowed))}); only tensors and {sorted(allowed)} are "
+                f"allowed; nothing was run; {_FIX}")
