@@ -12,14 +12,12 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import pytest
 import yaml
 
 from tests.conftest import ROOT, vgen_cmd
 from vgen_core.data import TableStore
 from vgen_core.data import rle as rle_codec
 
-pytestmark = pytest.mark.slow
 PQ_KEYS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
 TRACK_KEYS = ("track_mAP", "track_AP50", "track_AP75", "track_AP90")
 

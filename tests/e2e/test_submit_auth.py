@@ -30,8 +30,6 @@ import yaml
 
 from tests.conftest import ROOT, _free_port, vgen_cmd
 
-pytestmark = pytest.mark.slow
-
 RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
 _AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS",
               "RAY_API_SERVER_ADDRESS")

@@ -24,7 +24,6 @@ from tests.conftest import ROOT, vgen_cmd
 from vgen_core.data import TableStore
 from vgen_core.data.sample_images import PHOTOS, load_photo, to_rgb
 
-pytestmark = pytest.mark.slow
 N = 100
 
 

@@ -22,8 +22,6 @@ from PIL import Image
 
 from tests.conftest import ROOT, serve_ui, vgen_cmd
 
-pytestmark = pytest.mark.slow
-
 
 def chromium() -> str | None:
     if os.environ.get("VGEN_CHROMIUM"):
