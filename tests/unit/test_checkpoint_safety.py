@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import ROOT
+from tests.conftest import _free_port as free_port
 from vgen_core.training.checkpoint import (
     CheckpointRejected,
     verify_manifest,
@@ -25,7 +27,6 @@ from vgen_core.training.checkpoint import (
 )
 from vgen_core.training.safe_load import deepspeed_allowed, weights_only_loads
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class _Evil:
@@ -246,21 +247,13 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def engine_results(tmp_path_factory):
     work = tmp_path_factory.mktemp("ds-safety")
     env = dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="",
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
                                                    str(ROOT / ".cache" / "torch_extensions")))
-    p = subprocess.run([sys.executable, "-c", _ENGINE, str(_free_port()), str(work)], cwd=work,
+    p = subprocess.run([sys.executable, "-c", _ENGINE, str(free_port()), str(work)], cwd=work,
                        env=env, capture_output=True, text=True, timeout=600)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert p.returncode == 0 and line, p.stdout[-3000:] + p.stderr[-6000:]
