@@ -33,7 +33,7 @@ BOUNDS = {
     "deepflow": 3.0,  # ~3.0 at step 0 (2-branch velocity + acceleration loss) [2.82]
     "xar": 2.5,  # ~3.8 at step 0 [1.84]
     "maskgen": 4.0,  # chance 5.55 [2.61]
-    "deltaworld": 0.2,  # ~0.36 at step 0 [0.036]
+    "deltaworld": 0.2,  # smooth-L1 (beta 0.1, the official default) [0.092]
 }
 
 

@@ -128,8 +128,12 @@ def test_kv_cache_cell_step_matches_full_forward():
 
 
 def test_per_cell_schedules():
-    # official sample_tokens with flow_upper_steps 50, flow_lower_steps 10 over 4 cells
+    # official default (models/xar.py sample_tokens): every cell gets the same num_steps
+    assert [cell_num_steps(k, 4, 40) for k in range(4)] == [40] * 4
+    assert [cell_num_steps(k, 4, 50, None) for k in range(4)] == [50] * 4
+    # the optional annealed schedule (min_steps, not official): num_steps -> min_steps
     assert [cell_num_steps(k, 4, 50, 10) for k in range(4)] == [50, 36, 23, 10]
+    assert [cell_num_steps(k, 4, 40, 10) for k in range(4)] == [40, 30, 20, 10]
     assert [cell_num_steps(k, 4, 40, 40) for k in range(4)] == [40] * 4
     assert cell_num_steps(0, 1, 40, 10) == 40
     assert [cell_cfg_scale(k, 4, 2.5) for k in range(4)] == [1.0, 1.5, 2.0, 2.5]
@@ -182,6 +186,38 @@ def test_sampler_shapes_determinism_and_cache_equivalence():
     assert torch.equal(a, b) and not torch.equal(a, c)
     torch.testing.assert_close(d, a, atol=1e-4, rtol=1e-4)  # recomputed prefix == KV cache
     assert model.training
+
+
+def _steps_per_cell(monkeypatch, model, **kw) -> list[int]:
+    """Euler-Maruyama steps each cell of `xar.sample` runs (len(grid) - 1 per call)."""
+    counts: list[int] = []
+    real = xar.euler_maruyama_sample
+
+    def spy(velocity, noise, grid, **k):
+        counts.append(len(grid) - 1)
+        return real(velocity, noise, grid, **k)
+
+    monkeypatch.setattr(xar, "euler_maruyama_sample", spy)
+    xar.sample(model, torch.tensor([1]), cfg=1.0, generator=torch.Generator().manual_seed(0), **kw)
+    return counts
+
+
+def test_sampler_default_steps_are_official(monkeypatch):
+    """Default: the same num_steps = 40 (xAR-B README `--num_steps 40`) for every cell, as the
+    official sample_tokens; the old default annealed 40 -> 10 (changed to the official one)."""
+    import inspect
+
+    params = inspect.signature(xar.sample).parameters
+    assert (params["num_steps"].default, params["min_steps"].default) == (40, None)
+    assert (params["cfg"].default, params["t_min"].default) == (2.7, 0.04)
+    model = _tiny()
+    assert _steps_per_cell(monkeypatch, model) == [40, 40, 40, 40]
+    grid = xar.sde_time_grid(40, 0.04)  # official euler_maruyama_sampler grid, then 0
+    assert grid[:40].tolist() == torch.linspace(1.0, 0.04, 40, dtype=grid.dtype).tolist()
+    assert float(grid[-1]) == 0.0
+    # num_steps alone keeps every cell equal; min_steps turns on the annealed schedule
+    assert _steps_per_cell(monkeypatch, model, num_steps=5)[-4:] == [5] * 4
+    assert _steps_per_cell(monkeypatch, model, num_steps=7, min_steps=1)[-4:] == [7, 5, 3, 1]
 
 
 def test_sampler_runs_cells_in_order_with_clean_context():

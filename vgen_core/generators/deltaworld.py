@@ -25,9 +25,14 @@ hypothesis appends its own prediction to its context).
 Shape legend: B batch, T frames, D delta-token width, P predictor width, H hypotheses,
 Q queries, K keys, N samples.
 
-Deviations, on purpose: the input is delta tokens (the frozen VFM + DeltaTok that produce them live
-in `vgen_core.tokenizers.deltatok`); loss defaults to log-cosh (the DeltaTok loss); the official
-`World` module's default criterion is smooth-L1 with beta 0.1, selectable with `loss="smooth_l1"`.
+Criterion (config `loss`): default smooth-L1 with beta 0.1, elementwise, as the official
+`training/world.py` `World(loss_fn="smooth_l1", loss_beta=1e-1)` builds it in `training/base.py`
+`Base.__init__` (`nn.SmoothL1Loss(reduction="none", beta=loss_beta)`); the training loss is its
+mean over all elements in fp32 (`Base.training_step`), the hypothesis selection its mean over D
+(`_bom_queries`). `loss="log_cosh"` selects the DeltaTok criterion (`LogCoshLoss`) instead.
+
+Deviation, on purpose: the input is delta tokens (the frozen VFM + DeltaTok that produce them live
+in `vgen_core.tokenizers.deltatok`).
 """
 
 from __future__ import annotations
@@ -73,7 +78,8 @@ class DeltaWorldConfig(BaseModel):
     init_std: float = Field(0.02, gt=0.0)
     num_hypotheses_train: int = Field(256, ge=1)
     num_samples_eval: int = Field(20, ge=1)
-    loss: Literal["log_cosh", "smooth_l1"] = "log_cosh"
+    # official World default: smooth-L1, beta 0.1; "log_cosh" = the DeltaTok criterion
+    loss: Literal["smooth_l1", "log_cosh"] = "smooth_l1"
     smooth_l1_beta: float = Field(0.1, gt=0.0)
 
     @model_validator(mode="after")
@@ -274,7 +280,8 @@ class DeltaWorld(nn.Module):
 
 
 def elementwise_loss(pred: Tensor, target: Tensor, config: DeltaWorldConfig) -> Tensor:
-    """Unreduced criterion in fp32: log-cosh (DeltaTok) or smooth-L1 (official World default)."""
+    """Unreduced criterion in fp32: smooth-L1 with beta `smooth_l1_beta` (default; official World
+    `nn.SmoothL1Loss(reduction="none", beta=0.1)`) or log-cosh (DeltaTok)."""
     if config.loss == "log_cosh":
         return log_cosh_loss(pred, target, reduction="none")
     return F.smooth_l1_loss(pred.float(), target.detach().float(), reduction="none",

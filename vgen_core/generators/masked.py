@@ -19,7 +19,7 @@ classifier-free guidance) instead of sharing the image-token vocabulary; that is
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +28,16 @@ from torch import Tensor, nn
 
 from vgen_core.families import FamilySpec, sized_config
 from vgen_core.generators.common import BertBlock, gumbel_noise
-from vgen_core.generators.schedules import arccos_mask_ratio, gumbel_temperature, remask_count
+from vgen_core.generators.schedules import (
+    arccos_mask_ratio,
+    gumbel_temperature,
+    maskgit_guidance,
+    remask_count,
+    softmax_temperature,
+)
 
 __all__ = [
+    "MASKGIT_SAMPLING",
     "MASKGIT_SIZES",
     "MaskGIT",
     "MaskGITConfig",
@@ -79,6 +86,26 @@ MASKGIT_SIZES: dict[str, MaskGITConfig] = {
     # BERT-large width used by MaskBit's generator backbone (1024x24, 16 heads, MLP 4096), here
     # with index tokens instead of MaskBit's bit-embedding input.
     "L": MaskGITConfig(hidden=1024, depth=24, heads=16, mlp_dim=4096),
+}
+
+
+#: Released TiTok generator inference settings (bytedance/1d-tokenizer configs/infer/TiTok/
+#: titok_{l32,b64,s128}.yaml `model.generator` + sample_imagenet_titok.py, which passes
+#: softmax_temperature_annealing=True and leaves guidance_scale_pow at demo_util.sample_fn's 3.0):
+#: `sample(model, labels, **MASKGIT_SAMPLING["titok_b64"])`. L-32 and B-64 are the "B" size with
+#: seq_len 32 / 64 (B-64 is this family's default config); S-128's generator is a UViT
+#: (1024x20), which vgen does not build. `sample`'s own defaults stay the training config's
+#: (configs/training/generator/maskgit.yaml: constant 4.5, randomize_temperature 1.0, 8 steps).
+MASKGIT_SAMPLING: dict[str, dict[str, Any]] = {
+    "titok_l32": {"steps": 8, "guidance_scale": 4.5, "guidance_decay": "linear",
+                  "guidance_scale_pow": 3.0, "randomize_temperature": 9.5,
+                  "softmax_temperature_annealing": True},
+    "titok_b64": {"steps": 8, "guidance_scale": 3.0, "guidance_decay": "linear",
+                  "guidance_scale_pow": 3.0, "randomize_temperature": 11.0,
+                  "softmax_temperature_annealing": True},
+    "titok_s128": {"steps": 64, "guidance_scale": 6.9, "guidance_decay": "power-cosine",
+                   "guidance_scale_pow": 3.0, "randomize_temperature": 2.8,
+                   "softmax_temperature_annealing": True},
 }
 
 
@@ -221,13 +248,20 @@ def sample(
     *,
     steps: int = 8,
     guidance_scale: float = 4.5,
+    guidance_decay: Literal["constant", "linear", "power-cosine", "power_cosine"] = "constant",
+    guidance_scale_pow: float = 3.0,
     randomize_temperature: float = 1.0,
+    softmax_temperature_annealing: bool = False,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Iterative confidence-based decoding from an all-mask sequence.
+    """Iterative confidence-based decoding from an all-mask sequence (official
+    bytedance/1d-tokenizer `modeling/maskgit.py` `ImageBert.generate`).
 
     At step t (0-based, progress r = (t + 1) / N as in the official code):
-      logits = c + s * (c - u) with constant guidance scale s (s = 0 skips the unconditional pass);
+      s = `schedules.maskgit_guidance(t, N, guidance_scale, guidance_decay, guidance_scale_pow)`;
+      logits = c + s * (c - u) (constant, linear) or u + s * (c - u) (power-cosine); s = 0 runs
+        the conditional pass alone (constant with scale 0, linear at t = 0);
+      logits /= 0.5 + 0.8 * (1 - r) when `softmax_temperature_annealing`;
       sample ids = argmax(logits + tau * Gumbel) for masked positions,
         tau = randomize_temperature * (1 - r);
       confidence = logit of the sampled id + tau * fresh Gumbel (+inf for already fixed positions);
@@ -242,6 +276,8 @@ def sample(
     """
     if steps < 1:
         raise ValueError(f"sample: steps must be >= 1, got {steps}.")
+    maskgit_guidance(0, steps, guidance_scale, guidance_decay, guidance_scale_pow)  # validates
+    power_cosine = guidance_decay in ("power-cosine", "power_cosine")
     was_training = model.training
     model.eval()
     B, L, dev = labels_B.shape[0], model.seq_len, labels_B.device
@@ -252,12 +288,18 @@ def sample(
             r = (step + 1) / steps
             tau = gumbel_temperature(r, randomize_temperature)
             is_mask_BL = ids_BL == model.mask_token_id
-            if guidance_scale != 0.0:
+            s = maskgit_guidance(step, steps, guidance_scale, guidance_decay, guidance_scale_pow)
+            if s != 0.0:
                 both = model(torch.cat([ids_BL, ids_BL]), torch.cat([labels_B, null_B])).float()
                 cond, uncond = both.chunk(2)
-                logits_BLV = cond + guidance_scale * (cond - uncond)
+                if power_cosine:
+                    logits_BLV = uncond + (cond - uncond) * s
+                else:
+                    logits_BLV = cond + s * (cond - uncond)
             else:
                 logits_BLV = model(ids_BL, labels_B).float()
+            if softmax_temperature_annealing:
+                logits_BLV = logits_BLV / softmax_temperature(r, 0.5, 0.8)
             noise_BLV = gumbel_noise(logits_BLV.shape, device=dev, generator=generator)
             noisy = logits_BLV + tau * noise_BLV
             sampled_BL = noisy.argmax(-1)
@@ -286,6 +328,6 @@ SPEC = FamilySpec(
     name="maskgit", role="generator", config_class=MaskGITConfig, sizes=MASKGIT_SIZES,
     model_class=MaskGIT, data="id_tokens", data_fields=("codebook_size", "seq_len", "num_classes"),
     loss=maskgit_loss, conditioning="labels", sampler=sample, output="tokens",
-    default_for=("train.generator",),
+    default_for=("train.generator",), sampling={"B": MASKGIT_SAMPLING["titok_b64"]},
     summary="MaskGIT: bidirectional transformer, arccos masking, confidence-based decoding",
 )

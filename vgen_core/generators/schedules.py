@@ -13,6 +13,8 @@ Classifier-free guidance scale s at `step` of `steps` (progress step / steps), a
     linear        start + (scale - start) step / steps           BAR, xAR, MaskGen "linear"
     power_cosine  start + (scale - start) (1 - cos((step / steps)^p pi)) / 2
                                                                  RAR, MaskBit, MaskGen "cosine"
+`maskgit_guidance` is the TiTok MaskGIT sampler's choice among the three (official
+`ImageBert.generate`: "constant", "linear" with start 0, "power-cosine" with start 1).
 
 Temperatures at progress r (MaskGIT-style confidence samplers):
     gumbel_temperature    t (1 - r)         Gumbel noise on samples and confidences
@@ -33,6 +35,7 @@ from torch import Tensor
 
 __all__ = [
     "GUIDANCE_SCHEDULES",
+    "MASKGIT_GUIDANCE_DECAYS",
     "MASK_SCHEDULES",
     "arccos_mask_ratio",
     "constant_guidance",
@@ -42,6 +45,7 @@ __all__ = [
     "linear_guidance",
     "linear_mask_ratio",
     "mask_ratio",
+    "maskgit_guidance",
     "power_cosine_guidance",
     "remask_count",
     "softmax_temperature",
@@ -169,6 +173,38 @@ def guidance(name: str, step: float, steps: float, scale: float, **options: floa
     return GUIDANCE_SCHEDULES[name](step, steps, scale, **options)
 
 
+MASKGIT_GUIDANCE_DECAYS = ("constant", "linear", "power-cosine")
+
+
+def maskgit_guidance(
+    step: int, steps: int, scale: float, decay: str = "constant", power: float = 3.0
+) -> float:
+    """Guidance scale s_t of TiTok's MaskGIT sampler at step t (0-based) of N.
+
+    Source: bytedance/1d-tokenizer `modeling/maskgit.py`, `ImageBert.generate` (guidance_decay,
+    guidance_scale_pow):
+      constant      s_t = g                                      logits = c + s_t (c - u)
+      linear        s_0 = 0, then s_t = (t / N) * g                  logits = c + s_t (c - u)
+                    (`cfg_scale = ratio * guidance_scale` after step t - 1, ratio = t / N;
+                    s_0 = 0 runs the conditional pass alone)
+      power-cosine  s_t = (g - 1) * (1 - cos((t / N)^p pi)) / 2 + 1  logits = u + s_t (c - u)
+                    (MDT schedule; 1 at t = 0, below g at the last step t = N - 1)
+    `decay` also takes "power_cosine". The official code evaluates the power-cosine ramp in
+    float32 tensors; this is the float64 value of the same expression.
+    """
+    if decay == "constant":
+        return constant_guidance(step, steps, scale)
+    if decay == "linear":
+        # (scale - 0) * (t / N) / 1 + 0 == (t / N) * scale exactly, the official operation order.
+        return linear_guidance(step / steps, 1.0, scale, start=0.0)
+    if decay in ("power-cosine", "power_cosine"):
+        return power_cosine_guidance(step, steps, scale, power, start=1.0)
+    raise ValueError(
+        f"maskgit_guidance: decay must be one of {', '.join(MASKGIT_GUIDANCE_DECAYS)}, "
+        f"got {decay!r}."
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # Temperature annealing
 # --------------------------------------------------------------------------------------------------
@@ -180,5 +216,9 @@ def gumbel_temperature(r: float, temperature: float) -> float:
 
 
 def softmax_temperature(r: float, base: float = 0.5, span: float = 0.8) -> float:
-    """Softmax temperature base + span * (1 - r) at progress r (MaskGen: 1.3 -> 0.5)."""
+    """Softmax temperature base + span * (1 - r) at progress r (MaskGen: 1.3 -> 0.5).
+
+    MaskGen and TiTok MaskGIT (`softmax_temperature_annealing`, official `modeling/maskgit.py`
+    `ImageBert.generate`: logits / (0.5 + 0.8 * (1 - ratio)), ratio = (t + 1) / N).
+    """
     return base + span * (1.0 - r)

@@ -20,10 +20,11 @@ VisionRotaryEmbeddingFast layout: half the head dims for the row, half for the c
 official `models/rope.py` was not readable from here; its positions may differ, so official
 checkpoints are not claimed to load.
 
-Sampling (`sample`): cells in order; cell k runs Euler-Maruyama over sde_time_grid(n_k) with
-n_k falling linearly from num_steps (first cell) to min_steps (last cell) as in `sample_tokens`
-(flow_upper_steps / flow_lower_steps); finished cells enter a KV cache clean, at t = 0; the
-guidance scale rises linearly from 1 (first cell) to cfg (last cell).
+Sampling (`sample`): cells in order; every cell runs Euler-Maruyama over sde_time_grid(num_steps)
+with the same num_steps, as the official `sample_tokens` passes its one `num_steps` to
+`euler_maruyama_sampler` for each cell; finished cells enter a KV cache clean, at t = 0; the
+guidance scale rises linearly from 1 (first cell) to cfg (last cell). Optional, not official:
+`min_steps` anneals the count linearly from num_steps (first cell) to min_steps (last cell).
 
 Shape legend: B batch, C latent channels, H = W latent size, K cells, L tokens per cell,
 S = K * L tokens, D hidden width, Hh heads, d head dim.
@@ -415,13 +416,15 @@ def xar_loss(
     return loss, metrics
 
 
-def cell_num_steps(cell: int, clusters: int, num_steps: int, min_steps: int) -> int:
-    """Sampling steps for `cell`: int((K-1-k)/(K-1) * (num_steps - min_steps) + min_steps).
+def cell_num_steps(cell: int, clusters: int, num_steps: int, min_steps: int | None = None) -> int:
+    """Sampling steps for `cell`.
 
-    Official `sample_tokens` (flow_upper_steps, flow_lower_steps): the first cell gets num_steps,
-    the last min_steps. A single cell gets num_steps.
+    Default (`min_steps=None`): num_steps for every cell, as in the official `sample_tokens`
+    (one `num_steps` passed to `euler_maruyama_sampler` for each cell). With `min_steps` (an
+    option, not in the official code): int((K-1-k)/(K-1) * (num_steps - min_steps) + min_steps),
+    num_steps on the first cell falling to min_steps on the last. A single cell gets num_steps.
     """
-    if clusters == 1:
+    if min_steps is None or clusters == 1:
         return num_steps
     upper = clusters - 1
     return int((upper - cell) / upper * (num_steps - min_steps) + min_steps)
@@ -440,7 +443,7 @@ def sample(
     labels_B: Tensor,
     *,
     num_steps: int = 40,
-    min_steps: int = 10,
+    min_steps: int | None = None,
     cfg: float = 2.7,
     t_min: float = 0.04,
     generator: torch.Generator | None = None,
@@ -453,7 +456,9 @@ def sample(
     With `use_cache` (default) their K/V come from a cache filled once per finished cell; with
     `use_cache=False` the clean prefix is recomputed through `forward` at every step (slower, same
     result up to float rounding). Defaults: xAR-B (README `--num_steps 40 --cfg 2.7`; L/H use 50
-    and 2.3/2.2); that `--num_steps` is the first cell's count is our reading of `sample_tokens`.
+    and 2.3/2.2): every cell runs num_steps steps, as in the official `sample_tokens`.
+    `min_steps` (default None = off, not official) anneals the per-cell count from num_steps on
+    the first cell to min_steps on the last (`cell_num_steps`).
 
     Args:
         labels_B: (B,) int64 labels (null_class_id for unconditional samples).
