@@ -218,6 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
         help='print {"families": [{"name", "role", "sizes", "capabilities"}, ...]}',
     )
 
+    p = sub.add_parser(
+        "weights", help="inspect a weights file (vgen export or released checkpoint)"
+    )
+    wsub = p.add_subparsers(dest="weights_command", required=True)
+    p = wsub.add_parser(
+        "inspect",
+        help="family, size, pixel range, tensors and bytes, digests; for a released checkpoint "
+        "the best-matching family / size and the key differences (the names to pass to convert)",
+    )
+    p.add_argument("path", help="an export folder, a .safetensors, or a .bin / .pt / .pth / .ckpt "
+                   "(read with torch.load(weights_only=True) only)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
     from pipelines.report import add_report_parser
     from pipelines.tracking_cli import add_tracking_parser
 
@@ -693,6 +706,19 @@ def _stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
     proc.wait()
 
 
+def cmd_weights(args: argparse.Namespace) -> int:
+    """``vgen weights inspect PATH``: exit 2 with the reason when the file cannot be read."""
+    from vgen_core.weights import WeightsError, format_report, inspect
+
+    try:
+        report = inspect(args.path)
+    except WeightsError as e:
+        print(f"vgen: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return EXIT_OK
+
+
 def _cmd_tracking(args: argparse.Namespace) -> int:
     from pipelines.tracking_cli import cmd_tracking
 
@@ -723,6 +749,7 @@ def main(argv: list[str] | None = None) -> int:
         "report": _cmd_report,
         "tracking": _cmd_tracking,
         "families": cmd_families,
+        "weights": cmd_weights,
     }[args.command]
     try:
         return handler(args)

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FamilySpec", "PIXEL_RANGES", "all_specs", "get", "find", "names", "sized_config",
-    "to_model_pixels", "from_model_pixels", "default_for", "ACCEPTS",
+    "to_model_pixels", "from_model_pixels", "pixel_range_of", "default_for", "ACCEPTS",
 ]
 
 PIXEL_RANGES = ("signed", "unit")
@@ -65,6 +65,17 @@ def sized_config(title: str, config_class: type[BaseModel],
     config.__doc__ = (f"{title} config for a registered size (``{'``, ``'.join(sizes)}``), with "
                       "field overrides.")
     return config
+
+
+def pixel_range_of(spec: FamilySpec) -> str:
+    """The pixel range ``spec``'s models take and return: the family's, set per release in its
+    SPEC (e.g. MaskBit LFQ / TiTok ``unit`` [0, 1], KL-VAE ``signed`` [-1, 1]). Every stage
+    (tokenize, cache, train, evaluate) reads it here; there is no per-stage default."""
+    rng = spec.pixel_range
+    if rng is None or rng not in PIXEL_RANGES:
+        raise ValueError(f"model family '{spec.name}' declares no pixel range "
+                         f"(got {rng!r}; use one of {PIXEL_RANGES})")
+    return rng
 
 
 def to_model_pixels(images_BHWC: Any, pixel_range: str) -> Any:
@@ -123,6 +134,8 @@ class FamilySpec:
     #: tokenizers: fully convolutional, encodes any multiple of its downsampling factor (else
     #: the config's ``image_size`` is the one resolution it takes)
     resolution_free: bool = False
+    #: tokenizers: the pixel range the release trains/evaluates on ("signed" [-1, 1] /
+    #: "unit" [0, 1]); the one source every stage reads (:func:`pixel_range_of`)
     pixel_range: str | None = None
     encode: Callable[..., Any] | None = None
     decode: Callable[..., Any] | None = None
@@ -143,6 +156,11 @@ class FamilySpec:
     #: ``check(model, where) -> None``: raises ValueError when a built model cannot serve its
     #: role here (e.g. a TiTok in VAE mode asked for VQ ids)
     check: Callable[..., None] | None = None
+
+    def __post_init__(self) -> None:
+        # the pixel range is the family's, per release: a tokenizer must declare one
+        if self.role == "tokenizer" or self.pixel_range is not None:
+            pixel_range_of(self)
 
     # -- configs and models ---------------------------------------------------------------
     @property

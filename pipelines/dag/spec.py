@@ -141,6 +141,10 @@ def _interpolate(value: Any, path: tuple = (), found: dict[tuple, str] | None = 
     return value
 
 
+#: stage options that would override what a model family fixes (refused with a clear message)
+_FAMILY_KEYS = frozenset({"pixel_range", "pixels", "normalize", "normalise"})
+
+
 def _loc_to_field(loc: tuple) -> str:
     return ".".join(str(p) for p in loc)
 
@@ -190,6 +194,11 @@ def parse_dag(data: Any, source: str = "<dag>", *, storage: str | None = None,
             if need not in spec.stages:
                 raise DagError(f"needs unknown stage {need!r}; stages in this DAG: "
                                f"{', '.join(spec.stages)}", file=source, stage=name, field="needs")
+        for key in _FAMILY_KEYS & set(st.with_ or {}):
+            raise DagError(f"the pixel range / normalisation is the model family's "
+                           f"(FamilySpec.pixel_range, per release), the same for every stage; "
+                           f"`{st.uses}` takes no {key!r}: remove it", file=source, stage=name,
+                           field=f"with.{key}")
         try:
             configs[name] = kind.Config.model_validate(st.with_)
         except ValidationError as e:

@@ -112,7 +112,7 @@ class _ReconActor:
         self.device = resolve_device(device)
         self.model = load_model_ref(tokenizer, self._tmp.name).to(self.device)
         self.spec = families.get(self.model.family)
-        self.pixel_range = self.spec.pixel_range or "signed"
+        self.pixel_range = families.pixel_range_of(self.spec)
         self.resolution, self.column = resolution, column
         self.extractor = build_extractor(cfg, self.device)
 
@@ -229,7 +229,7 @@ class EvaluateTokenizer(JobStage):
                 spec = families.get(tok.family, role="tokenizer", can="evaluate")
             except ValueError as e:
                 raise StageError(f"{where}: {e}") from None
-            pixel_range = spec.pixel_range or "signed"
+            pixel_range = families.pixel_range_of(spec)
             metrics: dict[str, float] = {}
             notes: dict[str, str] = {}
 

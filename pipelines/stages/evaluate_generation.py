@@ -118,7 +118,7 @@ def decode_to_uint8(tokenizer: Any, out: Any, grid_hw: tuple[int, int] | None) -
         raise ValueError(f"cannot decode generated samples with a '{spec.name}' tokenizer "
                          f"(decodable: {', '.join(decodable)})")
     x = spec.decode(tokenizer, out, grid_hw)
-    return families.from_model_pixels(x, spec.pixel_range or "signed").cpu().numpy()
+    return families.from_model_pixels(x, families.pixel_range_of(spec)).cpu().numpy()
 
 
 def build_extractor(spec: dict[str, Any], tmp: str, device: Any):

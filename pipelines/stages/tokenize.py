@@ -117,7 +117,7 @@ class ImageTokenizeStage(MapStage):
 
     @property
     def pixel_range(self) -> str:
-        return self.spec.pixel_range or "signed"
+        return families.pixel_range_of(self.spec)
 
     def _where(self) -> str:
         return f"stage '{self.ctx.stage}'"
@@ -132,14 +132,17 @@ class ImageTokenizeStage(MapStage):
         return self.spec.config(self.config.size, **self.config.overrides)
 
     def row_fingerprint_parts(self) -> dict[str, Any]:
+        """The tokenizer's weights and the pixel range it is fed (the family's: a change of it,
+        e.g. LFQ's move to MaskBit's [0, 1], recomputes the tokens of unchanged weights)."""
         ref = self.tokenizer_ref()
         if ref is not None:
-            return {"weights": ref.digest}
+            return {"weights": ref.digest, "pixel_range": self.pixel_range}
         if self.config.weights:
-            return {"weights_file": weights_file_digest(self.config.weights, self._where())}
+            return {"weights_file": weights_file_digest(self.config.weights, self._where()),
+                    "pixel_range": self.pixel_range}
         from vgen_core.tokenizers.io import weights_digest
 
-        return {"weights": weights_digest(self._build_seeded())}
+        return {"weights": weights_digest(self._build_seeded()), "pixel_range": self.pixel_range}
 
     def _build_seeded(self):
         import torch

@@ -353,13 +353,17 @@ class TrainTokenizer(JobStage):
     config: TrainTokenizerConfig
 
     def row_fingerprint_parts(self) -> dict[str, Any]:
-        """The resolved model config (registry defaults included) and the training code."""
+        """The resolved model config (registry defaults included), the training code, and for
+        a tokenizer the pixel range it is trained on (the family's; its change retrains)."""
         from vgen_core.training import get_task
         from vgen_core.training.loop import LOOP_VERSION
 
         task = get_task(self.config.model)
-        return {"model_config": task.config_json(self.config.size, self.config.overrides),
-                "loop_version": LOOP_VERSION}
+        parts = {"model_config": task.config_json(self.config.size, self.config.overrides),
+                 "loop_version": LOOP_VERSION}
+        if task.role == "tokenizer":
+            parts["pixel_range"] = task.pixel_range
+        return parts
 
     def dataset(self):
         """Curated images (``image_png`` of ingest.images, or curate.pancap's JPEG ``image``)."""

@@ -106,12 +106,12 @@ def test_lfq_bit_tokens_psnr_codebook_bits_and_samples(tmp_path):
     outputs, model = tokenize(TokenizeLFQ, ImageTokenizeConfig(size="tiny", resolution=32,
                                                                flip=False), store, ref, "lfq")
     assert outputs["tokenizer"].kind == "model"
-    x = crops(32, unit=False)
+    x = crops(32, unit=True)  # MaskBit's [0, 1] (the family's)
     with torch.no_grad():
         q, _, idx, _ = model.encode(x)
-        want = per_image_psnr(model.decode(q), x, signed=True)
+        want = per_image_psnr(model.decode(q), x, signed=False)
         np.testing.assert_array_equal(want.numpy(), per_image_psnr(
-            model.decode_indices(idx), x, signed=True).numpy())
+            model.decode_indices(idx), x, signed=False).numpy())
 
     # a seeded MaskGIT that fits the tokens (8x8 grid of 8-bit tokens), as train.generator writes
     assert tuple(idx.shape[1:]) == (8, 8)
@@ -143,7 +143,7 @@ def test_lfq_bit_tokens_psnr_codebook_bits_and_samples(tmp_path):
     # the train.tokenizer export, when among needs, is the one evaluated
     other = seeded("lfq", "tiny", seed=5)
     with torch.no_grad():
-        want_other = per_image_psnr(other.decode_indices(other.encode(x)[2]), x, signed=True)
+        want_other = per_image_psnr(other.decode_indices(other.encode(x)[2]), x, signed=False)
     r2, _ = evaluate(store, {**inputs, "tok": {"tokenizer": export(other, tmp_path / "tok")}},
                      "eval_trained")
     assert r2.metrics["recon/psnr"] == pytest.approx(float(want_other.mean()), rel=1e-9)

@@ -205,7 +205,7 @@ _OFFICIAL_CONFIGS = {  # model.vq_model of configs/infer/**.yaml (crop_size 256 
     "titok-bl128-vae": dict(quantize_mode="vae", token_size=16, vit_enc_model_size="base",
                             vit_dec_model_size="large", num_latent_tokens=128, is_legacy=False),
     "tatitok-bl64-vq": dict(quantize_mode="vq", codebook_size=8192, token_size=64,
-                            use_l2_norm=False, commitment_cost=0.25, clustering_vq=True,
+                            use_l2_norm=False, commitment_cost=0.25, clustering_vq=False,
                             vit_enc_model_size="base", vit_dec_model_size="large",
                             num_latent_tokens=64, is_legacy=False),
     "tatitok-bl32-vae": dict(quantize_mode="vae", token_size=16, vit_enc_model_size="base",

@@ -26,10 +26,10 @@ def recon_mse(family: str, model, images) -> float:
             x = images_to_unit(images)
             r, _ = model(x)
         elif family == "kl_vae":
-            x = images_to_model(images)
+            x = images_to_model(images, family)
             r, _ = model(x, sample_posterior=False)
         else:
-            x = images_to_model(images)
+            x = images_to_model(images, family)
             r, _ = model(x)
     model.train()
     return float(F.mse_loss(r, x))

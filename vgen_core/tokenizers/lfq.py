@@ -473,9 +473,9 @@ def _decoder(cfg: LFQConfig) -> nn.Sequential:
 
 
 class LFQTokenizer(nn.Module):
-    """MaskBit LFQ tokenizer: images (B, C, H, W) in [-1, 1] <-> bit tokens (B, H/f, W/f, K).
+    """MaskBit LFQ tokenizer: images (B, C, H, W) in [0, 1] <-> bit tokens (B, H/f, W/f, K).
 
-    The decoder output is unbounded (no tanh, as in the official code); clamp to [-1, 1] for
+    The decoder output is unbounded (no tanh, as in the official code); clamp to [0, 1] for
     display.
     Reconstruction, perceptual and GAN losses belong to the training step, not to this module.
     """
@@ -506,7 +506,7 @@ class LFQTokenizer(nn.Module):
         return self.config.codebook_size
 
     def encode(self, images_BCHW: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-        """Images (B, C, H, W) in [-1, 1] -> (quantized_BKhw, bits_BhwK, indices_Bhw, losses).
+        """Images (B, C, H, W) in [0, 1] -> (quantized_BKhw, bits_BhwK, indices_Bhw, losses).
 
         bits_BhwK is bool, indices_Bhw int64. H and W must be multiples of
         `config.downsample_factor`; h = H / f, w = W / f.
@@ -568,12 +568,16 @@ class LFQTokenizer(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-_PIXEL_RANGE = "signed"  # SPEC.pixel_range, typed as str for the loss
+#: SPEC.pixel_range (typed as str for the loss): official MaskBit trains and evaluates on [0, 1]
+#: images (data/webdataset_reader.py: ToTensor, no Normalize; scripts/eval_tokenizer.py clamps
+#: reconstructions to [0, 1]), so released weights and vgen-trained ones both take "unit"
+_PIXEL_RANGE = "unit"
 
 
 def lfq_loss(model: LFQTokenizer, batch: dict[str, Tensor], step: int, **_: Any):
-    """Training loss on curated images (uint8 ``image`` (B, H, W, 3)): MSE in [-1, 1] pixels
-    plus the quantizer's commitment + annealed entropy terms."""
+    """Training loss on curated images (uint8 ``image`` (B, H, W, 3)): MSE in the family's pixel
+    range ([0, 1], as tokenize/evaluate feed it) plus the quantizer's commitment + annealed
+    entropy terms."""
     from vgen_core.families import to_model_pixels
 
     images = to_model_pixels(batch["image"], _PIXEL_RANGE)

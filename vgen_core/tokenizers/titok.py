@@ -220,11 +220,13 @@ TITOK_SIZES: dict[str, TiTokConfig] = {
     "titok-ll32-vae": TiTokConfig(num_latent_tokens=32, **_arch("L", "L"), **_VAE16),
     "titok-bl64-vae": TiTokConfig(num_latent_tokens=64, **_arch("B", "L"), **_VAE16),
     "titok-bl128-vae": TiTokConfig(num_latent_tokens=128, **_arch("B", "L"), **_VAE16),
-    # TA-TiTok (configs/infer/TA-TiTok/*.yaml): VQ 8192 x 64 with clustering VQ, or VAE 16 ch.
+    # TA-TiTok (configs/infer/TA-TiTok/*.yaml): VQ 8192 x 64, or VAE 16 ch. The released VQ
+    # checkpoints (tatitok_bl{32,64,128}_vq) have no `quantize.embed_prob`: their inference configs
+    # set clustering_vq: False (since 1d-tokenizer@1825229), only the training configs
+    # (configs/training/TA-TiTok/tatitok_bl*_vq.yaml) use True. To train as officially, pass
+    # titok_config("tatitok-bl128-vq", clustering_vq=True).
     **{
-        f"tatitok-bl{k}-vq": TATiTokConfig(
-            num_latent_tokens=k, clustering_vq=True, **_arch("B", "L"), **_VQ8K
-        )
+        f"tatitok-bl{k}-vq": TATiTokConfig(num_latent_tokens=k, **_arch("B", "L"), **_VQ8K)
         for k in (32, 64, 128)
     },
     # MaskGen-KL uses tatitok-bl32-vae latents x 0.7525 (configs/infer/MaskGen/maskgen_kl_*.yaml).

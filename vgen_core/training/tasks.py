@@ -27,9 +27,11 @@ __all__ = ["Task", "TASKS", "get_task", "images_to_model", "images_to_unit"]
 Task = FamilySpec
 
 
-def images_to_model(image_BHWC: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W, C) -> float (B, C, H, W) in [-1, 1]."""
-    return to_model_pixels(image_BHWC, "signed")
+def images_to_model(image_BHWC: torch.Tensor, family: str | FamilySpec) -> torch.Tensor:
+    """uint8 (B, H, W, C) -> float (B, C, H, W) in ``family``'s pixel range (the one its loss,
+    tokenize and evaluate stages use: :func:`vgen_core.families.pixel_range_of`)."""
+    spec = family if isinstance(family, FamilySpec) else families.get(family)
+    return to_model_pixels(image_BHWC, families.pixel_range_of(spec))
 
 
 def images_to_unit(image_BHWC: torch.Tensor) -> torch.Tensor:
