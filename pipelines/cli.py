@@ -230,6 +230,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="an export folder, a .safetensors, or a .bin / .pt / .pth / .ckpt "
                    "(read with torch.load(weights_only=True) only)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p = wsub.add_parser(
+        "convert",
+        help="load a released checkpoint into a family / size strictly and write a vgen export "
+        "(config.json + model.safetensors + manifest.json); exit 2 with the key diff if it "
+        "does not fit",
+    )
+    p.add_argument("src", help="released checkpoint: .safetensors (or an HF snapshot folder), or "
+                   ".bin / .pt / .pth / .ckpt read with torch.load(weights_only=True) only")
+    p.add_argument("dst", help="output folder (must not exist unless --force)")
+    p.add_argument("--family", required=True, help="model family (see `vgen families`; "
+                   "`vgen weights inspect SRC` names the best match)")
+    p.add_argument("--size", required=True, help="the family's size the checkpoint is")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                   help="config override (repeatable), e.g. --set token_bits=12")
+    p.add_argument("--pixel-range", choices=["signed", "unit"], default=None,
+                   help="the range the weights were trained on when it is not the family's "
+                   "(stages feeding the family's range then refuse the export)")
+    p.add_argument("--force", action="store_true", help="replace an existing DST")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
     from pipelines.report import add_report_parser
     from pipelines.tracking_cli import add_tracking_parser
@@ -707,9 +726,38 @@ def _stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
-    """``vgen weights inspect PATH``: exit 2 with the reason when the file cannot be read."""
-    from vgen_core.weights import WeightsError, format_report, inspect
+    """``vgen weights inspect PATH`` / ``vgen weights convert SRC DST``: exit 2 with the reason
+    (for convert, the key diff) when the file cannot be read or does not fit; nothing written."""
+    from vgen_core.weights import WeightsError, convert, format_report, inspect
 
+    if args.weights_command == "convert":
+        overrides: dict[str, Any] = {}
+        for item in args.set:
+            field_name, eq, value = item.partition("=")
+            if not eq or not field_name:
+                print(f"vgen: --set {item!r}: expected FIELD=VALUE", file=sys.stderr)
+                return EXIT_USAGE
+            try:
+                overrides[field_name] = json.loads(value)
+            except ValueError:
+                overrides[field_name] = value  # a bare string
+        try:
+            manifest = convert(args.src, args.dst, args.family, args.size, overrides=overrides,
+                               pixel_range=args.pixel_range, force=args.force)
+        except WeightsError as e:
+            print(f"vgen: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        if args.json:
+            print(json.dumps(manifest, indent=2, sort_keys=True))
+        else:
+            dropped = manifest["dropped"]
+            print(f"{args.dst}: {manifest['family']} / {manifest['size']}, "
+                  f"{manifest['tensors']} tensors, pixel range {manifest['pixel_range']}, "
+                  f"from {manifest['source']['names']} names"
+                  + (f"; {len(dropped)} released tensors not loaded:" if dropped else ""))
+            for key, reason in sorted(dropped.items())[:10]:
+                print(f"  {key}: {reason}")
+        return EXIT_OK
     try:
         report = inspect(args.path)
     except WeightsError as e:

@@ -28,7 +28,8 @@ from typing import Any, cast
 
 import torch
 
-__all__ = ["WeightsError", "inspect", "format_report", "expected_shapes"]
+__all__ = ["ConvertError", "WeightsError", "convert", "expected_shapes", "fit", "format_report",
+           "inspect", "load_weights", "read_manifest", "read_weights"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 #: wrappers released checkpoints put the state dict under (first found wins)
@@ -145,7 +146,9 @@ def _unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
                        f"{type(obj).__name__})")
 
 
-def _read_pickle(path: Path) -> tuple[Shapes, int, str | None]:
+def _load_pickle(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The state dict of a ``.bin`` / ``.pt`` / ... file, read with ``weights_only=True`` (no
+    object is ever built from the pickle), and the wrapper key it was under."""
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError (refused object), RuntimeError (truncated zip), ...
@@ -157,9 +160,46 @@ def _read_pickle(path: Path) -> tuple[Shapes, int, str | None]:
     state, wrapper = _unwrap(obj, path)
     if all(k.startswith("module.") for k in state):  # DataParallel / DDP prefix
         state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state, wrapper
+
+
+def _read_pickle(path: Path) -> tuple[Shapes, int, str | None]:
+    state, wrapper = _load_pickle(path)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     total = sum(v.numel() * v.element_size() for v in state.values())
     return shapes, total, wrapper
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, source facts) of a released checkpoint: ``.safetensors`` (header checked,
+    tensors on CPU) or a pickle read with ``torch.load(weights_only=True)`` only (the usual
+    wrappers unwrapped). Facts: ``path``, ``format``, ``wrapper``, ``sha256``, ``bytes``.
+    :class:`WeightsError` naming the file when it cannot be read or is not a state dict."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.safetensors"  # an HF-hub style snapshot folder
+    if not p.is_file():
+        raise WeightsError(f"{p}: not found")
+    suffix = p.suffix.lower()
+    wrapper: str | None = None
+    if suffix == ".safetensors":
+        _, total, _ = _read_safetensors(p)
+        try:
+            state = load_file(str(p), device="cpu")
+        except Exception as e:
+            raise WeightsError(f"{p}: not a readable safetensors file ({e})") from e
+        fmt = "safetensors"
+    elif suffix in PICKLE_SUFFIXES:
+        state, wrapper = _load_pickle(p)
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        fmt = "pickle"
+    else:
+        raise WeightsError(f"{p}: unknown weights format '{suffix}' (use .safetensors, "
+                           f"{', '.join(PICKLE_SUFFIXES)})")
+    return state, {"path": str(p), "format": fmt, "wrapper": wrapper, "sha256": _sha256(p),
+                   "bytes": total}
 
 
 # -- families: expected keys and shapes ---------------------------------------------------------
@@ -250,6 +290,263 @@ def best_match(shapes: Shapes) -> Match | None:
     return best
 
 
+# -- convert: a released checkpoint -> a vgen export ------------------------------------------
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "vgen-converted-weights/1"
+
+
+class ConvertError(WeightsError):
+    """A checkpoint that does not fit the asked family / size (``match`` holds the key diff)."""
+
+    def __init__(self, message: str, match: Match | None = None):
+        super().__init__(message)
+        self.match = match
+
+
+def _official_module(spec: Any) -> Any:
+    target = _KEY_MAP_FUNCS.get(spec.name)
+    if target is not None:
+        return importlib.import_module(target.partition(":")[0])
+    if spec.load_official is None:
+        return None
+    return importlib.import_module(spec.load_official.__module__)
+
+
+def dropped_reasons(spec: Any, keys: list[str]) -> dict[str, str]:
+    """Released keys the family deliberately does not load -> why (the family module's
+    ``OFFICIAL_DROPPED``: key or key prefix -> reason; ``network.`` style wrappers allowed)."""
+    module = _official_module(spec)
+    table: Mapping[str, str] = getattr(module, "OFFICIAL_DROPPED", {}) if module else {}
+    out: dict[str, str] = {}
+    for key in keys:
+        for prefix, reason in table.items():
+            if key == prefix or key.startswith(prefix) or f".{prefix}" in f".{key}":
+                out[key] = reason
+                break
+    return out
+
+
+def _shapes_of_config(spec: Any, config: Any) -> Shapes:
+    try:
+        with torch.device("meta"):
+            model = spec.build_config(config)
+    except Exception as e:
+        raise ConvertError(f"cannot build a {spec.name} model from this config ({e})") from e
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _renamed(spec: Any, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """``state`` under vgen names through the family's ``official_key_map`` (None: no map, or
+    the map refuses these names)."""
+    fn = _key_map_func(spec)
+    if fn is None:
+        return None
+    try:
+        out = fn(state)
+    except Exception:
+        return None
+    if not isinstance(out, Mapping):
+        return None
+    renamed: dict[str, torch.Tensor] = {}
+    for a, b in out.items():
+        if isinstance(b, str):  # released key -> vgen key
+            renamed[b] = state[a]
+        elif isinstance(b, torch.Tensor):  # vgen key -> tensor
+            renamed[str(a)] = b
+    return renamed
+
+
+def fit(spec: Any, config: Any, state: Mapping[str, torch.Tensor], *, what: str,
+        size: str = "custom") -> tuple[Any, Match]:
+    """Build ``spec``'s model of ``config`` holding ``state`` (released names through the
+    family's key map and ``load_official``, or vgen's own names), strictly: every model tensor
+    sourced with its shape, every checkpoint tensor used or dropped with a reason
+    (:func:`dropped_reasons`). Returns (model in eval mode, the key match).
+    :class:`ConvertError` with the key diff otherwise."""
+    want = _shapes_of_config(spec, config)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    own = _compare(spec.name, size, shapes, want, False)
+    renamed = _renamed(spec, state)
+    mapped = (None if renamed is None or set(renamed) == set(state) and all(
+        renamed[k] is state[k] for k in state) else _compare(
+            spec.name, size, {k: tuple(v.shape) for k, v in renamed.items()}, want, True))
+    match = own if mapped is None or (own.matched, -own.badness) >= (
+        mapped.matched, -mapped.badness) else mapped
+    if not match.key_map:  # vgen names: nothing may be left over
+        match.unexpected = [k for k in match.unexpected
+                            if k not in dropped_reasons(spec, match.unexpected)]
+    if match.badness:
+        raise ConvertError(f"{what}: the checkpoint does not fit {spec.name} / {size}\n"
+                           + diff_lines(match), match)
+    try:
+        if match.key_map and spec.load_official is not None:
+            model = spec.load_official(state, config)
+        else:
+            model = spec.build_config(config)
+            model.load_state_dict({k: v for k, v in state.items() if k in want}, strict=True)
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise ConvertError(f"{what}: {spec.name} / {size} refused the checkpoint: {e}",
+                           match) from e
+    return model.eval(), match
+
+
+def diff_lines(m: Match, show: int = 5) -> str:
+    """The first ``show`` missing / unexpected / shape-mismatched keys of ``m``, readable."""
+    lines = [f"  {m.matched} of {m.expected} model tensors found with equal shapes"
+             + (" (keys below are vgen names, mapped from the released ones by the family's "
+                "official_key_map)" if m.key_map else "")]
+    for name, items in (("missing", sorted(m.missing)), ("unexpected", sorted(m.unexpected))):
+        if items:
+            lines.append(f"  {name} ({len(items)}): " + ", ".join(items[:show])
+                         + (", ..." if len(items) > show else ""))
+    if m.mismatched:
+        lines.append(f"  shape mismatches ({len(m.mismatched)}):")
+        for d in sorted(m.mismatched, key=lambda d: d["key"])[:show]:
+            lines.append(f"    {d['key']}: file {tuple(d['file'])}, model {tuple(d['model'])}")
+    return "\n".join(lines)
+
+
+def preprocessing(spec: Any, config: Any, pixel_range: str) -> dict[str, Any]:
+    """What a stage does to an image before this model sees it (recorded in the manifest)."""
+    from vgen_core import families
+
+    return {"pixel_range": pixel_range,
+            "range": {"signed": [-1.0, 1.0], "unit": [0.0, 1.0]}[pixel_range],
+            "resolution": spec.native_resolution(config),
+            "resize": "shorter side to the resolution (bicubic), center crop",
+            "layout": "RGB, (B, 3, H, W) float32",
+            "converter": families.__name__ + ".to_model_pixels"}
+
+
+def convert(src: str | Path, dst: str | Path, family: str, size: str, *,
+            overrides: Mapping[str, Any] | None = None, pixel_range: str | None = None,
+            force: bool = False) -> dict[str, Any]:
+    """Read a released checkpoint (safetensors, or a pickle read weights-only), load it into
+    ``family`` / ``size`` strictly (:func:`fit`), and write ``dst`` as a vgen export
+    (``config.json`` + ``model.safetensors``) plus ``manifest.json`` (family, size, pixel range,
+    preprocessing, the source file's sha256, dropped keys with reasons). ``pixel_range``
+    declares the range the checkpoint was trained on (default: the family's); a stage feeding
+    another range refuses the export. Written to a temporary folder and renamed: on any error
+    nothing is left at ``dst``. Returns the manifest."""
+    import os
+    import shutil
+    import tempfile
+
+    from vgen_core import families
+    from vgen_core.tokenizers.io import save_pretrained, weights_digest
+
+    spec = families.find(family)
+    if spec is None:
+        raise WeightsError(f"model family {family!r} not found; known: "
+                           f"{', '.join(families.names())}")
+    if size not in spec.sizes:
+        raise WeightsError(f"{spec.name} has no size {size!r}; sizes: {', '.join(spec.sizes)}")
+    rng = pixel_range or spec.pixel_range
+    if rng is not None and rng not in families.PIXEL_RANGES:
+        raise WeightsError(f"pixel range {rng!r} not known; use one of "
+                           f"{', '.join(families.PIXEL_RANGES)}")
+    out = Path(dst)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
+        raise WeightsError(f"{out}: already exists (pass --force to replace it)")
+    try:
+        config = spec.config(size, **dict(overrides or {}))
+    except Exception as e:
+        raise WeightsError(f"{spec.name} / {size}: overrides do not validate ({e})") from e
+    state, source = read_weights(src)
+    model, match = fit(spec, config, state, what=str(src), size=size)
+    dropped = dropped_reasons(spec, [k for k in state if k not in match.unexpected])
+    if not match.key_map:
+        dropped = {k: r for k, r in dropped.items() if k not in model.state_dict()}
+    manifest = {
+        "format": MANIFEST_FORMAT, "family": spec.name, "size": size,
+        "overrides": dict(overrides or {}), "pixel_range": rng,
+        "preprocessing": (preprocessing(spec, config, rng) if rng else None),
+        "source": {**source, "names": "released" if match.key_map else "vgen"},
+        "tensors": len(model.state_dict()), "dropped": dropped,
+        "weights_digest": weights_digest(model),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_pretrained(model, tmp)
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any] | None:
+    """The ``manifest.json`` of a converted export (None when the folder has none)."""
+    p = Path(folder) / MANIFEST_NAME
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text())
+    except ValueError as e:
+        raise WeightsError(f"{p}: not JSON ({e})") from e
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise WeightsError(f"{p}: not a vgen weights manifest (format "
+                           f"{data.get('format') if isinstance(data, dict) else None!r}, "
+                           f"expected {MANIFEST_FORMAT!r})")
+    return data
+
+
+def is_export(path: str | Path) -> bool:
+    """Whether ``path`` is a vgen export: a folder with config.json + model.safetensors, or
+    that safetensors file with config.json beside it."""
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    return ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+            and (p.is_dir() or p.name == "model.safetensors"))
+
+
+def load_weights(path: str | Path, family: str, config: Any, *, pixel_range: str | None,
+                 what: str) -> Any:
+    """The model a stage's ``weights:`` names, in eval mode on CPU: a vgen export (converted or
+    trained; its family and config must be the stage's, and the pixel range its manifest
+    declares must be ``pixel_range``, the one the stage feeds) or a released checkpoint (loaded
+    through the same mapping as ``vgen weights convert``). :class:`WeightsError` saying why."""
+    from vgen_core import families
+    from vgen_core.tokenizers.io import load_pretrained
+
+    spec = families.get(family)
+    p = Path(path)
+    if is_export(p):
+        folder = p if p.is_dir() else p.parent
+        manifest = read_manifest(folder)
+        declared = (manifest or {}).get("pixel_range") or spec.pixel_range
+        if pixel_range is not None and declared != pixel_range:
+            raise WeightsError(
+                f"{what}: {folder}'s manifest declares pixel range {declared!r}, but this stage "
+                f"feeds the {spec.name} family's {pixel_range!r}; re-convert with the range the "
+                "weights were trained on, or use weights trained on the family's range")
+        try:
+            model = load_pretrained(folder)
+        except (ValueError, FileNotFoundError) as e:
+            raise WeightsError(f"{what}: {e}") from e
+        if getattr(model, "family", None) != spec.name:
+            raise WeightsError(f"{what}: {folder} holds a {getattr(model, 'family', None)!r} "
+                               "model; this stage "
+                               f"uses {spec.name!r}")
+        have = cast(Any, model).config.model_dump(mode="json")
+        need = config.model_dump(mode="json")
+        if have != need:
+            diff = sorted(k for k in {*have, *need} if have.get(k) != need.get(k))
+            raise WeightsError(
+                f"{what}: {folder} is a {spec.name} model of another size / config (differs in "
+                + ", ".join(f"{k}: file {have.get(k)!r}, stage {need.get(k)!r}" for k in diff[:5])
+                + "); set the stage's size / overrides to the export's")
+        return model.eval()
+    state, _ = read_weights(p)
+    model, _ = fit(spec, config, state, what=what)
+    return model
+
+
 # -- entry point -------------------------------------------------------------------------------
 
 def _export_info(path: Path, config_path: Path) -> dict[str, Any]:
@@ -315,6 +612,11 @@ def inspect(path: str | Path) -> dict[str, Any]:
     if report["format"] == "safetensors" and config_path.is_file():
         report["kind"] = "vgen"
         report.update(_export_info(p, config_path))
+        manifest = read_manifest(p.parent)
+        if manifest is not None:  # a converted release: its declared range and source
+            report["pixel_range"] = manifest.get("pixel_range") or report["pixel_range"]
+            report["size"] = manifest.get("size", report["size"])
+            report["source"] = manifest.get("source")
         recorded = report["weights_digest"] or meta.get("weights_digest")
         report["weights_digest"] = recorded
         report["digest_ok"] = _digest_ok(p, recorded)
@@ -337,6 +639,10 @@ def format_report(r: dict[str, Any]) -> str:
         lines[1:1] = [f"  family       {r['family']}", f"  size         {r['size']}",
                       f"  pixel range  {r['pixel_range']}"]
         lines.append(f"  digest       {r['weights_digest']} ({ok})")
+        if r.get("source"):
+            src = r["source"]
+            lines.append(f"  converted    from {src.get('path')} ({src.get('format')}, sha256 "
+                         f"{str(src.get('sha256'))[:16]}...)")
         return "\n".join(lines)
     m = r["match"]
     if m is None:

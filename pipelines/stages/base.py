@@ -240,6 +240,24 @@ def file_problem(uri: str) -> str | None:
     return _path_problem(uri, want_file=True)
 
 
+def weights_problem(uri: str) -> str | None:
+    """Why ``weights:`` ``uri`` cannot be loaded: it must be a file, or an export folder
+    (``config.json`` + ``model.safetensors``: `vgen weights convert`, a train stage)."""
+    why = _path_problem(uri, want_file=False)
+    if why is not None:
+        return why
+    from vgen_core.data.fsio import filesystem_for
+
+    fs, path = filesystem_for(uri)
+    if fs.isdir(path):
+        lacking = [n for n in ("config.json", "model.safetensors")
+                   if not fs.exists(f"{path.rstrip('/')}/{n}")]
+        if lacking:
+            return (f"{uri!r} is a folder without {' and '.join(lacking)} (give a checkpoint "
+                    "file, or a folder written by `vgen weights convert`)")
+    return None
+
+
 def _path_problem(uri: str, *, want_file: bool) -> str | None:
     from fsspec.implementations.local import LocalFileSystem
 
@@ -288,6 +306,8 @@ class Stage:
     #: config fields naming a file the stage reads when set (weights, a reference batch):
     #: checked to exist before anything runs
     file_fields: ClassVar[tuple[str, ...]] = ()
+    #: config fields naming model weights: a file, or an export folder (checked the same way)
+    weights_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: StageConfig, ctx: StageContext):
         self.config, self.ctx = config, ctx
@@ -310,14 +330,14 @@ class Stage:
     def check_config(self) -> list[tuple[str, str]]:
         """Problems with what the config points at outside the DAG, found without computing or
         writing anything: ``(field, what is wrong)`` pairs (field as ``with.<name>``), ``[]``
-        when there are none. The default checks ``root_fields`` and ``file_fields``; a kind
+        when there are none. The default checks the ``*_fields`` (root, file, weights); a kind
         with other inputs extends it (``super().check_config() + [...]``). The runner asks
         every stage before Ray starts and before the MLflow run is opened (``vgen run`` then
         exits 2); ``vgen plan`` / ``vgen status`` show the problems as state ``invalid``."""
         problems = []
         for name, check in [(n, root_problem) for n in self.root_fields] + [
             (n, file_problem) for n in self.file_fields
-        ]:
+        ] + [(n, weights_problem) for n in self.weights_fields]:
             value = getattr(self.config, name, None)
             if isinstance(value, str) and value:
                 why = check(value)

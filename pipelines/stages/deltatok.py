@@ -48,7 +48,7 @@ class TokenizeDeltaTok(ImageTokenizeStage):
     Config = TokenizeDeltaTokConfig
     produces = "delta_tokens"
     output_schema = DELTA_TOKENS
-    file_fields = ("weights", "vfm_weights")  # checked to exist before anything runs
+    file_fields = ("vfm_weights",)  # checked to exist before anything runs (and weights_fields)
     config: TokenizeDeltaTokConfig
 
     def vfm_config(self):

@@ -61,12 +61,23 @@ __all__ = ["ImageTokenizeConfig", "ImageTokenizeStage", "TokenizeLFQ", "Tokenize
 
 
 def weights_file_digest(uri: str, where: str) -> str:
-    """Digest of a ``weights:`` file; StageError naming the stage when it cannot be read."""
+    """Digest of a ``weights:`` file, or of an export folder's ``model.safetensors`` and
+    ``manifest.json`` / ``config.json``; StageError naming the stage when it cannot be read."""
+    from vgen_core.data.fsio import filesystem_for
+
     try:
+        fs, path = filesystem_for(uri)
+        if fs.isdir(path):
+            parts = [file_digest(f"{uri.rstrip('/')}/{name}", what="weights file")
+                     for name in ("model.safetensors", "config.json")]
+            if fs.exists(f"{path.rstrip('/')}/manifest.json"):
+                parts.append(file_digest(f"{uri.rstrip('/')}/manifest.json",
+                                         what="weights manifest"))
+            return "+".join(parts)
         return file_digest(uri, what="weights file")
     except FileNotFoundError as e:
         raise StageError(f"{where}: {e}; `weights:` must point to a released checkpoint "
-                         "(.safetensors)") from None
+                         "(.safetensors / .bin / .pt) or a `vgen weights convert` folder") from None
 
 
 class ImageTokenizeConfig(StageConfig):
@@ -74,8 +85,10 @@ class ImageTokenizeConfig(StageConfig):
     size: str = Field("tiny", description="registry size (with no upstream tokenizer)")
     overrides: dict[str, Any] = Field(default_factory=dict)
     init_seed: int = 0
-    weights: str | None = Field(None, description="released checkpoint (.safetensors, local or "
-                                "s3://), loaded through the family's key map")
+    weights: str | None = Field(None, description="released checkpoint (.safetensors, or .bin / "
+                                ".pt read weights-only; local or s3://), loaded through the "
+                                "family's key map; or a `vgen weights convert` / train export "
+                                "folder (its manifest's pixel range must be the family's)")
     resolution: int | None = Field(None, ge=8, description="crop size; default: the model's")
     flip: bool = True
     device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
@@ -88,7 +101,7 @@ class ImageTokenizeStage(MapStage):
     Config = ImageTokenizeConfig
     write_mode = "append"
     needs_range = (1, 2)
-    file_fields: ClassVar[tuple[str, ...]] = ("weights",)  # checked to exist before anything runs
+    weights_fields: ClassVar[tuple[str, ...]] = ("weights",)  # checked before anything runs
     #: the side-table kind this stage writes (tokenizer families that can fill it are taken)
     produces: ClassVar[str]
     #: outputs every completed run records (an older record without one is re-run)
@@ -165,13 +178,27 @@ class ImageTokenizeStage(MapStage):
                                  f"{' | '.join(self.accepted_families())}")
             return model.eval()
         if self.config.weights:
-            spec = self.spec
-            if spec.load_official is None:
-                raise StageError(f"{self._where()}: the {spec.name} family has no released-"
-                                 "weights loader; train it (train.tokenizer) or drop `weights:`")
-            path = fetch_file(self.config.weights, self._tmp.name)
-            return spec.load_official(path, self.model_config()).eval()
+            return self.load_weights_file()
         return self._build_seeded()
+
+    def load_weights_file(self):
+        """The ``weights:`` model: a released checkpoint through the family's mapping (as
+        ``vgen weights convert``) or an export folder whose manifest's pixel range is the
+        family's (the one this stage feeds)."""
+        from vgen_core.data.fsio import filesystem_for
+        from vgen_core.weights import WeightsError, load_weights
+
+        spec, uri = self.spec, self.config.weights
+        assert uri is not None
+        fs, path = filesystem_for(uri)
+        local = (fetch_model_dir(uri, f"{self._tmp.name}/weights") if fs.isdir(path)
+                 else fetch_file(uri, self._tmp.name))
+        try:
+            return load_weights(local, spec.name, self.model_config(),
+                                pixel_range=self.pixel_range,
+                                what=f"{self._where()} with.weights {uri}")
+        except WeightsError as e:
+            raise StageError(str(e)) from None
 
     def check_model(self, model) -> None:
         """Refuse a model whose ``encode`` fills another side-table kind than this stage's."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -522,7 +523,20 @@ def _load_strict(model: nn.Module, state: dict[str, Tensor], where: str) -> None
     model.load_state_dict(state, strict=True, assign=True)
 
 
-def _read(path: str | Path, prefix: str) -> dict[str, Tensor]:
+#: released key prefixes not loaded -> why (``vgen weights convert`` reports them)
+OFFICIAL_DROPPED = {
+    "backbone.": "the frozen vision foundation model (loaded from its own file: vfm_weights)",
+    "rope_embeddings.": "RoPE frequencies, recomputed from the config",
+}
+
+
+def _label(path: str | Path | Mapping[str, Tensor]) -> str:
+    return "a state dict" if isinstance(path, Mapping) else str(path)
+
+
+def _read(path: str | Path | Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    if isinstance(path, Mapping):  # an in-memory state dict (``vgen weights convert``)
+        return {k[len(prefix):]: v for k, v in path.items() if k.startswith(prefix)}
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(
@@ -534,21 +548,23 @@ def _read(path: str | Path, prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_vfm(path: str | Path, config: VFMConfig, prefix: str = "") -> FrozenViT:
+def load_vfm(
+    path: str | Path | Mapping[str, Tensor], config: VFMConfig, prefix: str = ""
+) -> FrozenViT:
     """Build a `FrozenViT` from `config` and load a local safetensors DINOv3 checkpoint into it.
 
     Accepts transformers names (`embeddings.*`, `layer.i.*`, `norm.*`: the `model.safetensors` of
     facebook/dinov3-vitb16-pretrain-lvd1689m) or Meta's original names (`blocks.i.attn.qkv.*`,
-    `storage_tokens`, ...: mapped by `dinov3_to_vgen`). Only keys starting with `prefix` are used,
-    with the prefix removed. Raises ValueError naming the first missing, unexpected or mis-shaped
-    key.
+    `storage_tokens`, ...: mapped by `dinov3_to_vgen`); or such a state dict. Only keys
+    starting with `prefix` are used, with the prefix removed. Raises ValueError naming the first
+    missing, unexpected or mis-shaped key.
     """
     state = _read(path, prefix)
     if any(k.startswith("blocks.") or k == "storage_tokens" for k in state):
         state = dinov3_to_vgen(state, config)
     with torch.device("meta"):  # skip the random init of weights about to be replaced
         model = FrozenViT(config)
-    _load_strict(model, state, f"load_vfm({path})")
+    _load_strict(model, state, f"load_vfm({_label(path)})")
     model.image_mean = torch.tensor(config.image_mean).view(-1, 1, 1)
     model.image_std = torch.tensor(config.image_std).view(-1, 1, 1)
     return model
@@ -738,7 +754,7 @@ class DeltaTok(nn.Module):
         return torch.stack(deltas, 1), torch.stack(recons, 1)
 
 
-def load_deltatok(path: str | Path, config: DeltaTokConfig) -> DeltaTok:
+def load_deltatok(path: str | Path | Mapping[str, Tensor], config: DeltaTokConfig) -> DeltaTok:
     """Load an official DeltaTok state dict saved as safetensors (keys as in the Lightning
     checkpoint: `network.` / `_orig_mod.` prefixes are stripped, `backbone.*` keys dropped)."""
     raw = _read(path, "")
@@ -749,7 +765,7 @@ def load_deltatok(path: str | Path, config: DeltaTokConfig) -> DeltaTok:
             state[key] = t
     with torch.device("meta"):
         model = DeltaTok(config)
-    _load_strict(model, state, f"load_deltatok({path})")
+    _load_strict(model, state, f"load_deltatok({_label(path)})")
     return model
 
 

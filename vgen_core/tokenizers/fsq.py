@@ -482,6 +482,11 @@ _DROPPED = (
     "logit_scale",
     "logit_bias",
 )
+#: released key prefixes not loaded -> why (``vgen weights convert`` reports them)
+OFFICIAL_DROPPED = {
+    **dict.fromkeys(_DROPPED[:5], "frozen SigLIP2 teacher of the CLIP-alignment loss"),
+    **dict.fromkeys(_DROPPED[5:], "SigLIP2 pooling head / text tower (unused by the tokenizer)"),
+}
 
 
 def official_key_map(state_dict: Mapping[str, Any]) -> dict[str, str]:

@@ -437,6 +437,11 @@ class AutoencoderKL(nn.Module):
 
 
 _DROPPED_PREFIXES = ("loss.", "model_ema.")
+#: released key prefixes not loaded -> why (``vgen weights convert`` reports them)
+OFFICIAL_DROPPED = {
+    "loss.": "LPIPS / discriminator of the training loss (not part of the autoencoder)",
+    "model_ema.": "LDM's EMA copy of the weights (the checkpoint's own weights are loaded)",
+}
 _DIFFUSERS_ATTN = {
     "group_norm": "norm",
     "to_q": "q",

@@ -53,9 +53,13 @@ from torch import Tensor
 from vgen_core.tokenizers.io import load_mapped_state_dict, read_state_dict
 from vgen_core.tokenizers.lfq import LFQConfig, LFQTokenizer, lfq_config
 
-__all__ = ["load_official_maskbit", "nin_shortcut_keys", "official_key_map"]
+__all__ = ["OFFICIAL_DROPPED", "load_official_maskbit", "nin_shortcut_keys", "official_key_map"]
 
 _QUANTIZER_BUFFERS = ("quantize.bits_to_indices", "quantize.codebook")
+#: released keys not loaded -> why (``vgen weights convert`` reports them)
+OFFICIAL_DROPPED = dict.fromkeys(
+    _QUANTIZER_BUFFERS, "fixed implicit-codebook buffer: checked to be the LSB-first codebook, "
+    "not loaded")
 _RE_ENC_DOWN = re.compile(r"^encoder\.down\.(\d+)\.(res_blocks\.(\d+)\..+|down_conv\..+)$")
 _RE_DEC_UP = re.compile(r"^decoder\.up\.(\d+)\.(res_blocks\.(\d+)\..+|upsample_conv\..+)$")
 _RE_UPSAMPLE_CONV = re.compile(r"^decoder\.up\.(\d+)\.upsample_conv\.")
