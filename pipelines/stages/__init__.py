@@ -13,6 +13,7 @@ tokenize.titok      tokenize.py                           curated images -> TiTo
 cache.latents       cache_latents.py                      curated images -> VAE / TiTok-KL moments
 tokenize.deltatok   deltatok.py                           curated videos -> DeltaTok delta tokens
 train.generator     train.py                              Ray Train + DeepSpeed: a token generator
+import.weights      weights_import.py                     a released checkpoint as a model output
 evaluate.tokenizer  evaluate.py                           recon. PSNR, codebook usage, samples
 evaluate.generation evaluate_generation.py                samples: FID, sFID, IS, prec./recall
 evaluate.panoptic   evaluate_segmentation.py              panoptic predictions: PQ / SQ / RQ
@@ -37,6 +38,7 @@ KINDS: dict[str, str] = {
     "tokenize.deltatok": "pipelines.stages.deltatok:TokenizeDeltaTok",
     "train.tokenizer": "pipelines.stages.train:TrainTokenizer",
     "train.generator": "pipelines.stages.train:TrainGenerator",
+    "import.weights": "pipelines.stages.weights_import:ImportWeights",
     "evaluate.tokenizer": "pipelines.stages.evaluate:EvaluateTokenizer",
     "evaluate.generation": "pipelines.stages.evaluate_generation:EvaluateGeneration",
     "evaluate.panoptic": "pipelines.stages.evaluate_segmentation:EvaluatePanoptic",

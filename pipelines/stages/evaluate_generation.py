@@ -343,7 +343,15 @@ class EvaluateGeneration(JobStage):
                          "file": _file_identity(self.config.reference_npz)}
         else:
             reference = {"table": side[2].uri, "version": side[2].version} if side else None
-        return {"generator": gen.digest if gen else None,
+        defaults = None
+        if gen is not None:  # the family's released sampler settings for this size
+            try:
+                gen_cfg = _model_config(gen.uri)
+                spec = families.get(str(gen_cfg.get("family")))
+                defaults = self.sampler_options(spec, gen_cfg)[1]
+            except (StageError, ValueError):
+                defaults = None
+        return {"generator": gen.digest if gen else None, "sampler": defaults,
                 "tokenizer": tok[0][1].digest if tok else None,
                 "tokens": side[1].digest if side else None,
                 "reference": reference, "extractor": ext}
@@ -391,6 +399,7 @@ class EvaluateGeneration(JobStage):
         except ValueError as e:
             raise StageError(f"{where}: {e}") from None
         self._check_sampler(spec)
+        released, sampler = self.sampler_options(spec, gen_cfg)
         facts = data_facts(store, side, where)
         self._check_fits(gen_cfg, facts, gen_ref, side)
         if spec.output == "delta_tokens":
@@ -409,7 +418,7 @@ class EvaluateGeneration(JobStage):
 
         ref = self.reference(executor, ext, int(resolution), source)
         plan = {"generator": gen_ref.to_json(), "tokenizer": tok.to_json(),
-                "extractor": ext, "sampler": dict(cfg.sampler), "seed": cfg.seed,
+                "extractor": ext, "sampler": sampler, "seed": cfg.seed,
                 "grid_images": cfg.grid_images, "device": cfg.device,
                 "grid_hw": _grid_hw(store, side)}
         pool: FeatureStats | None = None
@@ -454,7 +463,8 @@ class EvaluateGeneration(JobStage):
 
         lineage = self._lineage(gen_ref, up, tok, tok_family, side, source)
         details = {"reference": ref.describe(), "lineage": lineage, "family": family,
-                   "sampler": dict(cfg.sampler), "seed": cfg.seed, "shard_size": cfg.shard_size,
+                   "sampler": sampler, "sampler_released_size": released,
+                   "seed": cfg.seed, "shard_size": cfg.shard_size,
                    "notes": notes}
         if grid:
             from vgen_core.data.sample_images import decode_png
@@ -488,6 +498,16 @@ class EvaluateGeneration(JobStage):
         if bad:
             raise StageError(f"{self._where()}: with.sampler has {bad}, which the {spec.name} "
                              f"sampler does not take; it takes {', '.join(allowed)}")
+
+    def sampler_options(self, spec: families.FamilySpec,
+                        gen_cfg: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        """(released size, sampler keyword arguments): the family's released inference
+        settings for the generator's size (``FamilySpec.sampling``; the size whose registered
+        config equals the export's), with ``with.sampler`` on top. A generator of no released
+        size samples with ``with.sampler`` and the sampler's own defaults."""
+        size = released_size(spec, gen_cfg)
+        base = dict(spec.sampling.get(size, {})) if size is not None else {}
+        return (size if base else None), {**base, **self.config.sampler}
 
     def _check_fits(self, gen_cfg: dict, facts: dict, gen_ref: OutputRef, side: OutputRef) -> None:
         for key in ("codebook_size", "seq_len", "token_bits", "in_channels"):
@@ -661,6 +681,18 @@ def _shards_ds(shards: list[dict[str, Any]]):
     import ray.data
 
     return ray.data.from_items(shards, override_num_blocks=max(1, len(shards)))
+
+
+def released_size(spec: families.FamilySpec, gen_cfg: dict[str, Any]) -> str | None:
+    """The registered size of ``spec`` whose config equals an export's ``config.json``."""
+    from vgen_core.tokenizers.io import _RESERVED_KEYS
+
+    fields = {k: v for k, v in gen_cfg.items() if k not in _RESERVED_KEYS}
+    try:
+        have = spec.config_class.model_validate(fields).model_dump(mode="json")
+    except ValueError:
+        return None
+    return next((s for s in spec.sizes if spec.config(s).model_dump(mode="json") == have), None)
 
 
 def _model_config(uri: str) -> dict[str, Any]:

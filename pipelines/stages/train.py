@@ -59,6 +59,10 @@ class TrainTokenizerConfig(StageConfig):
                                  description="keyword options of the family's loss")
     resolution: int | None = Field(None, ge=8, description="crop size of the training images "
                                    "(tokenizers; default: the images as curated)")
+    weights: str | None = Field(None, description="fine-tune: start from these weights (a "
+                                "released checkpoint, .safetensors or .bin / .pt read "
+                                "weights-only, or a `vgen weights convert` / train export "
+                                "folder; local or s3://) instead of a random init")
     train: TrainConfig = Field(default_factory=TrainConfig)
 
 
@@ -88,7 +92,10 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
     torch.manual_seed(tcfg.seed + rank)
     device = get_device()
     task = get_task(cfg["model"])
-    model = task.build(cfg["size"], cfg["overrides"], cfg["data_info"]).to(device)
+    model = task.build(cfg["size"], cfg["overrides"], cfg["data_info"])
+    if cfg.get("weights"):
+        model.load_state_dict(_initial_weights(cfg).state_dict())
+    model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=tcfg.betas,
                             weight_decay=tcfg.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt,
@@ -131,6 +138,22 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
     _export(engine, ema, cfg, rank, {
         "final": last or state.last_metrics, "world_size": world, "step": state.step,
         "resumed_from": resumed_from, "restores": state.restores})
+
+
+def _initial_weights(cfg: dict[str, Any]) -> Any:
+    """The ``weights:`` model a fine-tune starts from (the family's mapping, strictly; a
+    manifest's pixel range must be the family's), for the config this run trains."""
+    from vgen_core.data.fsio import fetch_file, fetch_model_dir, filesystem_for
+    from vgen_core.training import get_task
+    from vgen_core.weights import load_weights
+
+    task, uri = get_task(cfg["model"]), cfg["weights"]
+    config = task.model_config(cfg["size"], cfg["overrides"], cfg["data_info"])
+    with tempfile.TemporaryDirectory() as tmp:
+        fs, path = filesystem_for(uri)
+        local = fetch_model_dir(uri, f"{tmp}/in") if fs.isdir(path) else fetch_file(uri, tmp)
+        return load_weights(local, task.name, config, pixel_range=task.pixel_range,
+                            what=f"train with.weights {uri}")
 
 
 class _ProgressBoard:
@@ -350,6 +373,7 @@ class TrainTokenizer(JobStage):
     output_key = "tokenizer"
     #: a re-run after an interrupted attempt continues that attempt's MLflow run (see runner)
     resumes_tracking = True
+    weights_fields = ("weights",)  # checked before anything runs
     config: TrainTokenizerConfig
 
     def row_fingerprint_parts(self) -> dict[str, Any]:
@@ -363,6 +387,11 @@ class TrainTokenizer(JobStage):
                  "loop_version": LOOP_VERSION}
         if task.role == "tokenizer":
             parts["pixel_range"] = task.pixel_range
+        if self.config.weights:
+            from .tokenize import weights_file_digest
+
+            parts["init_weights"] = weights_file_digest(self.config.weights,
+                                                        f"stage '{self.ctx.stage}'")
         return parts
 
     def dataset(self):
@@ -416,7 +445,7 @@ class TrainTokenizer(JobStage):
             "model": self.config.model, "size": self.config.size,
             "overrides": self.config.overrides, "train": tcfg.model_dump(),
             "data_info": data_info, "flip": getattr(self.config, "flip", False),
-            "loss": self.config.loss,
+            "loss": self.config.loss, "weights": self.config.weights,
             "tracking_uri": self.ctx.tracking_uri, "run_id": self.ctx.tracker.run_id,
             "output_uri": output_uri,
         }
@@ -434,6 +463,13 @@ class TrainTokenizer(JobStage):
                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
             datasets={"train": ds},
         )
+        if self.config.weights:  # refuse a file that does not fit before any worker starts
+            from vgen_core.weights import WeightsError
+
+            try:
+                _initial_weights(loop_cfg)
+            except WeightsError as e:
+                raise StageError(f"stage '{self.ctx.stage}': {e}") from None
         self._check_resume_checkpoint()
         with _progress_to(self.ctx.step_progress, loop_cfg):
             trainer.fit()

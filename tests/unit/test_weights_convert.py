@@ -255,3 +255,89 @@ def test_an_export_of_another_config_is_refused(tmp_path, release):
         load_weights(dst, "titok", families.get("titok").config("tiny"), pixel_range="unit",
                      what="test")
     assert "without" in (weights_problem(str(tmp_path)) or "")
+
+
+# -- import.weights: a released checkpoint as the DAG's tokenizer / generator output ----------
+
+def _import(store: TableStore, stage: str, model: str, size: str, weights: Path,
+            overrides: dict | None = None):
+    from pipelines.stages.weights_import import ImportWeights, ImportWeightsConfig
+
+    cfg = ImportWeightsConfig(model=model, size=size, overrides=overrides or {},
+                              weights=str(weights))
+    ctx = StageContext(dag="t", stage=stage, store=store, row_fingerprint=f"fp-{stage}",
+                       inputs={})
+    imp = ImportWeights(cfg, ctx)
+    return imp, imp.run(InProcessExecutor())
+
+
+def test_import_weights_feeds_tokenize_like_a_trained_tokenizer(tmp_path, release):
+    store = TableStore(str(tmp_path / "store"))
+    imp, result = _import(store, "released", "lfq", "maskbit-k12", release, OVERRIDES)
+    (key, ref), = result.outputs.items()
+    assert key == "tokenizer" and ref.kind == "model"
+    parts = imp.row_fingerprint_parts()
+    assert parts["pixel_range"] == "unit" and parts["weights_file"]
+    model = load_pretrained(ref.uri)
+    from vgen_core.tokenizers.io import weights_digest
+
+    assert weights_digest(model) == ref.digest
+    # the tokenize stage encodes with the upstream tokenizer: same tokens as `weights:` direct
+    images = black_white_table(store)
+    ctx = StageContext(dag="t", stage="tok", store=store, row_fingerprint="fp-tok",
+                       inputs={"images": {"samples": images}, "released": result.outputs},
+                       chunk_size=4, error_budget=0.0)
+    out = TokenizeLFQ(ImageTokenizeConfig(resolution=RES, flip=False), ctx).run(
+        InProcessExecutor(batch_size=1))
+    via_import = sorted((r["sample_id"], r["indices"])
+                        for r in store.read(out.outputs["samples"].name).to_pylist())
+    direct_store = TableStore(str(tmp_path / "direct"))
+    direct = _tokenize(direct_store, str(release)).run(InProcessExecutor(batch_size=1))
+    assert via_import == sorted((r["sample_id"], r["indices"]) for r in
+                                direct_store.read(direct.outputs["samples"].name).to_pylist())
+
+
+def test_import_weights_of_a_generator_and_refusals(tmp_path):
+    from pipelines.stages.base import StageError
+
+    torch.manual_seed(0)
+    rar = families.get("rar").build("tiny")
+    path = tmp_path / "rar.bin"
+    torch.save(rar.state_dict(), path)
+    store = TableStore(str(tmp_path / "store"))
+    _, result = _import(store, "gen", "rar", "tiny", path)
+    assert list(result.outputs) == ["generator"]
+    loaded = load_pretrained(result.outputs["generator"].uri).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in rar.state_dict().items())
+    with pytest.raises(StageError, match="does not fit maskbit"):
+        _import(store, "bad", "maskbit", "tiny", path)
+    assert not list(Path(store.path("models/t")).glob("bad*"))
+
+
+def test_train_fine_tune_starts_from_the_weights(tmp_path, release):
+    """train.tokenizer / train.generator ``weights:``: workers start from the released weights
+    (mapped strictly, for the config the run trains); the file is part of the fingerprint."""
+    from pipelines.stages.train import TrainTokenizer, TrainTokenizerConfig, _initial_weights
+
+    cfg = {"model": "lfq", "size": "maskbit-k12", "overrides": OVERRIDES,
+           "data_info": {"num_rows": 4}, "weights": str(release)}
+    model = _initial_weights(cfg)
+    state = torch.load(release, weights_only=True)
+    for src, dst_key in official_key_map(state).items():
+        assert torch.equal(model.state_dict()[dst_key], state[src])
+    with pytest.raises(WeightsError, match="does not fit lfq"):
+        _initial_weights({**cfg, "overrides": {**OVERRIDES, "hidden": 64}})
+
+    ctx = StageContext(dag="t", stage="train", store=TableStore(str(tmp_path / "s")),
+                       row_fingerprint="fp", inputs={})
+    stage = TrainTokenizer(TrainTokenizerConfig(model="lfq", size="maskbit-k12",
+                                                overrides=OVERRIDES, weights=str(release)), ctx)
+    parts = stage.row_fingerprint_parts()
+    other = tmp_path / "other.bin"
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, other)
+    stage2 = TrainTokenizer(TrainTokenizerConfig(model="lfq", size="maskbit-k12",
+                                                 overrides=OVERRIDES, weights=str(other)), ctx)
+    assert parts["init_weights"] != stage2.row_fingerprint_parts()["init_weights"]
+    assert stage.check_config() == []
+    missing = TrainTokenizer(TrainTokenizerConfig(weights=str(tmp_path / "nope.bin")), ctx)
+    assert [f for f, _ in missing.check_config()] == ["with.weights"]
