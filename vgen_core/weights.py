@@ -315,13 +315,17 @@ def _official_module(spec: Any) -> Any:
 
 def dropped_reasons(spec: Any, keys: list[str]) -> dict[str, str]:
     """Released keys the family deliberately does not load -> why (the family module's
-    ``OFFICIAL_DROPPED``: key or key prefix -> reason; ``network.`` style wrappers allowed)."""
+    ``OFFICIAL_DROPPED``: key or key prefix -> reason, ``network.`` style wrappers allowed; or
+    ``name[rows]`` for rows of a table loaded in part, reported under that entry)."""
     module = _official_module(spec)
     table: Mapping[str, str] = getattr(module, "OFFICIAL_DROPPED", {}) if module else {}
     out: dict[str, str] = {}
     for key in keys:
         for prefix, reason in table.items():
-            if key == prefix or key.startswith(prefix) or f".{prefix}" in f".{key}":
+            if "[" in prefix:  # rows of a table that is loaded in part: "pos_embed[L + 2:]"
+                if key == prefix.partition("[")[0]:
+                    out[prefix] = reason
+            elif key == prefix or key.startswith(prefix) or f".{prefix}" in f".{key}":
                 out[key] = reason
                 break
     return out

@@ -651,7 +651,8 @@ class EvaluateGeneration(JobStage):
 
     def _lineage(self, gen_ref: OutputRef, up: str, tok: OutputRef, tok_family: str,
                  side: OutputRef, source: OutputRef) -> dict[str, Any]:
-        return {"generator": {"uri": gen_ref.uri, "digest": gen_ref.digest},
+        gen_stage = next((u for u, r in self._refs("generator") if r == gen_ref), None)
+        return {"generator": {"stage": gen_stage, "uri": gen_ref.uri, "digest": gen_ref.digest},
                 "tokenizer": {"stage": up, "family": tok_family, "uri": tok.uri,
                               "digest": tok.digest, "fingerprint": side.digest},
                 "tokens": {"uri": side.uri, "version": side.version},

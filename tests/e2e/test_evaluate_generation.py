@@ -118,3 +118,38 @@ def test_evaluate_generation_dag(ray_cluster, tmp_path):
     page = write_report([r.info.run_id for r in runs], default_tracking_uri(store.root),
                         tmp_path / "report.html").read_text()
     assert all(r.info.run_id in page for r in runs) and "data:image/png;base64," in page
+
+    # a released generator (import.weights, no training) evaluated on the same tokens: only
+    # the import and its evaluation run; the lineage names the imported weights
+    import torch
+
+    from vgen_core import families
+
+    over = {"codebook_size": 64, "seq_len": 8}
+    torch.manual_seed(3)
+    gen = families.get("maskgit").build("tiny", over)
+    torch.save({"state_dict": gen.state_dict()}, tmp_path / "maskgit_released.pt")
+    spec = yaml.safe_load(make_dag(tmp_path, seed=42).read_text())
+    stages = spec["stages"]
+    del stages["maskgit"], stages["eval"]
+    stages["released"] = {"uses": "import.weights", "with": {
+        "model": "maskgit", "size": "tiny", "overrides": over,
+        "weights": str(tmp_path / "maskgit_released.pt")}}
+    stages["eval_released"] = {"uses": "evaluate.generation", "needs": ["released", "tokens"],
+                               "with": {**stages_eval_with(), "seed": 42}}
+    (tmp_path / "released.yaml").write_text(yaml.safe_dump(spec))
+    p = vgen("run", str(tmp_path / "released.yaml"), "--storage", str(storage), env=env)
+    assert p.returncode == 0
+    assert "[tokens] up-to-date: skipped" in p.stderr
+    rows = store.read("evalgen/eval_released").to_pylist()
+    assert {r["metric"] for r in rows} >= {"fid", "is", "precision", "recall"}
+    lineage = json.loads(rows[0]["details"])["lineage"]
+    from vgen_core.tokenizers.io import weights_digest
+
+    assert lineage["generator"]["digest"] == weights_digest(gen)
+    assert lineage["generator"]["stage"] == "released"
+
+
+def stages_eval_with() -> dict:
+    return {"num_samples": 16, "shard_size": 8, "sampler": {"steps": 4, "guidance_scale": 1.0},
+            "grid_images": 0}

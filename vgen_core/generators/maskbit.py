@@ -23,11 +23,17 @@ s = g (1 - cos((t/N)^p pi)) / 2 (`cfg_scale_schedule`, p = 3).
 
 Shape legend: B batch, L positions, G groups, C = 2^(K/G) ids per group, K bits per token,
 D width.
+
+Released generators (markweberdev/maskbit README model zoo, `maskbit_generator_{K}bit`, converted
+once to safetensors): `load_official(path, "L-k14")`; the key table is in `maskbit_keys.py`, the
+released sampling settings in `MASKBIT_SAMPLING`.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,22 +43,33 @@ from torch import Tensor, nn
 from vgen_core.families import FamilySpec, sized_config
 
 from vgen_core.generators.common import BertBlock, gumbel_noise
+from vgen_core.generators.maskbit_keys import (
+    OFFICIAL_DROPPED,
+    official_key_map,
+    released_name,
+)
 from vgen_core.generators.schedules import (
     arccos_mask_ratio,
     gumbel_temperature,
     power_cosine_guidance,
     remask_count,
 )
+from vgen_core.tokenizers.io import load_mapped_state_dict, read_state_dict
 
 __all__ = [
+    "MASKBIT_RELEASES",
+    "MASKBIT_SAMPLING",
     "MASKBIT_SIZES",
     "MaskBit",
     "MaskBitConfig",
+    "OFFICIAL_DROPPED",
     "cfg_scale_schedule",
     "combine_groups",
     "group_bits",
+    "load_official",
     "maskbit_config",
     "maskbit_loss",
+    "official_key_map",
     "sample",
     "split_groups",
 ]
@@ -110,8 +127,37 @@ MASKBIT_SIZES: dict[str, MaskBitConfig] = {
         token_bits=8, codebook_splits=2, seq_len=64, num_classes=10, hidden=64, depth=2, heads=4,
         mlp_dim=256, dropout=0.0,
     ),
-    # maskbit_generator_12bit.yaml: 1024 x 24, 16 heads, MLP 4096, dropout 0.1, 2 splits.
+    # The released generators (configs/generator/maskbit_generator_{K}bit.yaml `mlm_model`, all
+    # `lfq_bert`, post-norm): 1024 x 24, 16 heads, MLP 4096, dropout 0.1, 2 splits, 256px with
+    # stride 16 -> L = 256, 1000 classes; they differ only in K. "L" is the 12-bit one.
     "L": MaskBitConfig(hidden=1024, depth=24, heads=16, mlp_dim=4096),
+    **{f"L-k{k}": MaskBitConfig(token_bits=k, hidden=1024, depth=24, heads=16, mlp_dim=4096)
+       for k in (10, 14, 16, 18)},
+}
+
+#: Released inference settings, keyed by config file (configs/generator/<name>.yaml `mlm_model`,
+#: as scripts/eval_maskbit.py passes them: guidance_annealing "cosine" = `cfg_scale_schedule`,
+#: arccos mask schedule, use_sampling_annealing False): `sample(model, labels, **MASKBIT_SAMPLING[
+#: "maskbit_generator_14bit"])`. The 14-bit checkpoint has 64 / 128 / 256-step settings.
+MASKBIT_SAMPLING: dict[str, dict[str, Any]] = {
+    f"maskbit_generator_{name}": {"steps": steps, "guidance_scale": g, "scale_pow": p,
+                                  "randomize_temperature": t, "softmax_temperature": 1.0}
+    for name, steps, g, p, t in (
+        ("10bit", 64, 6.4, 2.5, 10.5),
+        ("12bit", 64, 7.1, 3.0, 8.2),
+        ("14bit", 64, 7.1, 3.0, 7.8),
+        ("14bit_128steps", 128, 7.1, 3.0, 9.0),
+        ("14bit_256steps", 256, 5.8, 3.0, 10.3),
+        ("16bit", 64, 6.5, 2.5, 7.5),
+        ("18bit", 64, 5.7, 2.5, 8.5),
+    )
+}
+
+#: size -> its release's config name (the 64-step settings are the family's `sampling`)
+MASKBIT_RELEASES: dict[str, str] = {
+    "L-k10": "maskbit_generator_10bit", "L": "maskbit_generator_12bit",
+    "L-k14": "maskbit_generator_14bit", "L-k16": "maskbit_generator_16bit",
+    "L-k18": "maskbit_generator_18bit",
 }
 
 
@@ -354,11 +400,77 @@ def sample(
     return combine_groups(ids_BN.view(B, L, G), cfg.token_bits)
 
 
+# --------------------------------------------------------------------------------------------------
+# Released weights
+# --------------------------------------------------------------------------------------------------
+
+
+def _resolve_config(config_or_size: MaskBitConfig | str) -> tuple[MaskBitConfig, str]:
+    if isinstance(config_or_size, MaskBitConfig):
+        return config_or_size, "custom config"
+    by_release = {v: k for k, v in MASKBIT_RELEASES.items()}
+    return maskbit_config(by_release.get(config_or_size, config_or_size)), config_or_size
+
+
+def load_official(
+    source: str | Path | Mapping[str, Tensor], config_or_size: MaskBitConfig | str
+) -> MaskBit:
+    """Build `config_or_size` and load a released MaskBit generator into it, strictly; eval mode.
+
+    Args:
+        source: a `.safetensors` file or a state dict with the released names (official
+            markweberdev/maskbit@5ea3d73 `modeling/bert.py` LFQBert, input projection named
+            `token_emb` or `input_proj`; pickles are refused, see `read_state_dict`). Meta tensors
+            work when the model is built on meta (then `bits_to_indices` values are not checked).
+        config_or_size: a `MASKBIT_SIZES` name ("L-k10", "L" = 12 bits, "L-k14", "L-k16",
+            "L-k18"), a release name ("maskbit_generator_14bit") or a config.
+    Every model tensor comes from a released tensor and every released tensor is used or, for
+    `bits_to_indices`, checked (`OFFICIAL_DROPPED`). Raises ValueError naming the first released
+    key that is foreign, missing or of the wrong shape (with the shape this config expects).
+    """
+    config, label = _resolve_config(config_or_size)
+    what = f"maskbit.load_official({label})"
+    released = read_state_dict(source, what=what)
+    try:
+        state = official_key_map(released)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from e
+    prefix = "input_proj." if "input_proj.weight" in released else "token_emb."
+    buf = released["bits_to_indices"]
+    if tuple(buf.shape) != (config.group_bits,):
+        raise ValueError(
+            f"{what}: 'bits_to_indices' has shape {tuple(buf.shape)} but this config expects "
+            f"({config.group_bits},) (token_bits={config.token_bits} / codebook_splits="
+            f"{config.codebook_splits}); the checkpoint is of another bit width."
+        )
+    model = MaskBit(config)
+    expected = model.state_dict()
+    for key, want in expected.items():
+        name = released_name(key, prefix)
+        if key not in state:
+            raise ValueError(f"{what}: the checkpoint has no '{name}' (vgen '{key}', expected "
+                             f"shape {tuple(want.shape)}); it does not match this size (depth).")
+        if tuple(state[key].shape) != tuple(want.shape):
+            raise ValueError(
+                f"{what}: '{name}' (vgen '{key}') has shape {tuple(state[key].shape)} in the "
+                f"checkpoint but this config expects {tuple(want.shape)} (hidden={config.hidden}, "
+                f"mlp_dim={config.mlp_dim}, token_bits={config.token_bits}, codebook_splits="
+                f"{config.codebook_splits}, seq_len={config.seq_len}, num_classes="
+                f"{config.num_classes})."
+            )
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise ValueError(f"{what}: checkpoint key '{released_name(extra[0], prefix)}' has no "
+                         f"place in this config ({len(extra)} such keys; check depth).")
+    load_mapped_state_dict(model, state, {k: k for k in state}, what=what)
+    return model.eval()
 
 
 SPEC = FamilySpec(
     name="maskbit", role="generator", config_class=MaskBitConfig, sizes=MASKBIT_SIZES,
     model_class=MaskBit, data="bit_tokens", data_fields=("token_bits", "seq_len", "num_classes"),
     loss=maskbit_loss, conditioning="labels", sampler=sample, output="tokens",
+    sampling={size: MASKBIT_SAMPLING[name] for size, name in MASKBIT_RELEASES.items()},
+    load_official=load_official,
     summary="MaskBit: masked modeling of bit groups (embedding-free bit tokens)",
 )

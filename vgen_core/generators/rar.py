@@ -26,10 +26,15 @@ Mechanics copied from the official code:
 Tables are sized to what is used: the official `pos_embed` has L + 1024 rows (we keep its first
 L + 2), `target_aware_pos_embed` L + 1024 (we keep rows 2 .. L + 1, so our row j = target j) and
 `timesteps_embeddings` L + 100 (we keep L + 2). Other parameter names match the official ones.
+
+Released weights (yucornetto/RAR `rar_{b,l,xl,xxl}.bin`, converted once to safetensors):
+`load_official(path, "B")` (or "rar_b"); the key table and the dropped rows are in `rar_keys.py`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -46,15 +51,26 @@ from vgen_core.generators.common import (
     trunc_normal_init,
     zero_adaln,
 )
+from vgen_core.generators.rar_keys import (
+    OFFICIAL_DROPPED,
+    official_key_map,
+    released_seq_len,
+    released_shape,
+)
 from vgen_core.generators.schedules import power_cosine_guidance
+from vgen_core.tokenizers.io import load_mapped_state_dict, read_state_dict
 
 __all__ = [
     "KVCache",
+    "OFFICIAL_DROPPED",
     "RAR",
     "RARConfig",
+    "RAR_RELEASES",
     "RAR_SAMPLING",
     "RAR_SIZES",
     "check_orders",
+    "load_official",
+    "official_key_map",
     "power_cosine_guidance",
     "rar_config",
     "rar_loss",
@@ -99,7 +115,9 @@ RAR_SIZES: dict[str, RARConfig] = {
         codebook_size=256, seq_len=64, num_classes=10, hidden=64, depth=2, heads=4, mlp_dim=256,
         dropout=0.0, attn_dropout=0.0,
     ),
-    # README / rar.yaml: width/layers/MLP, 16 heads; 261M / 461M / 955M / 1.5B parameters.
+    # Released RAR-B/L/XL/XXL (README_RAR.md; rar.yaml for the rest: MaskGIT-VQGAN V = 1024,
+    # L = 256, C = 1000, LayerNorm eps 1e-6, dropout 0.1): width/layers/MLP, 16 heads;
+    # 261M / 461M / 955M / 1.5B parameters.
     "B": RARConfig(hidden=768, depth=24, heads=16, mlp_dim=3072),
     "L": RARConfig(hidden=1024, depth=24, heads=16, mlp_dim=4096),
     "XL": RARConfig(hidden=1280, depth=32, heads=16, mlp_dim=5120),
@@ -116,6 +134,9 @@ RAR_SAMPLING: dict[str, dict[str, float]] = {
 
 
 rar_config = sized_config("RAR", RARConfig, RAR_SIZES)
+
+#: released checkpoint names (README_RAR.md model zoo) -> size
+RAR_RELEASES: dict[str, str] = {"rar_b": "B", "rar_l": "L", "rar_xl": "XL", "rar_xxl": "XXL"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -412,10 +433,70 @@ def rar_batch_loss(model: RAR, batch: dict[str, Tensor], step: int, **options: A
     return rar_loss(model, batch["tokens"].long(), batch["label"].long(), step, **options)
 
 
+# --------------------------------------------------------------------------------------------------
+# Released weights
+# --------------------------------------------------------------------------------------------------
+
+
+def _resolve_config(config_or_size: RARConfig | str) -> tuple[RARConfig, str]:
+    if isinstance(config_or_size, RARConfig):
+        return config_or_size, "custom config"
+    name = config_or_size.replace("-", "_")
+    size = RAR_RELEASES.get(name.lower(), config_or_size)
+    return rar_config(size), config_or_size
+
+
+def load_official(
+    source: str | Path | Mapping[str, Tensor], config_or_size: RARConfig | str
+) -> RAR:
+    """Build `config_or_size` and load a released RAR checkpoint into it, strictly; eval mode.
+
+    Args:
+        source: a `.safetensors` file or a state dict with the released names (official
+            bytedance/1d-tokenizer@942a96f `modeling/rar.py` RAR; pickles are refused, see
+            `read_state_dict`). Meta tensors work when the model is built on meta.
+        config_or_size: an `RAR_SIZES` name ("B", "L", "XL", "XXL"), a release name ("rar_b",
+            "rar-xl", ...) or a config.
+    Every model tensor must come from the checkpoint and every released tensor is used
+    (`official_key_map`; the table rows it drops are listed in `OFFICIAL_DROPPED`). Raises
+    ValueError naming the first released key that is foreign, missing or of the wrong shape
+    (with the shape this config expects).
+    """
+    config, label = _resolve_config(config_or_size)
+    what = f"rar.load_official({label})"
+    released = read_state_dict(source, what=what)
+    try:
+        state = official_key_map(released)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from e
+    seq_len = released_seq_len(released)
+    model = RAR(config)
+    expected = model.state_dict()
+    for key, want in expected.items():
+        shape = released_shape(key, tuple(want.shape), config.seq_len)
+        if key not in state:
+            raise ValueError(f"{what}: the checkpoint has no '{key}' (expected shape {shape}); "
+                             "it does not match this size (check depth).")
+        got = tuple(state[key].shape)
+        if got != tuple(want.shape):
+            raise ValueError(
+                f"{what}: '{key}' has shape {released_shape(key, got, seq_len)} in the checkpoint "
+                f"but this config expects {shape} (hidden={config.hidden}, heads={config.heads}, "
+                f"mlp_dim={config.mlp_dim}, seq_len={config.seq_len}, codebook_size="
+                f"{config.codebook_size}, num_classes={config.num_classes})."
+            )
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise ValueError(f"{what}: checkpoint key '{extra[0]}' has no place in this config "
+                         f"({len(extra)} such keys; check depth).")
+    load_mapped_state_dict(model, state, {k: k for k in state}, what=what)
+    return model.eval()
+
+
 SPEC = FamilySpec(
     name="rar", role="generator", config_class=RARConfig, sizes=RAR_SIZES, model_class=RAR,
     data="id_tokens", data_fields=("codebook_size", "seq_len", "num_classes"),
     loss=rar_batch_loss, conditioning="labels", sampler=sample, output="tokens",
-    sampling=RAR_SAMPLING,
+    sampling=RAR_SAMPLING, load_official=load_official,
     summary="RAR: randomized-order autoregression with target-aware positions, annealed to raster",
 )
