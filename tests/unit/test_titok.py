@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from tests.unit.test_maskgit_vqgan import official_conf, official_pixel_shapes
 from vgen_core.tokenizers.io import load_pretrained, save_pretrained, weights_digest
 from vgen_core.tokenizers.titok import (
     TITOK_SIZES,
@@ -53,7 +55,9 @@ def _decode(model: TiTok, z: torch.Tensor, text: torch.Tensor | None) -> torch.T
 # --------------------------------------------------------------------------------------------------
 
 
-def _official_shapes(cfg: TiTokConfig, pixel_decoder: bool = False) -> dict[str, tuple[int, ...]]:
+def _official_shapes(cfg: TiTokConfig) -> dict[str, tuple[int, ...]]:
+    """Released names and shapes; a legacy (stage-2) TiTok also holds MaskGIT-VQGAN's codebook
+    and pixel decoder (`pixel_quantize.*`, `pixel_decoder.*`, test_maskgit_vqgan.py)."""
     We, Wd, K, C = cfg.enc_width, cfg.dec_width, cfg.num_latent_tokens, cfg.token_size
     pe, pd = cfg.enc_patch_size, cfg.dec_patch_size
     c_out = 2 * C if cfg.quantize_mode == "vae" else C
@@ -97,9 +101,9 @@ def _official_shapes(cfg: TiTokConfig, pixel_decoder: bool = False) -> dict[str,
         s["decoder.text_guidance_proj.weight"] = (Wd, cfg.text_embed_dim)
         s["decoder.text_guidance_proj.bias"] = (Wd,)
         s["decoder.text_guidance_positional_embedding"] = (cfg.text_context_length, Wd)
-    if pixel_decoder:  # stage-2 checkpoints also carry MaskGIT-VQGAN's quantizer and decoder
-        s["pixel_quantize.embedding.weight"] = (1024, 256)
-        s["pixel_decoder.conv_in.weight"] = (512, 256, 3, 3)
+    if cfg.is_legacy:
+        pd = cfg.pixel_decoder
+        s.update(official_pixel_shapes(official_conf(pd), pd.codebook_size))
     return s
 
 
@@ -258,10 +262,11 @@ def test_every_size_on_meta_device(name):
         assert out["min_encoding_indices"].dtype == torch.int64
     else:
         assert out["posterior_logvar"].shape == (2, C, 1, K)
+    assert recon.shape == (2, 3, cfg.image_size, cfg.image_size)  # legacy: via pixel_decoder
     if cfg.is_legacy:
-        assert recon.shape == (2, 1024, cfg.dec_grid, cfg.dec_grid)
-    else:
-        assert recon.shape == (2, 3, cfg.image_size, cfg.image_size)
+        with torch.device("meta"):
+            logits = model.decoder(z)
+        assert logits.shape == (2, 1024, cfg.dec_grid, cfg.dec_grid)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,9 +281,10 @@ def test_tiny_forward_backward(name):
     model = cfg.build().train()
     images, text = torch.rand(3, 3, 32, 32), _text(cfg, 3)
     recon, out = model(images, text) if text is not None else model(images)
-    target = torch.randint(0, 1024, (3, 4, 4)) if cfg.is_legacy else images
-    loss_fn = F.cross_entropy if cfg.is_legacy else F.mse_loss
-    loss = loss_fn(recon, target) + out["quantizer_loss"]
+    loss = F.mse_loss(recon, images) + out["quantizer_loss"]  # legacy: through pixel_decoder
+    if cfg.is_legacy:  # and the stage-1 proxy-code target on the ViT decoder's logits
+        z = model.encode(images)[0]
+        loss = loss + F.cross_entropy(model.decoder(z), torch.randint(0, 1024, (3, 4, 4)))
     loss.backward()
     assert torch.isfinite(loss)
     enc, dec = model.encoder, model.decoder
@@ -288,6 +294,9 @@ def test_tiny_forward_backward(name):
         assert model.quantizer.codebook.weight.grad.abs().sum() > 0
     if text is not None:
         assert model.decoder.text_proj.weight.grad.abs().sum() > 0
+    if cfg.is_legacy:
+        assert model.pixel_decoder.conv_in.weight.grad.abs().sum() > 0
+        assert model.pixel_quantize.embedding.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\)"):
         model.encode(torch.rand(1, 3, 64, 64))
 
@@ -389,13 +398,13 @@ def test_clustering_vq_moves_unused_codes_toward_features():
 @pytest.mark.parametrize("name", TINY)
 def test_official_key_map_round_trip(name):
     cfg = TITOK_SIZES[name]
-    official = _official_state_dict(cfg, pixel_decoder=cfg.is_legacy)
+    official = _official_state_dict(cfg)
     mapped = official_key_map(official)
     ours = cfg.build().state_dict()
     assert mapped.keys() == ours.keys()
     assert all(mapped[k].shape == ours[k].shape for k in ours)
     back = inverse_official_key_map(mapped)
-    assert back.keys() == {k for k in official if not k.startswith("pixel_")}
+    assert back.keys() == official.keys()  # nothing dropped (legacy: pixel_* too)
     assert all(back[k] is official[k] for k in back)
 
 
@@ -410,19 +419,23 @@ def test_load_official_matches_reference_forward(name):
     z = torch.randn(2, cfg.token_size, 1, cfg.num_latent_tokens)
     with torch.no_grad():
         torch.testing.assert_close(model.encoder(images), _ref_encoder(official, cfg, images))
-        want = _ref_decoder(official, cfg, z, text)
-        torch.testing.assert_close(_decode(model, z, text), want, rtol=1e-4, atol=1e-4)
+        want = _ref_decoder(official, cfg, z, text)  # legacy: the logits (pixels: next file)
+        got = model.decoder(z, text) if text is not None else model.decoder(z)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        if not cfg.is_legacy:
+            torch.testing.assert_close(_decode(model, z, text), want, rtol=1e-4, atol=1e-4)
 
 
 def test_load_official_from_files(tmp_path):
     cfg = TITOK_SIZES["tiny-legacy"]
-    official = _official_state_dict(cfg, pixel_decoder=True)
+    official = _official_state_dict(cfg)
     save_file(official, str(tmp_path / "model.safetensors"))
-    with pytest.warns(UserWarning, match="pixel-decoder"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pixel_quantize.* / pixel_decoder.* load, none ignored
         from_dir = load_official(tmp_path, "tiny-legacy")
-    with pytest.warns(UserWarning):
         from_file = load_official(tmp_path / "model.safetensors", cfg)
     assert weights_digest(from_dir) == weights_digest(from_file)
+    assert torch.equal(from_dir.pixel_decoder.conv_in.weight, official["pixel_decoder.conv_in.weight"])
     torch.save(official, tmp_path / "tokenizer.bin")
     with pytest.raises(ValueError, match="not a .safetensors file.*weights_only=True"):
         load_official(tmp_path / "tokenizer.bin", cfg)
@@ -455,7 +468,7 @@ def test_load_official_mismatch_errors_name_key_and_shapes():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["tiny", "tatitok-tiny-vae"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-legacy", "tatitok-tiny-vae"])
 def test_save_load_round_trip(tmp_path, name):
     torch.manual_seed(0)
     model = titok_config(name, num_latent_tokens=6).build().eval()

@@ -127,6 +127,7 @@ def test_a_model_that_fills_another_side_table_is_refused(tmp_path):
     with pytest.raises(StageError, match="makes id_tokens.*use tokenize.titok"):
         st.setup()
     st = TokenizeTiTok(ImageTokenizeConfig(model="kl_vae"), ctx)
-    with pytest.raises(StageError, match=re.escape("takes model tatitok | titok, got 'kl_vae'")):
+    with pytest.raises(StageError, match=re.escape(
+            "takes model maskgit-vqgan | tatitok | titok, got 'kl_vae'")):
         st.setup()
     assert CacheLatents.accepted_families() == ["kl_vae", "tatitok", "titok"]

@@ -6,16 +6,26 @@ Spec: methods.md §1.1, §1.2, §1.6; reference: bytedance/1d-tokenizer `modelin
 `configs/infer/**`.
 
 Image convention (official): images are RGB in **[0, 1]** (the official demo divides uint8 by 255,
-its losses say "inputs and reconstructions are in range [0, 1]"); the RGB head's output is
-unbounded, clamp it to [0, 1] for display. The legacy (two-stage) head returns 1024 logits per
-patch over the MaskGIT-VQGAN codes instead of pixels; turning those into pixels needs the
-MaskGIT-VQGAN pixel decoder, which is not part of this module.
+its losses say "inputs and reconstructions are in range [0, 1]"); decoded images are unbounded,
+clamp them to [0, 1] for display (official demo_util.py `torch.clamp(generated_image, 0.0, 1.0)`).
+
+Legacy (two-stage) TiTok (`is_legacy: True`; L-32 / B-64 / S-128): the ViT decoder's head returns
+V = 1024 logits per patch over the MaskGIT-VQGAN codes, and the model also holds the stage-2 pixel
+decoder exactly as the official TiTok with `finetune_decoder: True` does: `pixel_quantize` (the
+MaskGIT-VQGAN codebook, V x D = 1024 x 256) and `pixel_decoder` (the MaskGIT-VQGAN conv Decoder,
+`maskgit_vqgan.py`, config `TiTokConfig.pixel_decoder`). `decode` is the official `TiTok.decode`:
+
+    logits (B, V, g, g) -> softmax over V -> einsum('nchw,cd->ndhw', p, codebook) (B, D, g, g)
+    -> pixel_decoder -> RGB (B, 3, H, W), unclamped
+
+(`model.decoder(z)` alone gives the logits, the stage-1 proxy-code target space.)
 
 Latent layout (official "fake 2D"): z is (B, C, 1, K), C = token_size channels, K latent tokens.
 Token ids are (B, K) int64 here (official: (B, 1, K); `decode_tokens` accepts both).
 
 Shape legend: B batch, K latent tokens, C token_size, W transformer width, P = (H/p)**2 patches,
-S sequence length, T text tokens (77), E text feature width, V codebook size, N = B*K.
+S sequence length, T text tokens (77), E text feature width, V codebook size, N = B*K, g = H/p
+decoder patch grid, D MaskGIT-VQGAN code dimension.
 
 `is_legacy` (official flag, default True there) selects two things at once, as in the official
 code: the legacy 1024-logit head, and the legacy encoder output reshape, which reinterprets the
@@ -52,7 +62,12 @@ renames, every shape is unchanged. `{m}` is `encoder` or `decoder`, `{i}` a bloc
     decoder.conv_out.*                            decoder.head.conv_out.*   (RGB head)
     decoder.text_guidance_proj.*                  decoder.text_proj.*       (TA-TiTok)
     decoder.text_guidance_positional_embedding    decoder.text_pos          (TA-TiTok)
-    pixel_quantize.*, pixel_decoder.*             dropped (MaskGIT-VQGAN stage-2 pixel decoder)
+    pixel_quantize.embedding.weight               pixel_quantize.embedding.weight  (legacy, V x D)
+    pixel_decoder.*                               pixel_decoder.*  (legacy; MaskGIT-VQGAN Decoder
+                                                  names, see maskgit_vqgan.py)
+
+Nothing is dropped. Stage-1 legacy checkpoints (`finetune_decoder: False`) carry no `pixel_*`
+tensors and so do not load into a legacy config (the loader names the first missing key).
 
 Checkpoints are read from safetensors only. The HF Hub repos (`yucornetto/tokenizer_titok_*`,
 `turkeyju/tokenizer_tatitok_*`) ship `model.safetensors`; the `.bin` files (e.g. fun-research/TiTok)
@@ -76,7 +91,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -88,6 +102,12 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from vgen_core.families import FamilySpec
+from vgen_core.tokenizers.maskgit_vqgan import (
+    Decoder as PixelDecoder,
+    MaskGITVQGANConfig,
+    VectorQuantizer as PixelQuantizer,
+    maskgit_vqgan_config,
+)
 
 from ._vit import Attention as _Attention, Block as _Block
 
@@ -137,7 +157,19 @@ class TiTokConfig(BaseModel):
     kl_weight: float = Field(1e-6, ge=0.0)
     is_legacy: bool = True
     legacy_num_logits: int = Field(1024, ge=2)  # MaskGIT-VQGAN codebook (proxy codes)
+    # legacy only: the stage-2 MaskGIT-VQGAN pixel decoder (official: TiTok.pixel_decoder, the
+    # f16-256 config); left unset, a legacy config gets the official one, a single-stage none
+    pixel_decoder: MaskGITVQGANConfig | None = None
     scale_factor: float = Field(1.0, gt=0.0)  # generator-side latent scale (MaskGen-KL: 0.7525)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_pixel_decoder(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("pixel_decoder") is None:
+            legacy = data.get("is_legacy", cls.model_fields["is_legacy"].default)
+            if legacy:
+                data = {**data, "pixel_decoder": _OFFICIAL_PIXEL_DECODER}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> TiTokConfig:
@@ -151,7 +183,27 @@ class TiTokConfig(BaseModel):
                 raise ValueError(f"{part}_width={width} must be divisible by {part}_heads={heads}.")
         if self.clustering_vq and self.quantize_mode != "vq":
             raise ValueError("clustering_vq needs quantize_mode='vq'; set clustering_vq=False.")
+        self._check_pixel_decoder()
         return self
+
+    def _check_pixel_decoder(self) -> None:
+        pd = self.pixel_decoder
+        if not self.is_legacy:
+            if pd is not None:
+                raise ValueError("pixel_decoder is the legacy (is_legacy: true) stage-2 decoder; "
+                                 "a single-stage TiTok has none: drop pixel_decoder.")
+            return
+        assert pd is not None  # filled in by _default_pixel_decoder
+        if pd.codebook_size != self.legacy_num_logits:
+            raise ValueError(f"pixel_decoder.codebook_size={pd.codebook_size} must equal "
+                             f"legacy_num_logits={self.legacy_num_logits} (the head's softmax is "
+                             "over the pixel decoder's codes).")
+        if pd.downsample_factor != self.dec_patch_size:  # (its image_size is nominal: conv)
+            raise ValueError(
+                f"pixel_decoder upsamples {pd.downsample_factor}x but must turn each decoder "
+                f"patch into dec_patch_size={self.dec_patch_size} pixels (2 ** (len(channel_mult) "
+                "- 1) must equal dec_patch_size)."
+            )
 
     @property
     def enc_grid(self) -> int:
@@ -181,6 +233,9 @@ class TATiTokConfig(TiTokConfig):
         return TATiTok(self)
 
 
+# modeling/titok.py TiTok.__init__ (finetune_decoder): Pixel_Decoder(f16-256), 1024 x 256 codes.
+_OFFICIAL_PIXEL_DECODER = maskgit_vqgan_config("maskgit-vqgan-f16-256")
+
 # width, layers, heads of the official "small" / "base" / "large" ViTs (blocks.py).
 _VIT = {"S": (512, 8, 8), "B": (768, 12, 12), "L": (1024, 24, 16)}
 
@@ -206,7 +261,8 @@ TITOK_SIZES: dict[str, TiTokConfig] = {
     # CPU-test sizes: 32x32 images, 4x4 patches of 8 px, width 32, 2 layers, K=8 tokens.
     "tiny": TiTokConfig(**_TINY),
     "tiny-vae": TiTokConfig(**{**_TINY, "quantize_mode": "vae"}),
-    "tiny-legacy": TiTokConfig(**{**_TINY, "is_legacy": True, "use_l2_norm": True}),
+    "tiny-legacy": TiTokConfig(**{**_TINY, "is_legacy": True, "use_l2_norm": True},
+                               pixel_decoder=maskgit_vqgan_config("tiny-f8")),
     "tatitok-tiny": TATiTokConfig(**_TINY, **_TINY_TEXT, clustering_vq=True),
     "tatitok-tiny-vae": TATiTokConfig(**{**_TINY, "quantize_mode": "vae"}, **_TINY_TEXT),
     # Two-stage TiTok (configs/infer/TiTok/titok_{l32,b64,s128}.yaml): 4096 x 12, l2-norm, legacy.
@@ -530,6 +586,8 @@ def _gaussian_posterior(
 class TiTok(nn.Module):
     """TiTok: images (B, 3, H, W) in [0, 1] <-> K 1D tokens (VQ ids or VAE latents).
 
+    A legacy TiTok also holds the stage-2 MaskGIT-VQGAN pixel decoder (`pixel_quantize`,
+    `pixel_decoder`; see the module docstring), so every TiTok decodes to RGB.
     Reconstruction / perceptual / GAN / proxy-code losses belong to the training step.
     """
 
@@ -552,6 +610,16 @@ class TiTok(nn.Module):
                 clustering_vq=config.clustering_vq,
                 clustering_decay=config.clustering_decay,
             )
+        # official: created after _init_weights, so they keep their own init (uniform codebook)
+        self.pixel_quantize: PixelQuantizer | None = None
+        self.pixel_decoder: PixelDecoder | None = None
+        if config.is_legacy:
+            pd = config.pixel_decoder
+            assert pd is not None  # TiTokConfig fills it in for legacy configs
+            self.pixel_quantize = PixelQuantizer(
+                pd.codebook_size, pd.z_channels, pd.commitment_cost
+            )
+            self.pixel_decoder = PixelDecoder(pd)
 
     @property
     def num_latent_tokens(self) -> int:
@@ -591,9 +659,25 @@ class TiTok(nn.Module):
             )
         return z_BC1K.to(self.decoder.token_embed.weight.dtype)
 
+    def logits_to_pixels(self, logits_BVgg: Tensor) -> Tensor:
+        """Legacy: proxy-code logits (B, V, g, g) -> RGB (B, 3, H, W), unclamped, as the official
+        `TiTok.decode`: softmax over V, einsum with the pixel codebook (V, D) -> soft codes
+        (B, D, g, g), MaskGIT-VQGAN pixel decoder."""
+        if self.pixel_quantize is None or self.pixel_decoder is None:
+            raise ValueError("logits_to_pixels needs a legacy TiTok (is_legacy: true); a "
+                             "single-stage TiTok's decoder already returns RGB.")
+        codes_BDgg = torch.einsum(
+            "nchw,cd->ndhw", logits_BVgg.softmax(1), self.pixel_quantize.embedding.weight
+        )
+        return self.pixel_decoder(codes_BDgg)
+
+    def _head_to_pixels(self, decoded: Tensor) -> Tensor:
+        return self.logits_to_pixels(decoded) if self.pixel_decoder is not None else decoded
+
     def decode(self, z_BC1K: Tensor) -> Tensor:
-        """z (B, C, 1, K) -> RGB (B, 3, H, W) (~[0, 1], unclamped) or logits (B, 1024, g, g)."""
-        return self.decoder(self._check_latents(z_BC1K))
+        """z (B, C, 1, K) -> RGB (B, 3, H, W), ~[0, 1] unclamped (legacy: through the pixel
+        decoder, see `logits_to_pixels`; `self.decoder(z)` gives the (B, V, g, g) logits)."""
+        return self._head_to_pixels(self.decoder(self._check_latents(z_BC1K)))
 
     def tokens_to_latents(self, tokens: Tensor) -> Tensor:
         """VQ ids (B, K) or official (B, 1, K) int -> z (B, C, 1, K); VAE: latents pass through."""
@@ -605,7 +689,8 @@ class TiTok(nn.Module):
             raise ValueError(
                 f"decode_tokens expects int ids (B, {K}), got {ids_BK.dtype} {tuple(tokens.shape)}."
             )
-        if ids_BK.numel() and (int(ids_BK.min()) < 0 or int(ids_BK.max()) >= V):
+        checkable = ids_BK.numel() and ids_BK.device.type != "meta"  # meta: shapes only
+        if checkable and (int(ids_BK.min()) < 0 or int(ids_BK.max()) >= V):
             raise ValueError(
                 f"decode_tokens: ids must lie in [0, {V}), got [{int(ids_BK.min())}, "
                 f"{int(ids_BK.max())}]; were they made by a tokenizer with this codebook?"
@@ -640,7 +725,8 @@ class TATiTok(TiTok):
     def decode(self, z_BC1K: Tensor, text_BTE: Tensor) -> Tensor:  # type: ignore[override]
         """z (B, C, 1, K), text (B, T, E) -> RGB (B, 3, H, W)."""
         z_BC1K = self._check_latents(z_BC1K)
-        return self.decoder(z_BC1K, self._check_text(text_BTE, z_BC1K.shape[0]))
+        decoded = self.decoder(z_BC1K, self._check_text(text_BTE, z_BC1K.shape[0]))
+        return self._head_to_pixels(decoded)
 
     def decode_tokens(self, tokens: Tensor, text_BTE: Tensor) -> Tensor:  # type: ignore[override]
         return self.decode(self.tokens_to_latents(tokens), text_BTE)
@@ -694,6 +780,8 @@ _KEY_TABLE: tuple[tuple[str, str], ...] = (
     ("decoder.conv_out.", "decoder.head.conv_out."),
     ("decoder.text_guidance_proj.", "decoder.text_proj."),
     ("decoder.text_guidance_positional_embedding", "decoder.text_pos"),
+    ("pixel_quantize.", "pixel_quantize."),
+    ("pixel_decoder.", "pixel_decoder."),
 )
 _BLOCK_TABLE: tuple[tuple[str, str], ...] = (
     ("ln_1.", "norm1."),
@@ -704,7 +792,6 @@ _BLOCK_TABLE: tuple[tuple[str, str], ...] = (
     ("mlp.c_fc.", "mlp.fc1."),
     ("mlp.c_proj.", "mlp.fc2."),
 )
-_DROPPED_PREFIXES = ("pixel_quantize.", "pixel_decoder.")
 _OFFICIAL_BLOCK_RE = re.compile(r"^(encoder|decoder)\.transformer\.(\d+)\.(.+)$")
 _VGEN_BLOCK_RE = re.compile(r"^(encoder|decoder)\.blocks\.(\d+)\.(.+)$")
 
@@ -729,15 +816,12 @@ def _map_key(key: str, inverse: bool) -> str | None:
 
 
 def official_key_map(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Official TiTok / TA-TiTok state dict -> this module's key names (tensors unchanged).
-
-    Keys of the stage-2 MaskGIT-VQGAN pixel decoder (`pixel_quantize.*`, `pixel_decoder.*`) are
-    dropped. Raises ValueError on a key that is neither mapped nor dropped.
+    """Official TiTok / TA-TiTok state dict -> this module's key names (tensors unchanged; meta
+    tensors work). The stage-2 MaskGIT-VQGAN keys (`pixel_quantize.*`, `pixel_decoder.*`) keep
+    their names. Raises ValueError naming the first key that is not a TiTok key.
     """
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
-        if key.startswith(_DROPPED_PREFIXES):
-            continue
         new = _map_key(key, inverse=False)
         if new is None:
             raise ValueError(
@@ -792,13 +876,6 @@ def load_official(
     """
     cfg = titok_config(config) if isinstance(config, str) else config
     official = _read_official(source)
-    dropped = [k for k in official if k.startswith(_DROPPED_PREFIXES)]
-    if dropped:
-        warnings.warn(
-            f"load_official: ignoring {len(dropped)} MaskGIT-VQGAN pixel-decoder tensors "
-            "(pixel_quantize.*, pixel_decoder.*); the legacy head returns 1024-way code logits.",
-            stacklevel=2,
-        )
     state = official_key_map(official)
     model = cfg.build()
     expected = model.state_dict()
@@ -808,14 +885,17 @@ def load_official(
             raise ValueError(
                 f"load_official: checkpoint has no '{name}' (vgen '{key}', shape "
                 f"{tuple(want.shape)}); the config does not match the checkpoint "
-                "(check quantize_mode, clustering_vq, is_legacy, TiTok vs TA-TiTok)."
+                "(check quantize_mode, clustering_vq, is_legacy, TiTok vs TA-TiTok; a legacy "
+                "TiTok holds the stage-2 pixel decoder pixel_quantize.*/pixel_decoder.*, which "
+                "stage-1 checkpoints (finetune_decoder: false) lack)."
             )
         got = state[key]
         if tuple(got.shape) != tuple(want.shape):
             raise ValueError(
                 f"load_official: '{name}' (vgen '{key}') has shape {tuple(got.shape)} in the "
                 f"checkpoint but {tuple(want.shape)} in the model built from the config; check "
-                "codebook_size, token_size, num_latent_tokens, widths and patch sizes."
+                "codebook_size, token_size, num_latent_tokens, widths, patch sizes and "
+                "pixel_decoder."
             )
     for key in state:
         if key not in expected:
@@ -839,11 +919,12 @@ def titok_loss(model: TiTok, batch: dict[str, Tensor], step: int, **_: Any):
     """Single-stage TiTok (RGB head): L2 in [0, 1] pixels + the quantizer (VQ) or KL term."""
     from vgen_core.families import to_model_pixels
 
+    if model.config.is_legacy:
+        raise ValueError("TiTok training here needs the RGB head (is_legacy: false); a legacy "
+                         "TiTok follows the two-stage recipe (proxy-code cross-entropy, then a "
+                         "frozen encoder with the MaskGIT-VQGAN pixel decoder), not built here")
     images = to_model_pixels(batch["image"], "unit")
     recon, info = model(images)
-    if recon.shape != images.shape:
-        raise ValueError("TiTok training here needs the RGB head (is_legacy: false); the legacy "
-                         "head predicts MaskGIT-VQGAN proxy codes (two-stage recipe)")
     mse = F.mse_loss(recon, images)
     return mse + info["quantizer_loss"], {"mse": mse.detach(),
                                          "quantizer": info["quantizer_loss"].detach()}
@@ -864,11 +945,8 @@ def _encode(model: TiTok, x_BCHW: Tensor) -> dict[str, Tensor]:
 
 def _decode(model: TiTok, out: Tensor, grid_hw: Any = None) -> Tensor:
     """Generated VQ ids (B, K), or latents (B, C, 1, K) / (B, K, C) (generator space, already
-    multiplied by ``scale_factor``) -> RGB in [0, 1]. The legacy head predicts MaskGIT-VQGAN
-    code logits, not pixels: refused."""
-    if model.config.is_legacy:
-        raise ValueError("a legacy TiTok (is_legacy: true) decodes to MaskGIT-VQGAN code logits, "
-                         "not pixels; it needs the MaskGIT-VQGAN pixel decoder, not built here")
+    multiplied by ``scale_factor``) -> RGB (B, 3, H, W), ~[0, 1] unclamped (legacy: through the
+    MaskGIT-VQGAN pixel decoder, as the official ``TiTok.decode_tokens``)."""
     if model.config.quantize_mode == "vq":
         return model.decode_tokens(out)
     C, K = model.config.token_size, model.config.num_latent_tokens
