@@ -2,15 +2,14 @@
 
 `lfq` holds the MaskBit lookup-free-quantization (bit token) tokenizer; `titok` TiTok and
 TA-TiTok (1D tokens, VQ or KL; legacy two-stage TiTok decodes through its MaskGIT-VQGAN pixel
-decoder); `maskgit_vqgan` the MaskGIT-VQGAN (f16, 1024 codes: RAR's tokenizer); `deltatok` DeltaTok (one continuous delta token per frame pair
-over a frozen ViT feature extractor); `fsq` BAR's binary-FSQ bit tokenizer; `kl_vae` the
-SD/MAR KL autoencoder whose latents are cached; `io` the safetensors export/load shared by every
-family
-(``load_pretrained`` builds any registered family from its ``config.json``; ``read_state_dict``
-and ``load_mapped_state_dict`` load released checkpoints through a key map, never unpickling).
-Each module also
-loads the official released checkpoints through a documented key mapping (``vgen weights
-convert`` and the stages' ``weights:`` read them: :mod:`vgen_core.weights`).
+decoder); `maskgit_vqgan` the MaskGIT-VQGAN (f16, 1024 codes: RAR's tokenizer); `deltatok`
+DeltaTok (one continuous delta token per frame pair over a frozen ViT feature extractor); `fsq`
+BAR's binary-FSQ bit tokenizer; `kl_vae` the SD/MAR KL autoencoder whose latents are cached; `io`
+the safetensors export/load shared by every family (``load_pretrained`` builds any registered
+family from its ``config.json``; ``read_state_dict`` and ``load_mapped_state_dict`` load released
+checkpoints through a key map, never unpickling). Each module also loads the official released
+checkpoints through a documented key mapping (``vgen weights convert`` and the stages'
+``weights:`` read them: :mod:`vgen_core.weights`).
 """
 
 from vgen_core.tokenizers.io import (
