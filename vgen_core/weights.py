@@ -509,6 +509,45 @@ def is_export(path: str | Path) -> bool:
             and (p.is_dir() or p.name == "model.safetensors"))
 
 
+def export_problem(uri: str, family: str, config: Any, pixel_range: str | None) -> str | None:
+    """Why the export folder ``uri`` (local or remote; read: its two small JSON files) cannot
+    serve a stage of ``family`` / ``config`` (None: not compared) fed ``pixel_range``; None
+    when it can, or when ``uri`` is not an export folder (released files are checked when
+    loaded)."""
+    from vgen_core.data.fsio import filesystem_for
+    from vgen_core.tokenizers.io import _RESERVED_KEYS
+
+    fs, path = filesystem_for(uri)
+    base = path.rstrip("/")
+    if not fs.isdir(path) or not fs.exists(f"{base}/config.json"):
+        return None
+    try:
+        payload = json.loads(fs.cat_file(f"{base}/config.json"))
+        manifest = (json.loads(fs.cat_file(f"{base}/{MANIFEST_NAME}"))
+                    if fs.exists(f"{base}/{MANIFEST_NAME}") else {})
+    except (OSError, ValueError) as e:
+        return f"{uri!r}: its config.json / {MANIFEST_NAME} cannot be read ({e})"
+    if payload.get("family") != family:
+        return (f"{uri!r} holds a {payload.get('family')!r} model; this stage uses {family!r} "
+                "(set with.model, or point at a folder of that family)")
+    declared = manifest.get("pixel_range")
+    if pixel_range is not None and declared not in (None, pixel_range):
+        return (f"{uri!r}: its manifest declares pixel range {declared!r}, but the {family} "
+                f"family (and so this stage) feeds {pixel_range!r}; re-convert with the range "
+                "the weights were trained on, or use weights trained on the family's range")
+    if config is None:  # the config is known only with the data (train): checked when loaded
+        return None
+    have = {k: v for k, v in payload.items() if k not in _RESERVED_KEYS}
+    need = config.model_dump(mode="json")
+    diff = sorted(k for k in {*have, *need} if have.get(k) != need.get(k))
+    if diff:
+        return (f"{uri!r} is a {family} model of another size / config ("
+                + ", ".join(f"{k}: file {have.get(k)!r}, stage {need.get(k)!r}"
+                            for k in diff[:5])
+                + "); set with.size / with.overrides to the export's")
+    return None
+
+
 def load_weights(path: str | Path, family: str, config: Any, *, pixel_range: str | None,
                  what: str) -> Any:
     """The model a stage's ``weights:`` names, in eval mode on CPU: a vgen export (converted or

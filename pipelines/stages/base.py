@@ -341,9 +341,26 @@ class Stage:
             value = getattr(self.config, name, None)
             if isinstance(value, str) and value:
                 why = check(value)
+                if why is None and name in self.weights_fields:
+                    why = self._export_problem(value)
                 if why:
                     problems.append((f"with.{name}", why + _field_hint(self.config, name)))
         return problems
+
+    def weights_target(self) -> tuple[str, Any, str | None] | None:
+        """(family, model config, pixel range) the ``weights_fields`` load into, for checking an
+        export folder's family, config and declared pixel range before anything runs (None:
+        not checked here)."""
+        return None
+
+    def _export_problem(self, uri: str) -> str | None:
+        from vgen_core.weights import export_problem
+
+        try:
+            target = self.weights_target()
+        except Exception:  # a config problem reported elsewhere (unknown family, size)
+            return None
+        return None if target is None else export_problem(uri, *target)
 
     def source_fingerprint(self) -> dict[str, Any]:
         """A cheap description of inputs outside the DAG (file listings); part of the

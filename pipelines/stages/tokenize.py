@@ -144,6 +144,9 @@ class ImageTokenizeStage(MapStage):
     def model_config(self) -> Any:
         return self.spec.config(self.config.size, **self.config.overrides)
 
+    def weights_target(self) -> tuple[str, Any, str | None] | None:
+        return self.spec.name, self.model_config(), self.pixel_range
+
     def row_fingerprint_parts(self) -> dict[str, Any]:
         """The tokenizer's weights and the pixel range it is fed (the family's: a change of it,
         e.g. LFQ's move to MaskBit's [0, 1], recomputes the tokens of unchanged weights)."""

@@ -376,6 +376,14 @@ class TrainTokenizer(JobStage):
     weights_fields = ("weights",)  # checked before anything runs
     config: TrainTokenizerConfig
 
+    def weights_target(self) -> tuple[str, Any, str | None] | None:
+        """Family and pixel range of ``weights:`` (its config is compared when loaded: it
+        depends on the data)."""
+        from vgen_core.training import get_task
+
+        task = get_task(self.config.model)
+        return task.name, None, task.pixel_range
+
     def row_fingerprint_parts(self) -> dict[str, Any]:
         """The resolved model config (registry defaults included), the training code, and for
         a tokenizer the pixel range it is trained on (the family's; its change retrains)."""

@@ -75,6 +75,9 @@ class ImportWeights(JobStage):
         except ValueError as e:
             raise StageError(f"{self._where()}: {e}") from None
 
+    def weights_target(self) -> tuple[str, Any, str | None] | None:
+        return self.spec.name, self.model_config(), self.spec.pixel_range
+
     def row_fingerprint_parts(self) -> dict[str, Any]:
         from .tokenize import weights_file_digest
 

@@ -341,3 +341,39 @@ def test_train_fine_tune_starts_from_the_weights(tmp_path, release):
     assert stage.check_config() == []
     missing = TrainTokenizer(TrainTokenizerConfig(weights=str(tmp_path / "nope.bin")), ctx)
     assert [f for f, _ in missing.check_config()] == ["with.weights"]
+
+
+def test_a_wrong_export_makes_the_dag_invalid_before_anything_runs(tmp_path, release, capsys):
+    """`vgen run` exits 2 (invalid DAG, nothing computed, nothing written) for a weights folder
+    whose manifest declares another pixel range, or that holds another size or family."""
+    import yaml
+
+    signed, other = tmp_path / "signed", tmp_path / "k8"
+    assert _convert(release, signed, "--pixel-range", "signed") == 0
+    lfq = families.get("lfq").build("tiny")
+    torch.save(lfq.state_dict(), tmp_path / "tiny.pt")
+    assert main(["weights", "convert", "--family", "lfq", "--size", "tiny",
+                 str(tmp_path / "tiny.pt"), str(other)]) == 0
+    cases = [
+        ({"uses": "tokenize.lfq", "with": {"size": "maskbit-k12", "overrides": OVERRIDES}},
+         signed, "declares pixel range 'signed'"),
+        ({"uses": "tokenize.lfq", "with": {"size": "maskbit-k12", "overrides": OVERRIDES}},
+         other, "of another size / config"),
+        ({"uses": "tokenize.titok", "with": {"model": "titok", "size": "tiny"}}, other,
+         "holds a 'lfq' model"),
+        ({"uses": "train.tokenizer", "with": {"model": "lfq", "size": "tiny"}}, signed,
+         "declares pixel range 'signed'"),
+    ]
+    for i, (stage, weights, why) in enumerate(cases):
+        stage = {**stage, "needs": ["images"],
+                 "with": {**stage["with"], "weights": str(weights)}}
+        dag = {"name": f"bad{i}", "stages": {
+            "images": {"uses": "ingest.images", "with": {"root": "skimage://", "size": 32}},
+            "tok": stage}}
+        path = tmp_path / f"bad{i}.yaml"
+        path.write_text(yaml.safe_dump(dag))
+        storage = tmp_path / f"store{i}"
+        assert main(["run", str(path), "--storage", str(storage)]) == 2, why
+        err = capsys.readouterr().err
+        assert "with.weights" in err and why in err, err
+        assert not (storage / "models").exists()
