@@ -377,7 +377,7 @@ def fit(spec: Any, config: Any, state: Mapping[str, torch.Tensor], *, what: str,
             spec.name, size, {k: tuple(v.shape) for k, v in renamed.items()}, want, True))
     match = own if mapped is None or (own.matched, -own.badness) >= (
         mapped.matched, -mapped.badness) else mapped
-    if not match.key_map:  # vgen names: nothing may be left over
+    if not match.key_map:  # vgen names: leftovers only where the family drops them
         match.unexpected = [k for k in match.unexpected
                             if k not in dropped_reasons(spec, match.unexpected)]
     if match.badness:

@@ -15,10 +15,19 @@ absolute positions, embedding LayerNorm, N(0, 0.02) init) written with
 `scaled_dot_product_attention`.
 The class token has its own table of num_classes + 1 rows (the last one is the null class used for
 classifier-free guidance) instead of sharing the image-token vocabulary; that is equivalent.
+BERT's token-type row 0, which HF adds to every slot, lives inside `pos_emb` (same sum before the
+LayerNorm).
+
+Released weights (bytedance/1d-tokenizer TiTok generators `generator_titok_l32.bin`,
+`generator_titok_b64.bin`, converted once to safetensors or read by `vgen weights convert`):
+`load_official(path, "titok-l32")` (or "generator_titok_b64", ...); the key table and what is not
+loaded are in `maskgit_keys.py`. TiTok-S-128's generator is a UViT (`UViTBert`), not built here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -28,6 +37,12 @@ from torch import Tensor, nn
 
 from vgen_core.families import FamilySpec, sized_config
 from vgen_core.generators.common import BertBlock, gumbel_noise
+from vgen_core.generators.maskgit_keys import (
+    OFFICIAL_DROPPED,
+    check_released_names,
+    official_key_map,
+    released_shapes,
+)
 from vgen_core.generators.schedules import (
     arccos_mask_ratio,
     gumbel_temperature,
@@ -35,15 +50,20 @@ from vgen_core.generators.schedules import (
     remask_count,
     softmax_temperature,
 )
+from vgen_core.tokenizers.io import load_mapped_state_dict, read_state_dict
 
 __all__ = [
+    "MASKGIT_RELEASES",
     "MASKGIT_SAMPLING",
     "MASKGIT_SIZES",
     "MaskGIT",
     "MaskGITConfig",
+    "OFFICIAL_DROPPED",
     "arccos_mask_ratio",
+    "load_official",
     "maskgit_config",
     "masked_token_loss",
+    "official_key_map",
     "remask_count",
     "sample",
 ]
@@ -86,15 +106,28 @@ MASKGIT_SIZES: dict[str, MaskGITConfig] = {
     # BERT-large width used by MaskBit's generator backbone (1024x24, 16 heads, MLP 4096), here
     # with index tokens instead of MaskBit's bit-embedding input.
     "L": MaskGITConfig(hidden=1024, depth=24, heads=16, mlp_dim=4096),
+    # Released TiTok generators (configs/infer/TiTok/titok_{l32,b64}.yaml `model.generator`,
+    # model_type "ViT"): 768 x 24, 16 heads, MLP 3072, dropout 0.1 / 0.1, over the tokenizer's
+    # L = 32 / 64 ids (V = 4096), 1000 classes. "titok-b64" equals "B".
+    "titok-l32": MaskGITConfig(codebook_size=4096, seq_len=32, num_classes=1000, hidden=768,
+                               depth=24, heads=16, mlp_dim=3072),
+    "titok-b64": MaskGITConfig(codebook_size=4096, seq_len=64, num_classes=1000, hidden=768,
+                               depth=24, heads=16, mlp_dim=3072),
+}
+
+#: release names (README_TiTok.md, configs/infer/TiTok/*.yaml `generator_checkpoint`) -> size
+MASKGIT_RELEASES: dict[str, str] = {
+    "generator_titok_l32": "titok-l32", "titok_l32": "titok-l32",
+    "generator_titok_b64": "titok-b64", "titok_b64": "titok-b64",
 }
 
 
 #: Released TiTok generator inference settings (bytedance/1d-tokenizer configs/infer/TiTok/
 #: titok_{l32,b64,s128}.yaml `model.generator` + sample_imagenet_titok.py, which passes
 #: softmax_temperature_annealing=True and leaves guidance_scale_pow at demo_util.sample_fn's 3.0):
-#: `sample(model, labels, **MASKGIT_SAMPLING["titok_b64"])`. L-32 and B-64 are the "B" size with
-#: seq_len 32 / 64 (B-64 is this family's default config); S-128's generator is a UViT
-#: (1024x20), which vgen does not build. `sample`'s own defaults stay the training config's
+#: `sample(model, labels, **MASKGIT_SAMPLING["titok_b64"])`. L-32 and B-64 are the sizes
+#: "titok-l32" / "titok-b64" (B-64 = "B", this family's default config); S-128's generator is a
+#: UViT (1024x20), which vgen does not build. `sample`'s own defaults stay the training config's
 #: (configs/training/generator/maskgit.yaml: constant 4.5, randomize_temperature 1.0, 8 steps).
 MASKGIT_SAMPLING: dict[str, dict[str, Any]] = {
     "titok_l32": {"steps": 8, "guidance_scale": 4.5, "guidance_decay": "linear",
@@ -324,10 +357,80 @@ def maskgit_loss(model: MaskGIT, batch: dict[str, Tensor], step: int, **options:
     return masked_token_loss(model, batch["tokens"].long(), batch["label"].long(), **options)
 
 
+# --------------------------------------------------------------------------------------------------
+# Released weights
+# --------------------------------------------------------------------------------------------------
+
+
+def _resolve_config(config_or_size: MaskGITConfig | str) -> tuple[MaskGITConfig, str]:
+    if isinstance(config_or_size, MaskGITConfig):
+        return config_or_size, "custom config"
+    name = config_or_size.removesuffix(".bin").removesuffix(".safetensors").lower()
+    if "s128" in name:
+        raise ValueError(
+            f"maskgit.load_official: '{config_or_size}' is TiTok-S-128's generator, a UViTBert "
+            "(configs/infer/TiTok/titok_s128.yaml model_type 'UViT'), which vgen does not build; "
+            f"released ViT generators: {', '.join(sorted(set(MASKGIT_RELEASES.values())))}.")
+    size = MASKGIT_RELEASES.get(name.replace("-", "_"), config_or_size)
+    return maskgit_config(size), config_or_size
+
+
+def load_official(
+    source: str | Path | Mapping[str, Tensor], config_or_size: MaskGITConfig | str
+) -> MaskGIT:
+    """Build `config_or_size` and load a released TiTok MaskGIT generator into it, strictly;
+    eval mode.
+
+    Args:
+        source: a `.safetensors` file or a state dict with the released names (official
+            bytedance/1d-tokenizer@942a96f `modeling/maskgit.py` ImageBert; pickles are refused,
+            see `read_state_dict`). Meta tensors work when the model is built on meta.
+        config_or_size: a `MASKGIT_SIZES` name ("titok-l32", "titok-b64"), a release name
+            ("generator_titok_l32", "titok_b64", ...) or a config.
+    Every model tensor comes from the checkpoint and every released tensor is used
+    (`official_key_map`; what it leaves out is listed in `OFFICIAL_DROPPED`). Raises ValueError
+    naming the first released key that is foreign, missing or of the wrong shape (with the shape
+    this config expects).
+    """
+    config, label = _resolve_config(config_or_size)
+    what = f"maskgit.load_official({label})"
+    released = read_state_dict(source, what=what)
+    try:
+        check_released_names(released)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from e
+    expected = released_shapes(config)
+    for key, shape in expected.items():
+        if key not in released:
+            raise ValueError(f"{what}: the checkpoint has no '{key}' (expected shape {shape}); "
+                             "it does not match this size (check depth).")
+        got = tuple(released[key].shape)
+        if got != shape:
+            raise ValueError(
+                f"{what}: '{key}' has shape {got} in the checkpoint but this config expects "
+                f"{shape} (hidden={config.hidden}, mlp_dim={config.mlp_dim}, seq_len="
+                f"{config.seq_len}, codebook_size={config.codebook_size}, num_classes="
+                f"{config.num_classes}).")
+    extra = [k for k in released if k not in expected and k not in OFFICIAL_DROPPED]
+    if extra:
+        raise ValueError(f"{what}: checkpoint key '{extra[0]}' has no place in this config "
+                         f"({len(extra)} such keys; check depth={config.depth}).")
+    try:
+        state = official_key_map(released)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from e
+    model = MaskGIT(config)
+    load_mapped_state_dict(model, state, {k: k for k in state}, what=what)
+    return model.eval()
+
+
 SPEC = FamilySpec(
     name="maskgit", role="generator", config_class=MaskGITConfig, sizes=MASKGIT_SIZES,
     model_class=MaskGIT, data="id_tokens", data_fields=("codebook_size", "seq_len", "num_classes"),
     loss=maskgit_loss, conditioning="labels", sampler=sample, output="tokens",
-    default_for=("train.generator",), sampling={"B": MASKGIT_SAMPLING["titok_b64"]},
+    default_for=("train.generator",),
+    sampling={"B": MASKGIT_SAMPLING["titok_b64"], "titok-b64": MASKGIT_SAMPLING["titok_b64"],
+              "titok-l32": MASKGIT_SAMPLING["titok_l32"]},
+    load_official=load_official,
     summary="MaskGIT: bidirectional transformer, arccos masking, confidence-based decoding",
 )

@@ -27,12 +27,39 @@ tied head reads `embeddings.weight[:V]` directly instead of holding a second ref
 (safetensors refuses shared tensors); the sampler uses the aesthetic score it is given (the
 official `generate` substitutes the config's default). MaskGen-KL (continuous tokens + DiffLoss
 head) is not built here.
+
+Released weights (`maskgen_vq_l.bin`, `maskgen_vq_xl.bin`; README_MaskGen.md):
+`load_official(path, "maskgen-vq-l")` (or "maskgen_vq_xl", ...) into the sizes "maskgen-vq-l" /
+"maskgen-vq-xl", whose `text_encoder` is None; key table in `maskgen_keys.py`. The release holds
+the generator only; its text condition came from OpenAI CLIP through open_clip, which vgen does
+not have. To run a release the caller supplies, per caption (official `open_clip_text_encoding`
+with `utils/train_utils.py::create_clip_model`):
+
+  * ids (B, 77) int64 = `open_clip.get_tokenizer("ViT-L-14-336")(captions)`: BPE ids
+    [49406 (start), caption tokens, 49407 (end), 0 padding], cut to 77 with the end id kept;
+  * `clip = open_clip.create_model_and_transforms("ViT-L-14-336", pretrained="openai")[0]`
+    (its text tower: 768 wide, 12 blocks, 12 heads, QuickGELU, causal mask), in eval mode;
+  * text_BTE (B, 77, 768): `clip.token_embedding(ids) + clip.positional_embedding`, then the
+    first 11 of the 12 `clip.transformer.resblocks` (attn_mask=`clip.attn_mask`), no `ln_final`;
+  * pooled_BE (B, 768): `clip.ln_final(resblocks[11](text_BTE))` at the position of the largest
+    id (the end token), `@ clip.text_projection`;
+  * the same two for the empty caption `[""]` (the CFG condition), and aesthetic 6.5
+    (configs/infer/MaskGen/maskgen_vq_*.yaml `sample_aesthetic_score`).
+
+Then `model(tokens, text_BTE, pooled_BE, aesthetic)` or `sample_from_features(...)`. What vgen
+cannot reproduce without open_clip: the BPE tokenizer (its 49,408-entry merges file
+`bpe_simple_vocab_16e6.txt.gz`, ftfy / whitespace cleaning, lower-casing), the CLIP-L/14@336
+text weights (not in the release), QuickGELU (vgen's `TextEncoder` uses GELU) and end-token
+pooling by argmax over BPE ids; so `encode_text`, `sample` and `maskgen_loss`, which take vgen's
+byte ids, refuse a model without a text encoder, and a release cannot be trained further here.
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +69,13 @@ from torch import Tensor, nn
 from vgen_core.families import FamilySpec, sized_config
 
 from vgen_core.generators.common import Mlp, attention, gumbel_noise, modulate
+from vgen_core.generators.maskgen_keys import (
+    CLIP_TEXT_WIDTH,
+    OFFICIAL_DROPPED,
+    check_released_names,
+    official_key_map,
+    released_shapes,
+)
 from vgen_core.generators.schedules import (
     arccos_mask_ratio,
     constant_guidance,
@@ -57,16 +91,24 @@ from vgen_core.generators.text import (
     encode_text,
     text_encoder_config,
 )
+from vgen_core.tokenizers.io import load_mapped_state_dict, read_state_dict
 
 __all__ = [
+    "CLIP_TEXT_WIDTH",
+    "MASKGEN_RELEASES",
+    "MASKGEN_SAMPLING",
     "MASKGEN_SIZES",
     "MaskGen",
     "MaskGenConfig",
+    "OFFICIAL_DROPPED",
     "aesthetic_embedding",
     "cfg_scale_schedule",
+    "load_official",
     "maskgen_config",
     "maskgen_loss",
+    "official_key_map",
     "sample",
+    "sample_from_features",
 ]
 
 
@@ -81,7 +123,9 @@ class MaskGenConfig(BaseModel):
     depth: int = Field(16, ge=1)
     heads: int = Field(16, ge=1)
     mlp_ratio: float = Field(4.0, gt=0.0)
-    text_encoder: TextEncoderConfig = TextEncoderConfig()
+    #: None: no text encoder inside; the caller passes CLIP ViT-L/14 features (E = 768), as for
+    #: the released weights (module docstring)
+    text_encoder: TextEncoderConfig | None = TextEncoderConfig()
     train_text_encoder: bool = False
     micro_condition: bool = True
     micro_condition_dim: int = Field(256, ge=2)
@@ -97,7 +141,14 @@ class MaskGenConfig(BaseModel):
             raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}.")
         if self.micro_condition_dim % 2:
             raise ValueError(f"micro_condition_dim={self.micro_condition_dim} must be even.")
+        if self.text_encoder is None and self.train_text_encoder:
+            raise ValueError("train_text_encoder=True needs a text_encoder config.")
         return self
+
+    @property
+    def text_width(self) -> int:
+        """E: the text encoder's width, or CLIP ViT-L/14's 768 for external features."""
+        return CLIP_TEXT_WIDTH if self.text_encoder is None else self.text_encoder.width
 
     def build(self) -> MaskGen:
         return MaskGen(self)
@@ -113,6 +164,33 @@ MASKGEN_SIZES: dict[str, MaskGenConfig] = {
     "L": MaskGenConfig(hidden=1024, depth=16, heads=16),
     # maskgen_vq_xl_stage1.yaml: 1280 x 20, 16 heads.
     "XL": MaskGenConfig(hidden=1280, depth=20, heads=16),
+    # The releases (configs/infer/MaskGen/maskgen_vq_{l,xl}.yaml): L / XL over external CLIP
+    # ViT-L/14 text features (no text encoder inside), default aesthetic 6.5
+    # (`sample_aesthetic_score`, which the official `generate` always uses).
+    "maskgen-vq-l": MaskGenConfig(hidden=1024, depth=16, heads=16, text_encoder=None,
+                                  default_aesthetic=6.5),
+    "maskgen-vq-xl": MaskGenConfig(hidden=1280, depth=20, heads=16, text_encoder=None,
+                                   default_aesthetic=6.5),
+}
+
+#: release names (README_MaskGen.md, configs/infer/MaskGen/*.yaml `generator_checkpoint`) -> size
+MASKGEN_RELEASES: dict[str, str] = {
+    "maskgen_vq_l": "maskgen-vq-l", "generator_maskgen_vq_l": "maskgen-vq-l",
+    "maskgen_vq_xl": "maskgen-vq-xl", "generator_maskgen_vq_xl": "maskgen-vq-xl",
+}
+
+#: Released inference settings (configs/infer/MaskGen/maskgen_vq_{l,xl}.yaml: cfg 12.0, num_iter
+#: 16, temperature 2.0, sample_aesthetic_score 6.5; README_MaskGen.md calls
+#: `generate(guidance_scale=12.0, randomize_temperature=2.0, sample_aesthetic_score=6.5)` with
+#: generate's defaults guidance_decay "cosine", guidance_decay_scale_pow 1.0,
+#: softmax_temperature_annealing True, num_sample_steps 16). `sample`'s own defaults are the
+#: stage-1 training configs' (the same with sample_aesthetic_score 6.0), which L / XL keep.
+_RELEASED_SAMPLING: dict[str, Any] = {
+    "steps": 16, "guidance_scale": 12.0, "guidance_decay": "cosine", "guidance_scale_pow": 1.0,
+    "randomize_temperature": 2.0, "softmax_temperature_annealing": True, "aesthetic": 6.5,
+}
+MASKGEN_SAMPLING: dict[str, dict[str, Any]] = {
+    size: dict(_RELEASED_SAMPLING) for size in ("maskgen-vq-l", "maskgen-vq-xl")
 }
 
 
@@ -225,8 +303,9 @@ class MaskGen(nn.Module):
     def __init__(self, config: MaskGenConfig) -> None:
         super().__init__()
         self.config = config
-        D, E = config.hidden, config.text_encoder.width
-        self.text_encoder = TextEncoder(config.text_encoder)
+        D, E = config.hidden, config.text_width
+        self.text_encoder = (None if config.text_encoder is None
+                             else TextEncoder(config.text_encoder))
         self.text_embed_proj = nn.Linear(E, D)
         cond_in = E + (config.micro_condition_dim if config.micro_condition else 0)
         self.cond_pooled_proj = nn.Linear(cond_in, D)
@@ -238,7 +317,8 @@ class MaskGen(nn.Module):
         self.embeddings = nn.Embedding(config.codebook_size + 1 + config.legacy_class_rows, D)
         self.pos_embed = nn.Parameter(torch.zeros(1, config.seq_len, D))
         self._init_weights()
-        self.text_encoder.requires_grad_(config.train_text_encoder)
+        if self.text_encoder is not None:
+            self.text_encoder.requires_grad_(config.train_text_encoder)
 
     def _init_weights(self) -> None:
         std = self.config.init_std
@@ -257,7 +337,7 @@ class MaskGen(nn.Module):
 
     def train(self, mode: bool = True) -> MaskGen:
         super().train(mode)
-        if not self.config.train_text_encoder:
+        if self.text_encoder is not None and not self.config.train_text_encoder:
             self.text_encoder.eval()
         return self
 
@@ -269,14 +349,26 @@ class MaskGen(nn.Module):
     def seq_len(self) -> int:
         return self.config.seq_len
 
+    def _own_text_encoder(self) -> TextEncoder:
+        if self.text_encoder is None or self.config.text_encoder is None:
+            raise ValueError(
+                "MaskGen: this model has no text encoder (config.text_encoder is None, as for "
+                "the released maskgen-vq-l / -xl); pass CLIP ViT-L/14 text features to "
+                "forward / sample_from_features instead of byte ids (see the maskgen module "
+                "docstring for how to compute them with open_clip).")
+        return self.text_encoder
+
     def encode_text(self, text_ids_BT: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, 77) byte ids -> (penultimate tokens (B, 77, E), pooled (B, E)); no grad if frozen."""
+        """(B, 77) byte ids -> (penultimate tokens (B, 77, E), pooled (B, E)); no grad if frozen.
+
+        ValueError for a model without a text encoder (features come from the caller)."""
+        encoder = self._own_text_encoder()
         with torch.set_grad_enabled(self.config.train_text_encoder and torch.is_grad_enabled()):
-            return self.text_encoder(text_ids_BT)
+            return encoder(text_ids_BT)
 
     def null_text(self, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """Features of the empty caption, repeated `batch` times (the CFG / text-drop condition)."""
-        ids = encode_text([""], self.config.text_encoder.context_len).to(device)
+        ids = encode_text([""], self._own_text_encoder().config.context_len).to(device)
         tokens, pooled = self.encode_text(ids)
         return tokens.expand(batch, -1, -1), pooled.expand(batch, -1)
 
@@ -420,16 +512,57 @@ def sample(
 ) -> Tensor:
     """Text-to-image token sampling from an all-mask sequence (official `MaskGen_VQ.generate`).
 
+    Encodes `text_ids_BT` (B, 77) int64 from `encode_text` and the empty caption with the
+    model's text encoder, then runs `sample_from_features` (the decoding rule is there).
+    ValueError for a model without a text encoder (a release): call `sample_from_features`.
+    Returns tokens_BL (B, L) int64 in [0, V).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        text, pooled = model.encode_text(text_ids_BT)
+        null_text, null_pooled = model.null_text(text_ids_BT.shape[0], text_ids_BT.device)
+        return sample_from_features(
+            model, text, pooled, null_text, null_pooled, steps=steps,
+            guidance_scale=guidance_scale, guidance_decay=guidance_decay,
+            guidance_scale_pow=guidance_scale_pow, randomize_temperature=randomize_temperature,
+            softmax_temperature_annealing=softmax_temperature_annealing, aesthetic=aesthetic,
+            generator=generator)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def sample_from_features(
+    model: MaskGen,
+    text_BTE: Tensor,
+    pooled_BE: Tensor,
+    null_text_BTE: Tensor,
+    null_pooled_BE: Tensor,
+    *,
+    steps: int = 16,
+    guidance_scale: float = 12.0,
+    guidance_decay: Literal["cosine", "linear", "none"] = "cosine",
+    guidance_scale_pow: float = 1.0,
+    randomize_temperature: float = 2.0,
+    softmax_temperature_annealing: bool = True,
+    aesthetic: float | None = 6.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Token sampling from given text features (e.g. CLIP's, for a released model).
+
     At step t (progress r = (t + 1) / N): logits = c + s(c - u) with s = `cfg_scale_schedule`
-    (u = empty caption, same aesthetic); logits /= 0.5 + 0.8 (1 - r) when annealing the softmax
-    temperature; ids = argmax(logits + tau Gumbel) at masked positions, tau = randomize_temperature
-    (1 - r); confidence = sampled logit + tau * fresh Gumbel; the `remask_count` least confident are
-    masked again; the last step keeps everything. Runs in eval mode (restored afterwards).
+    (u = the null caption's features, same aesthetic); logits /= 0.5 + 0.8 (1 - r) when annealing
+    the softmax temperature; ids = argmax(logits + tau Gumbel) at masked positions,
+    tau = randomize_temperature (1 - r); confidence = sampled logit + tau * fresh Gumbel; the
+    `remask_count` least confident are masked again; the last step keeps everything. Runs in
+    eval mode (restored afterwards).
 
     Args:
-        text_ids_BT: (B, 77) int64 from `encode_text`.
+        text_BTE, pooled_BE: (B, T, E) context tokens and (B, E) pooled vector of the captions.
+        null_text_BTE, null_pooled_BE: the empty caption's, (1 or B, T, E) and (1 or B, E).
         aesthetic: score for the micro-condition (None -> config default).
-        generator: torch.Generator on the ids' device; a fixed seed gives identical tokens.
+        generator: torch.Generator on the features' device; a fixed seed gives identical tokens.
     Returns:
         tokens_BL: (B, L) int64 in [0, V).
     """
@@ -437,12 +570,13 @@ def sample(
         raise ValueError(f"sample: steps must be >= 1, got {steps}.")
     was_training = model.training
     model.eval()
-    B, L, dev = text_ids_BT.shape[0], model.seq_len, text_ids_BT.device
-    text, pooled = model.encode_text(text_ids_BT)
-    null_text, null_pooled = model.null_text(B, dev)
+    B, L, dev = text_BTE.shape[0], model.seq_len, text_BTE.device
+    null_text_BTE = null_text_BTE.expand(B, -1, -1)
+    null_pooled_BE = null_pooled_BE.expand(B, -1)
     score = model.config.default_aesthetic if aesthetic is None else aesthetic
     aes_B = torch.full((B,), float(score), device=dev)
-    both_text, both_pooled = torch.cat([text, null_text]), torch.cat([pooled, null_pooled])
+    both_text = torch.cat([text_BTE, null_text_BTE])
+    both_pooled = torch.cat([pooled_BE, null_pooled_BE])
     ids_BL = torch.full((B, L), model.mask_token_id, dtype=torch.long, device=dev)
     try:
         for step in range(steps):
@@ -456,7 +590,7 @@ def sample(
                 cond, uncond = both.chunk(2)
                 logits_BLV = cond + s * (cond - uncond)
             else:
-                logits_BLV = model(ids_BL, text, pooled, aes_B).float()
+                logits_BLV = model(ids_BL, text_BTE, pooled_BE, aes_B).float()
             if softmax_temperature_annealing:
                 logits_BLV = logits_BLV / softmax_temperature(r, 0.5, 0.8)
             noise_BLV = gumbel_noise(logits_BLV.shape, device=dev, generator=generator)
@@ -477,12 +611,79 @@ def sample(
     return ids_BL
 
 
+# --------------------------------------------------------------------------------------------------
+# Released weights
+# --------------------------------------------------------------------------------------------------
+
+
+def _resolve_config(config_or_size: MaskGenConfig | str) -> tuple[MaskGenConfig, str]:
+    if isinstance(config_or_size, MaskGenConfig):
+        return config_or_size, "custom config"
+    name = config_or_size.removesuffix(".bin").removesuffix(".safetensors").lower()
+    size = MASKGEN_RELEASES.get(name.replace("-", "_"), config_or_size)
+    return maskgen_config(size), config_or_size
+
+
+def load_official(
+    source: str | Path | Mapping[str, Tensor], config_or_size: MaskGenConfig | str
+) -> MaskGen:
+    """Build `config_or_size` and load a released MaskGen-VQ generator into it, strictly; eval
+    mode.
+
+    Args:
+        source: a `.safetensors` file or a state dict with the released names (official
+            bytedance/1d-tokenizer@942a96f `modeling/maskgen.py` MaskGen_VQ; pickles are
+            refused, see `read_state_dict`). Meta tensors work when the model is built on meta.
+        config_or_size: "maskgen-vq-l" / "maskgen-vq-xl", a release name ("maskgen_vq_l",
+            "generator_maskgen_vq_xl", ...) or a config with `text_encoder=None` (the release
+            holds no text encoder; text features come from CLIP, see the module docstring).
+    Every model tensor comes from the checkpoint and every released tensor is used
+    (`official_key_map`; the tied `lm_head.weight` alias is checked and dropped,
+    `OFFICIAL_DROPPED`). Raises ValueError naming the first released key that is foreign,
+    missing or of the wrong shape (with the shape this config expects).
+    """
+    config, label = _resolve_config(config_or_size)
+    what = f"maskgen.load_official({label})"
+    if config.text_encoder is not None:
+        raise ValueError(
+            f"{what}: this config has vgen's byte-level text encoder, which a released "
+            "MaskGen-VQ does not contain (it was trained on OpenAI CLIP ViT-L/14 features); use "
+            "the size 'maskgen-vq-l' / 'maskgen-vq-xl' or set text_encoder=None.")
+    released = read_state_dict(source, what=what)
+    try:
+        check_released_names(released)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from e
+    expected = released_shapes(config)
+    for key, shape in expected.items():
+        if key not in released:
+            raise ValueError(f"{what}: the checkpoint has no '{key}' (expected shape {shape}); "
+                             "it does not match this size (check depth).")
+        got = tuple(released[key].shape)
+        if got != shape:
+            raise ValueError(
+                f"{what}: '{key}' has shape {got} in the checkpoint but this config expects "
+                f"{shape} (hidden={config.hidden}, mlp_ratio={config.mlp_ratio}, seq_len="
+                f"{config.seq_len}, codebook_size={config.codebook_size}, legacy_class_rows="
+                f"{config.legacy_class_rows}, micro_condition_dim={config.micro_condition_dim}, "
+                f"text width {CLIP_TEXT_WIDTH}).")
+    extra = [k for k in released if k not in expected and k not in OFFICIAL_DROPPED]
+    if extra:
+        raise ValueError(f"{what}: checkpoint key '{extra[0]}' has no place in this config "
+                         f"({len(extra)} such keys; check depth={config.depth}).")
+    try:
+        state = official_key_map(released)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from e
+    model = MaskGen(config)
+    load_mapped_state_dict(model, state, {k: k for k in state}, what=what)
+    return model.eval()
 
 
 SPEC = FamilySpec(
     name="maskgen_vq", role="generator", config_class=MaskGenConfig, sizes=MASKGEN_SIZES,
     model_class=MaskGen, data="id_tokens", data_fields=("codebook_size", "seq_len"),
     loss=maskgen_loss, conditioning="text", sampler=sample, output="tokens", needs_text=True,
-    aliases=("maskgen",),
+    aliases=("maskgen",), sampling=MASKGEN_SAMPLING, load_official=load_official,
     summary="MaskGen (VQ): text-to-image masked generation on 1D tokens, MM-DiT blocks",
 )
