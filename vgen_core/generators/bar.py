@@ -3,7 +3,8 @@
 Spec: methods.md §2.5; reference: amazon-far/BAR (fork undefined443/BAR) `modeling/generator.py`
 (BAR), `modeling/mbm_head.py` (MaskBitModelingHead, ResBlock, GaussianFourierEmbedding),
 `modeling/modules/blocks.py` (Block with SwiGLU / RMSNorm / adaLN), `modeling/modules/rope.py`
-(VisionRotaryEmbeddingFast), `configs/generator/bar_{b,l}.yaml`, README (sampling settings).
+(VisionRotaryEmbeddingFast), `configs/generator/bar_{b,b_patch2,b_patch4,l,l_res512}.yaml`,
+README (model zoo, sampling settings); all read at commit faf903f.
 
 The model, its training loss and its sampler are separate: `BAR` maps (token bits, class labels,
 order) to one head condition per position and owns the `MBMHead`; `bar_loss` draws orders
@@ -13,11 +14,13 @@ raster AR decoding with a KV cache and, per position, `mbm_sample`'s iterative b
 
 Token convention: the public API takes token INDICES (B, L) int64 with K bits each,
 bit k = (index >> k) & 1 (LSB first), via `vgen_core.tokenizers.lfq.indices_to_bits` /
-`bits_to_indices`. Internally the model sees bits (B, L, K) in {0, 1}; 2 is the [MASK] bit id.
+`bits_to_indices`. Internally the model sees bits in step layout (B, T, J) in {0, 1}
+(`BAR.to_steps`; for patch_size 1 just (B, L, K)); 2 is the [MASK] bit id.
 
-Shape legend: B batch, L tokens (AR steps), N tokens given so far, K bits per token, P prefix
-slots (1 cls + R repeated class tokens), S = P + N input slots, D backbone width, W head width,
-M = B * L tokens seen by the head, H heads, d head width.
+Shape legend: B batch, L tokens, K bits per token, T AR steps (= L / patch_size**2), J bits per
+step (= K patch_size**2), N steps given so far, P prefix slots (1 cls + R repeated class tokens),
+S = P + N input slots, D backbone width, W head width, M = B * T steps seen by the head, H heads,
+d head width.
 
 Backbone mechanics copied from the official code: cls token + the class embedding repeated R
 times as prefix; per-bit embedding (ceil(D / K) each) concatenated -> Linear to D; SwiGLU MLP
@@ -27,19 +30,31 @@ P + orders[i]); target-aware positions: every prefix slot gets the row of orders
 slot of step i gets orders[i + 1] (the last one repeats orders[L - 1]); target-aware 2D RoPE:
 half of the query heads are rotated by the target position, the other half and the keys by the
 slot's own position (prefix slots: identity rotation); final RMSNorm -> Linear(D, W).
-Not built: `patch_size` > 1 (several tokens per AR step) and random-order sampling.
+
+`patch_size` p > 1 (official BAR-B/2, BAR-B/4): each AR step predicts a p x p patch of tokens,
+T = L / p**2 steps of J = K p**2 bits, bits ordered (row in patch, column in patch, bit) as the
+official `_downsample_tokens` ('b (h sh w sw) n -> b (h w) (sh sw n)'); the backbone, its RoPE
+grid (sqrt(T) per side) and the head all work on steps (`BAR.to_steps` / `BAR.from_steps`).
+The public API (`bar_loss`, `sample`) keeps token indices (B, L) of K bits.
+Not built: random-order sampling (official `sample_with_random_order`, off in every release).
 Official attention dropout is configured but never applied (SDPA without dropout_p); we have only
 `dropout` (attention output projection and SwiGLU hidden). Tables are sized to what is used:
-official `pos_embed` has L + 128 rows (we keep P + L), `target_aware_pos_embed` L + 128 (we keep
-rows P .. P + L - 1, so our row j = target j), `timesteps_embeddings` L + 100 (we keep P + L).
+official `pos_embed` has T + 128 rows (we keep P + T), `target_aware_pos_embed` T + 128 (we keep
+rows P .. P + T - 1, so our row j = target j), `timesteps_embeddings` T + 100 (we keep P + T).
+
+Released weights: `load_official(path_or_state_dict, "B")` (or a release name "bar_b",
+"bar_b_patch2", "bar_b_patch4", "bar_l", "bar_l_res512"); the key table and the dropped rows are
+in `bar_keys.py`. A release has exactly the official module's state dict (strict
+`load_state_dict` in sample_imagenet.py) and gives the same head conditions / bit logits here.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any, ClassVar
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +62,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from vgen_core.families import FamilySpec, sized_config
-
+from vgen_core.generators.bar_keys import (
+    OFFICIAL_DROPPED,
+    official_key_map,
+    released_prefix_len,
+    released_shape,
+    released_steps,
+    rope_buffer_keys,
+)
 from vgen_core.generators.common import (
     AdaLNFinalLayer,
     CausalAdaLNBlock,
@@ -72,21 +94,26 @@ from vgen_core.generators.rar import (
     unshuffle,
 )
 from vgen_core.generators.schedules import gumbel_temperature, linear_guidance
+from vgen_core.tokenizers.io import load_mapped_state_dict, read_state_dict
 from vgen_core.tokenizers.lfq import bits_to_indices, indices_to_bits
 
 __all__ = [
     "BAR",
     "BARConfig",
+    "BAR_RELEASES",
     "BAR_SAMPLING",
     "BAR_SIZES",
     "MBMHead",
+    "OFFICIAL_DROPPED",
     "bar_config",
     "bar_guidance",
     "bar_loss",
     "default_tokens_allocation",
+    "load_official",
     "mask_bits",
     "mbm_mask_ratio",
     "mbm_sample",
+    "official_key_map",
     "rope_table",
     "sample",
     "weighted_bit_loss",
@@ -110,6 +137,8 @@ class BARConfig(BaseModel):
     repeat_class: int = Field(32, ge=1)
     head_width: int = Field(2048, ge=1)
     head_layers: int = Field(3, ge=0)
+    #: tokens per AR step along each side (official `patch_size`: 1, or 2 / 4 for BAR-B/2, B/4)
+    patch_size: int = Field(1, ge=1)
     rope: bool = True
     rope_theta: float = Field(10000.0, gt=0.0)
     init_std: float = Field(0.02, gt=0.0)
@@ -118,8 +147,13 @@ class BARConfig(BaseModel):
     def _check(self) -> BARConfig:
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}.")
+        side = math.isqrt(self.seq_len)
+        if self.patch_size > 1 and (side * side != self.seq_len or side % self.patch_size):
+            raise ValueError(
+                f"patch_size={self.patch_size} needs a square token grid whose side is divisible "
+                f"by it, got seq_len={self.seq_len}."
+            )
         if self.rope:
-            side = math.isqrt(self.seq_len)
             if side * side != self.seq_len:
                 raise ValueError(
                     f"rope=True needs a square token grid, got seq_len={self.seq_len}; "
@@ -132,6 +166,16 @@ class BARConfig(BaseModel):
                 )
         return self
 
+    @property
+    def steps(self) -> int:
+        """T = seq_len / patch_size**2 AR steps."""
+        return self.seq_len // self.patch_size**2
+
+    @property
+    def step_bits(self) -> int:
+        """J = token_bits * patch_size**2 bits predicted per AR step (the head's bit count)."""
+        return self.token_bits * self.patch_size**2
+
     def build(self) -> BAR:
         return BAR(self)
 
@@ -142,15 +186,37 @@ BAR_SIZES: dict[str, BARConfig] = {
         token_bits=8, seq_len=64, num_classes=10, hidden=64, depth=2, heads=4, repeat_class=4,
         head_width=64, head_layers=2,
     ),
-    # configs/generator/bar_b.yaml (415M) and bar_l.yaml (1.1B, dropout 0.2); head 2048 x 3.
-    "B": BARConfig(hidden=768, depth=24, heads=12),
-    "L": BARConfig(hidden=1280, depth=32, heads=16, dropout=0.2),
+    # The released generators (README "Model Zoo"; configs/generator/*.yaml @faf903f), all on
+    # BAR-FSQ tokens (16 bits, 16 x 16; res512: 10 bits, 32 x 32), 1000 classes, 32 repeated
+    # class slots, MBM head 2048 x 3. Parameters (official module): 415.3M / 415.1M / 415.8M /
+    # 1107.8M / 1110.7M (README 415M / 415M / 416M / 1.1B / 1.1B).
+    "B": BARConfig(hidden=768, depth=24, heads=12),  # bar_b.yaml
+    "B-patch2": BARConfig(hidden=768, depth=24, heads=12, patch_size=2),  # bar_b_patch2.yaml
+    "B-patch4": BARConfig(hidden=768, depth=24, heads=12, patch_size=4),  # bar_b_patch4.yaml
+    "L": BARConfig(hidden=1280, depth=32, heads=16, dropout=0.2),  # bar_l.yaml
+    "L-res512": BARConfig(  # bar_l_res512.yaml
+        token_bits=10, seq_len=1024, hidden=1280, depth=32, heads=16, dropout=0.2,
+    ),
 }
 
-#: Official sampling settings (README): `sample(model, labels, **BAR_SAMPLING["B"])`.
+#: release (checkpoint file stem under assets/generator/) -> size
+BAR_RELEASES: dict[str, str] = {
+    "bar_b": "B", "bar_b_patch2": "B-patch2", "bar_b_patch4": "B-patch4", "bar_l": "L",
+    "bar_l_res512": "L-res512",
+}
+
+#: Released inference settings (README "Generate and Evaluate" commands: guidance_scale,
+#: mbm_head.randomize_temperature, mbm_head.tokens_allocation; raster order, KV cache):
+#: `sample(model, labels, **BAR_SAMPLING["B"])`. The yaml defaults differ (guidance 5.0,
+#: temperature 1.0 / 2.0, allocation [4]*4): the README overrides them for every release.
 BAR_SAMPLING: dict[str, dict[str, Any]] = {
     "B": {"guidance_scale": 5.0, "temperature": 2.5, "tokens_allocation": (2, 2, 5, 7)},
+    "B-patch2": {"guidance_scale": 5.5, "temperature": 2.0,
+                 "tokens_allocation": (16, 16, 16, 16)},
+    "B-patch4": {"guidance_scale": 9.6, "temperature": 1.4,
+                 "tokens_allocation": (64, 64, 64, 64)},
     "L": {"guidance_scale": 5.3, "temperature": 3.0, "tokens_allocation": (2, 2, 5, 7)},
+    "L-res512": {"guidance_scale": 4.2, "temperature": 2.8, "tokens_allocation": (2, 2, 2, 4)},
 }
 
 
@@ -247,8 +313,11 @@ class MBMHead(nn.Module):
 
 
 class BAR(nn.Module):
-    """Causal decoder over [cls, R class tokens, L bit tokens in generation order] + `MBMHead`.
+    """Causal decoder over [cls, R class tokens, T bit steps in generation order] + `MBMHead`.
 
+    One AR step carries J = K p**2 bits (p = patch_size; p = 1: one token, J = K, T = L).
+    `forward` / `next_condition` take bits in step layout (B, T, J): `to_steps` makes it from
+    position-order token bits (B, L, K), `from_steps` undoes it.
     Labels are in [0, num_classes) or `null_class_id` (= num_classes, unconditional for CFG).
     """
 
@@ -260,16 +329,16 @@ class BAR(nn.Module):
     def __init__(self, config: BARConfig) -> None:
         super().__init__()
         self.config = config
-        D, L, K, C = config.hidden, config.seq_len, config.token_bits, config.num_classes
+        D, T, J, C = config.hidden, config.steps, config.step_bits, config.num_classes
         P = self.prefix_len
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         # condition table, official layout: bit values 0/1, mask, classes, null class
         self.embeddings = nn.Embedding(2 + 1 + C + 1, D)
-        self.input_embeddings = nn.Embedding(3, math.ceil(D / K))
-        self.input_merge = nn.Linear(math.ceil(D / K) * K, D)
-        self.pos_embed = nn.Parameter(torch.zeros(1, P + L, D))
-        self.target_aware_pos_embed = nn.Parameter(torch.zeros(1, L, D))
-        self.timesteps_embeddings = nn.Parameter(torch.zeros(1, P + L, D))
+        self.input_embeddings = nn.Embedding(3, math.ceil(D / J))
+        self.input_merge = nn.Linear(math.ceil(D / J) * J, D)
+        self.pos_embed = nn.Parameter(torch.zeros(1, P + T, D))
+        self.target_aware_pos_embed = nn.Parameter(torch.zeros(1, T, D))
+        self.timesteps_embeddings = nn.Parameter(torch.zeros(1, P + T, D))
         self.blocks = nn.ModuleList(
             CausalAdaLNBlock(D, config.heads, SwiGLUFFN(D, swiglu_hidden(D), config.dropout),
                              partial(nn.RMSNorm, eps=1e-6), 0.0, config.dropout)
@@ -277,9 +346,9 @@ class BAR(nn.Module):
         )
         self.norm = nn.RMSNorm(D, eps=1e-6)
         self.latent_condition_proj = nn.Linear(D, config.head_width)
-        self.lm_head = MBMHead(K, config.head_width, config.head_layers)
+        self.lm_head = MBMHead(J, config.head_width, config.head_layers)
         if config.rope:
-            cos, sin = rope_table(math.isqrt(L), D // config.heads, P, config.rope_theta)
+            cos, sin = rope_table(math.isqrt(T), D // config.heads, P, config.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(lambda m: trunc_normal_init(m, config.init_std))
@@ -299,42 +368,79 @@ class BAR(nn.Module):
 
     @property
     def seq_len(self) -> int:
+        """L tokens of the tokenizer grid (the public token layout)."""
         return self.config.seq_len
+
+    @property
+    def steps(self) -> int:
+        """T = L / patch_size**2 AR steps."""
+        return self.config.steps
+
+    @property
+    def step_bits(self) -> int:
+        """J = K * patch_size**2 bits per AR step."""
+        return self.config.step_bits
+
+    def to_steps(self, bits_BLK: Tensor) -> Tensor:
+        """Position-order token bits (B, L, K) -> step layout (B, T, J) (official
+        `_downsample_tokens`: 'b (h sh w sw) n -> b (h w) (sh sw n)'; identity for p = 1)."""
+        p, K = self.config.patch_size, self.config.token_bits
+        if bits_BLK.ndim != 3 or bits_BLK.shape[1:] != (self.seq_len, K):
+            raise ValueError(f"BAR.to_steps expects bits (B, {self.seq_len}, {K}), got "
+                             f"{tuple(bits_BLK.shape)}.")
+        if p == 1:
+            return bits_BLK
+        B, h = bits_BLK.shape[0], math.isqrt(self.seq_len) // p
+        return (bits_BLK.reshape(B, h, p, h, p, K).permute(0, 1, 3, 2, 4, 5)
+                .reshape(B, h * h, p * p * K))
+
+    def from_steps(self, bits_BTJ: Tensor) -> Tensor:
+        """Step layout (B, T, J) -> position-order token bits (B, L, K) (official
+        `_upsample_tokens`; identity for p = 1)."""
+        p, K = self.config.patch_size, self.config.token_bits
+        if bits_BTJ.ndim != 3 or bits_BTJ.shape[1:] != (self.steps, self.step_bits):
+            raise ValueError(f"BAR.from_steps expects bits (B, {self.steps}, {self.step_bits}), "
+                             f"got {tuple(bits_BTJ.shape)}.")
+        if p == 1:
+            return bits_BTJ
+        B, h = bits_BTJ.shape[0], math.isqrt(self.seq_len) // p
+        return (bits_BTJ.reshape(B, h, h, p, p, K).permute(0, 1, 3, 2, 4, 5)
+                .reshape(B, self.seq_len, K))
 
     def new_kv_cache(self) -> KVCache:
         return KVCache(self.config.depth)
 
     def slot_inputs(
-        self, bits_BNK: Tensor, labels_B: Tensor, orders_BL: Tensor
+        self, bits_BNJ: Tensor, labels_B: Tensor, orders_BT: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Inputs of the S = P + N slots.
 
         Args:
-            bits_BNK: (B, N, K) int64 bits in {0, 1} of the first N tokens in generation order.
+            bits_BNJ: (B, N, J) int64 bits in {0, 1} of the first N steps in generation order.
             labels_B: (B,) int64 class labels (null class allowed).
-            orders_BL: (B, L) int64 generation orders.
+            orders_BT: (B, T) int64 generation orders of the steps.
         Returns:
             x_BSD (embeddings + absolute + target-aware positions), c_BSD (adaLN conditions),
             pos_BS and target_BS: RoPE table rows of each slot's own and target position.
         """
-        B, N, _ = bits_BNK.shape
+        B, N, _ = bits_BNJ.shape
         P, R, D = self.prefix_len, self.config.repeat_class, self.config.hidden
         cls_B1D = self.embeddings(labels_B + 3)[:, None]
-        tok_BND = self.input_merge(self.input_embeddings(bits_BNK).flatten(2))
+        tok_BND = self.input_merge(self.input_embeddings(bits_BNJ).flatten(2))
         x_BSD = torch.cat([self.cls_token.expand(B, -1, -1), cls_B1D.expand(B, R, D), tok_BND], 1)
         pos_BSD = torch.cat(
-            [self.pos_embed[:, :P].expand(B, -1, -1), self.pos_embed[0, P:][orders_BL[:, :N]]], 1
+            [self.pos_embed[:, :P].expand(B, -1, -1), self.pos_embed[0, P:][orders_BT[:, :N]]], 1
         )
-        next_BL = torch.cat([orders_BL[:, 1:], orders_BL[:, -1:]], dim=1)  # target of token slot i
+        next_BT = torch.cat([orders_BT[:, 1:], orders_BT[:, -1:]], dim=1)  # target of step slot i
         target_tab = self.target_aware_pos_embed[0]
         target_BSD = torch.cat(
-            [target_tab[orders_BL[:, :1]].expand(B, P, D), target_tab[next_BL[:, :N]]], dim=1
+            [target_tab[orders_BT[:, :1]].expand(B, P, D), target_tab[next_BT[:, :N]]], dim=1
         )
         c_BSD = cls_B1D + self.timesteps_embeddings[:, : P + N]
         pos_BS = torch.cat(
-            [torch.arange(P, device=orders_BL.device).expand(B, P), P + orders_BL[:, :N]], dim=1
+            [torch.arange(P, device=orders_BT.device).expand(B, P), P + orders_BT[:, :N]], dim=1
         )
-        target_BS = torch.cat([(P + orders_BL[:, :1]).expand(B, P), P + next_BL[:, :N]], dim=1)
+        target_BS = torch.cat([(P + orders_BT[:, :1]).expand(B, P), P + next_BT[:, :N]], dim=1)
         return x_BSD + pos_BSD + target_BSD, c_BSD, pos_BS, target_BS
 
     def _rope(self, pos_BS: Tensor, target_BS: Tensor) -> RopeFn | None:
@@ -343,7 +449,7 @@ class BAR(nn.Module):
         cos, sin = self.rope_cos, self.rope_sin
         if cos.dtype not in (torch.float32, torch.float64):  # model cast to bf16/fp16: rebuild
             cfg = self.config
-            cos, sin = rope_table(math.isqrt(cfg.seq_len), cfg.hidden // cfg.heads,
+            cos, sin = rope_table(math.isqrt(cfg.steps), cfg.hidden // cfg.heads,
                                   self.prefix_len, cfg.rope_theta)
             cos, sin = cos.to(pos_BS.device), sin.to(pos_BS.device)
         cos_p, sin_p = cos[pos_BS][:, None], sin[pos_BS][:, None]
@@ -368,62 +474,66 @@ class BAR(nn.Module):
             x_BSD = block(x_BSD, c_BSD, None if cache is None else cache.layers[i], rope)
         return x_BSD
 
-    def _check(self, bits_BNK: Tensor, labels_B: Tensor, max_len: int) -> None:
-        K = self.config.token_bits
-        if bits_BNK.ndim != 3 or bits_BNK.shape[1] > max_len or bits_BNK.shape[2] != K:
+    def _check(self, bits_BNJ: Tensor, labels_B: Tensor, max_len: int) -> None:
+        J = self.step_bits
+        if bits_BNJ.ndim != 3 or bits_BNJ.shape[1] > max_len or bits_BNJ.shape[2] != J:
             raise ValueError(
-                f"BAR expects bits (B, N, {K}) with N <= {max_len}, got {tuple(bits_BNK.shape)}; "
-                "convert token indices with indices_to_bits(tokens, token_bits)."
+                f"BAR expects bits (B, N, {J}) with N <= {max_len}, got {tuple(bits_BNJ.shape)}; "
+                "convert token indices with indices_to_bits(tokens, token_bits), then "
+                "model.to_steps (patch_size > 1 groups p x p tokens per step)."
             )
-        if labels_B.shape != bits_BNK.shape[:1]:
+        if labels_B.shape != bits_BNJ.shape[:1]:
             raise ValueError(
-                f"labels must be (B,) = {tuple(bits_BNK.shape[:1])}, got {tuple(labels_B.shape)}."
+                f"labels must be (B,) = {tuple(bits_BNJ.shape[:1])}, got {tuple(labels_B.shape)}."
             )
 
     def forward(
-        self, bits_BLK: Tensor, labels_B: Tensor, orders_BL: Tensor | None = None
+        self, bits_BTJ: Tensor, labels_B: Tensor, orders_BT: Tensor | None = None
     ) -> Tensor:
-        """Teacher-forced head conditions for every position, in position order.
+        """Teacher-forced head conditions for every step, in step position order.
 
         Args:
-            bits_BLK: (B, L, K) int64 bits in {0, 1}, position (raster) order.
+            bits_BTJ: (B, T, J) int64 bits in {0, 1}, step (raster) order: `to_steps(bits)`
+                (for patch_size 1 simply the token bits (B, L, K)).
             labels_B: (B,) int64 class labels (null class allowed).
-            orders_BL: (B, L) generation orders; None = raster.
+            orders_BT: (B, T) generation orders of the steps; None = raster.
         Returns:
-            cond_BLW (B, L, W): row p conditions the head for the token at position p, computed
-            from the class and the tokens generated before p in the given order.
+            cond_BTW (B, T, W): row t conditions the head for the step at position t, computed
+            from the class and the steps generated before t in the given order.
         """
-        B, L, K = bits_BLK.shape
-        if L != self.seq_len:
+        B, T, _ = bits_BTJ.shape
+        if T != self.steps:
             raise ValueError(
-                f"BAR expects bits (B, {self.seq_len}, K), got {tuple(bits_BLK.shape)}."
+                f"BAR expects bits (B, {self.steps}, {self.step_bits}), got "
+                f"{tuple(bits_BTJ.shape)}."
             )
-        self._check(bits_BLK, labels_B, L)
-        orders_BL = raster_orders(B, L, bits_BLK.device) if orders_BL is None else orders_BL
-        check_orders(orders_BL, B, L)
-        shuffled_BLK = bits_BLK.long().gather(1, orders_BL[..., None].expand(B, L, K))
-        h_BSD = self._run(self.slot_inputs(shuffled_BLK, labels_B, orders_BL), 0, None)
+        self._check(bits_BTJ, labels_B, T)
+        J = bits_BTJ.shape[2]
+        orders_BT = raster_orders(B, T, bits_BTJ.device) if orders_BT is None else orders_BT
+        check_orders(orders_BT, B, T)
+        shuffled_BTJ = bits_BTJ.long().gather(1, orders_BT[..., None].expand(B, T, J))
+        h_BSD = self._run(self.slot_inputs(shuffled_BTJ, labels_B, orders_BT), 0, None)
         P = self.prefix_len
-        cond_BLW = self.latent_condition_proj(self.norm(h_BSD[:, P - 1 : P - 1 + L]))
-        return unshuffle(cond_BLW, orders_BL)
+        cond_BTW = self.latent_condition_proj(self.norm(h_BSD[:, P - 1 : P - 1 + T]))
+        return unshuffle(cond_BTW, orders_BT)
 
     def next_condition(
-        self, bits_BNK: Tensor, labels_B: Tensor, cache: KVCache | None = None
+        self, bits_BNJ: Tensor, labels_B: Tensor, cache: KVCache | None = None
     ) -> Tensor:
-        """Head condition (B, W) of raster position N given the first N tokens' bits (N < L).
+        """Head condition (B, W) of raster step N given the first N steps' bits (N < T).
 
         With a cache only the slots not cached yet are computed and the cache is extended; it
         must have been built from the same prefix.
         """
-        B, N, _ = bits_BNK.shape
-        self._check(bits_BNK, labels_B, self.seq_len - 1)
+        B, N, _ = bits_BNJ.shape
+        self._check(bits_BNJ, labels_B, self.steps - 1)
         start = 0 if cache is None else cache.length
         if start > self.prefix_len + N - 1:
             raise ValueError(
                 f"KV cache holds {start} slots but only {self.prefix_len + N} are given."
             )
-        orders_BL = raster_orders(B, self.seq_len, bits_BNK.device)
-        inputs = self.slot_inputs(bits_BNK.long(), labels_B, orders_BL)
+        orders_BT = raster_orders(B, self.steps, bits_BNJ.device)
+        inputs = self.slot_inputs(bits_BNJ.long(), labels_B, orders_BT)
         h_BSD = self._run(inputs, start, cache)
         return self.latent_condition_proj(self.norm(h_BSD[:, -1]))
 
@@ -482,9 +592,10 @@ def bar_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """BAR training loss for one batch at optimizer step `step`.
 
-    Orders: random w.p. `rar_permutation_prob(step, ...)`, else raster; class -> null w.p.
-    `class_drop`; every token's bits are masked at its own ratio `mbm_mask_ratio` and the head
-    predicts all K bits from the backbone condition; loss = `weighted_bit_loss` over all tokens.
+    Orders: random w.p. `rar_permutation_prob(step, ...)`, else raster (over the T AR steps);
+    class -> null w.p. `class_drop`; every step's J bits (J = K for patch_size 1) are masked at its
+    own ratio `mbm_mask_ratio` and the head predicts all J bits from the backbone condition;
+    loss = `weighted_bit_loss` over all steps.
 
     Args:
         tokens_BL: (B, L) int64 token indices in [0, 2**K), position (raster) order.
@@ -494,19 +605,19 @@ def bar_loss(
         loss (scalar) and metrics: 'loss', 'masked_bit_accuracy', 'mask_ratio',
         'permutation_prob' (all detached).
     """
-    B, L = tokens_BL.shape
-    K, dev = model.config.token_bits, tokens_BL.device
-    bits_BLK = indices_to_bits(tokens_BL, K).long()
+    B = tokens_BL.shape[0]
+    K, T, J, dev = model.config.token_bits, model.steps, model.step_bits, tokens_BL.device
+    bits_BTJ = model.to_steps(indices_to_bits(tokens_BL, K).long())
     prob = rar_permutation_prob(step, anneal_start, anneal_end)
-    orders_BL = sample_orders(B, L, prob, device=dev, generator=generator)
+    orders_BT = sample_orders(B, T, prob, device=dev, generator=generator)
     drop_B = torch.rand(B, device=dev, generator=generator) < class_drop
     labels_B = torch.where(drop_B, model.null_class_id, labels_B)
-    cond_BLW = model(bits_BLK, labels_B, orders_BL)
+    cond_BTW = model(bits_BTJ, labels_B, orders_BT)
 
-    bits_MK = bits_BLK.reshape(B * L, K)
-    ratio_M = mbm_mask_ratio(B * L, K, std=mask_ratio_std, device=dev, generator=generator)
+    bits_MK = bits_BTJ.reshape(B * T, J)
+    ratio_M = mbm_mask_ratio(B * T, J, std=mask_ratio_std, device=dev, generator=generator)
     ids_MK, mask_MK = mask_bits(bits_MK, ratio_M, generator=generator)
-    logits_MK2 = model.lm_head(ids_MK, cond_BLW.reshape(B * L, -1), ratio_M)
+    logits_MK2 = model.lm_head(ids_MK, cond_BTW.reshape(B * T, -1), ratio_M)
     loss = weighted_bit_loss(logits_MK2, bits_MK, mask_MK, unmasked_weight=unmasked_weight)
     with torch.no_grad():
         correct_MK = (logits_MK2.argmax(-1) == bits_MK) & mask_MK
@@ -607,21 +718,23 @@ def sample(
     generator: torch.Generator | None = None,
     use_kv_cache: bool = True,
 ) -> Tensor:
-    """Raster AR sampling; each position's bits come from `mbm_sample` (official BAR.generate).
+    """Raster AR sampling; each step's bits come from `mbm_sample` (official BAR.generate).
 
-    CFG (g > 1) runs the backbone on [labels; null] and applies `bar_guidance(t, L, g)` to the
+    CFG (g > 1) runs the backbone on [labels; null] and applies `bar_guidance(t, T, g)` to the
     head's bit logits at AR step t. The model runs in eval mode (restored afterwards).
 
     Args:
         labels_B: (B,) int64 class labels (the null class gives unconditional samples).
         temperature: the head's Gumbel temperature (annealed to 0 over its unmasking steps).
-        tokens_allocation: bits unmasked per head step (sum K); None = `default_tokens_allocation`.
-        generator: torch.Generator on the labels' device; fixed seed -> identical tokens.
+        tokens_allocation: bits unmasked per head step (sum J = K * patch_size**2); None =
+            `default_tokens_allocation(J)`.
+        generator: torch.Generator on the labels' device; fixed seed -> identical tokens
+            (None: the global generator, as the official sampler).
     Returns:
         tokens_BL: (B, L) int64 indices in [0, 2**K), bit k = (index >> k) & 1.
     """
-    K, L = model.config.token_bits, model.seq_len
-    alloc = default_tokens_allocation(K) if tokens_allocation is None else tuple(tokens_allocation)
+    T, J = model.steps, model.step_bits
+    alloc = default_tokens_allocation(J) if tokens_allocation is None else tuple(tokens_allocation)
     was_training = model.training
     model.eval()
     B, dev = labels_B.shape[0], labels_B.device
@@ -630,20 +743,20 @@ def sample(
     if use_cfg:
         cond_labels = torch.cat([labels_B, torch.full_like(labels_B, model.null_class_id)])
     cache = model.new_kv_cache() if use_kv_cache else None
-    bits_BNK = torch.zeros(B, 0, K, dtype=torch.long, device=dev)
+    bits_BNJ = torch.zeros(B, 0, J, dtype=torch.long, device=dev)
     try:
-        for step in range(L):
-            inputs = torch.cat([bits_BNK, bits_BNK]) if use_cfg else bits_BNK
+        for step in range(T):
+            inputs = torch.cat([bits_BNJ, bits_BNJ]) if use_cfg else bits_BNJ
             cond_W = model.next_condition(inputs, cond_labels, cache)
-            new_BK = mbm_sample(
+            new_BJ = mbm_sample(
                 model.lm_head, cond_W, tokens_allocation=alloc, use_cfg=use_cfg,
-                guidance_scale=bar_guidance(step, L, guidance_scale), temperature=temperature,
+                guidance_scale=bar_guidance(step, T, guidance_scale), temperature=temperature,
                 generator=generator,
             )
-            bits_BNK = torch.cat([bits_BNK, new_BK[:, None]], dim=1)
+            bits_BNJ = torch.cat([bits_BNJ, new_BJ[:, None]], dim=1)
     finally:
         model.train(was_training)
-    return bits_to_indices(bits_BNK)
+    return bits_to_indices(model.from_steps(bits_BNJ))
 
 
 def bar_batch_loss(model: BAR, batch: dict[str, Tensor], step: int, **options: Any):
@@ -651,10 +764,110 @@ def bar_batch_loss(model: BAR, batch: dict[str, Tensor], step: int, **options: A
     return bar_loss(model, batch["tokens"].long(), batch["label"].long(), step, **options)
 
 
+# --------------------------------------------------------------------------------------------------
+# Released weights
+# --------------------------------------------------------------------------------------------------
+
+
+def _resolve_config(config_or_size: BARConfig | str) -> tuple[BARConfig, str]:
+    if isinstance(config_or_size, BARConfig):
+        return config_or_size, "custom config"
+    name = config_or_size.replace("-", "_").lower().removesuffix(".bin")
+    size = BAR_RELEASES.get(name, config_or_size)
+    return bar_config(size), config_or_size
+
+
+def _check_rope_buffers(
+    released: Mapping[str, Tensor], model: BAR, what: str, steps: int, prefix: int
+) -> None:
+    """The released per-block RoPE tables must be this config's (P + T rows, head width d, the
+    official 'lang' frequencies; values compared unless on meta)."""
+    cfg = model.config
+    if not cfg.rope:
+        raise ValueError(f"{what}: released BAR generators always use target-aware 2D RoPE "
+                         "(the checkpoint holds its tables); use a config with rope=True.")
+    d = cfg.hidden // cfg.heads
+    want = (model.prefix_len + model.steps, d)
+    for key in rope_buffer_keys(released):
+        t = released[key]
+        if tuple(t.shape) != want:
+            raise ValueError(
+                f"{what}: '{key}' has shape {tuple(t.shape)} (P + T = {prefix} + {steps} rows) "
+                f"but this config expects {want} (repeat_class={cfg.repeat_class}, "
+                f"steps={model.steps}, head width {d})."
+            )
+        if t.is_meta:
+            continue
+        ours = model.rope_cos if key.endswith("cos") else model.rope_sin
+        if not torch.allclose(t.detach().float().cpu(), ours.float().cpu(), atol=1e-4, rtol=0):
+            raise ValueError(f"{what}: '{key}' differs from the RoPE table of this config "
+                             f"(rope_theta={cfg.rope_theta}); the checkpoint is not a release of "
+                             "the official model.")
+
+
+def load_official(
+    source: str | Path | Mapping[str, Tensor], config_or_size: BARConfig | str
+) -> BAR:
+    """Build `config_or_size` and load a released BAR generator checkpoint into it, strictly.
+
+    Args:
+        source: a `.safetensors` file or a state dict with the released names (official
+            undefined443/BAR@faf903f `modeling/generator.py` BAR; the releases are `.bin`
+            pickles, refused here: convert once, see `read_state_dict`, or use
+            `vgen weights convert --family bar`). Meta tensors work when built on meta.
+        config_or_size: a `BAR_SIZES` name ("B", "B-patch2", "B-patch4", "L", "L-res512"), a
+            release name ("bar_b", "bar_l_res512", ...) or a config.
+    Every model tensor must come from the checkpoint and every released tensor is used
+    (`official_key_map`; the per-block RoPE buffers and the table rows it drops are listed in
+    `OFFICIAL_DROPPED`). Returns the model in eval mode. Raises ValueError naming the first
+    released key that is foreign, missing or of the wrong shape (with the shape this config
+    expects).
+    """
+    config, label = _resolve_config(config_or_size)
+    what = f"bar.load_official({label})"
+    released = read_state_dict(source, what=what)
+    try:
+        state = official_key_map(released)
+        steps = released_steps(released)
+        prefix = released_prefix_len(released, steps)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from e
+    model = BAR(config)
+    if prefix != model.prefix_len:
+        key = rope_buffer_keys(released)[0]
+        raise ValueError(
+            f"{what}: '{key}' has {tuple(released[key].shape)[0]} rows, i.e. {prefix} prefix "
+            f"slots for {steps} steps, but this config has {model.prefix_len} (1 cls + "
+            f"repeat_class={config.repeat_class})."
+        )
+    expected = model.state_dict()
+    for key, want in expected.items():
+        shape = released_shape(key, tuple(want.shape), config.steps)
+        if key not in state:
+            raise ValueError(f"{what}: the checkpoint has no '{key}' (expected shape {shape}); "
+                             "it does not match this size (check depth / head_layers).")
+        got = tuple(state[key].shape)
+        if got != tuple(want.shape):
+            raise ValueError(
+                f"{what}: '{key}' has shape {released_shape(key, got, steps)} in the "
+                f"checkpoint but this config expects {shape} (hidden={config.hidden}, "
+                f"heads={config.heads}, token_bits={config.token_bits}, seq_len={config.seq_len}, "
+                f"patch_size={config.patch_size}, repeat_class={config.repeat_class}, "
+                f"head_width={config.head_width}, num_classes={config.num_classes})."
+            )
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise ValueError(f"{what}: checkpoint key '{extra[0]}' has no place in this config "
+                         f"({len(extra)} such keys; check depth / head_layers).")
+    _check_rope_buffers(released, model, what, steps, prefix)
+    load_mapped_state_dict(model, state, {k: k for k in state}, what=what)
+    return model.eval()
+
+
 SPEC = FamilySpec(
     name="bar", role="generator", config_class=BARConfig, sizes=BAR_SIZES, model_class=BAR,
     data="bit_tokens", data_fields=("token_bits", "seq_len", "num_classes"),
     loss=bar_batch_loss, conditioning="labels", sampler=sample, output="tokens",
-    sampling=BAR_SAMPLING,
+    sampling=BAR_SAMPLING, load_official=load_official,
     summary="BAR: autoregression over bit tokens with a masked-bit-modeling head",
 )
