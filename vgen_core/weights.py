@@ -592,6 +592,12 @@ def load_weights(path: str | Path, family: str, config: Any, *, pixel_range: str
 
 # -- entry point -------------------------------------------------------------------------------
 
+def named_size(spec: Any, config: Mapping[str, Any]) -> str | None:
+    """The registered size of ``spec`` whose config equals ``config`` (a validated config's
+    JSON dump); None when it is none of them."""
+    return next((s for s in spec.sizes if spec.config(s).model_dump(mode="json") == config), None)
+
+
 def _export_info(path: Path, config_path: Path) -> dict[str, Any]:
     """Family, size and pixel range of a vgen export's ``config.json``."""
     from vgen_core import families
@@ -605,8 +611,7 @@ def _export_info(path: Path, config_path: Path) -> dict[str, Any]:
         config = spec.config_class.model_validate(fields).model_dump(mode="json")
     except Exception as e:
         raise WeightsError(f"{config_path}: not a vgen config.json ({e})") from e
-    size = next((s for s in spec.sizes if spec.config(s).model_dump(mode="json") == config),
-                "custom")
+    size = named_size(spec, config) or "custom"
     return {"family": family, "size": size, "pixel_range": spec.pixel_range,
             "weights_digest": payload.get("weights_digest")}
 

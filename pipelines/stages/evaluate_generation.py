@@ -11,6 +11,11 @@ weights digest), and this stage loads that reference. What decoding means (and t
 of the result) is the tokenizer family's ``decode`` (:mod:`vgen_core.families`); what sampling
 means is the generator family's ``sampler`` and ``conditioning``.
 
+**The generator** is a ``train.generator`` stage's export or a released checkpoint brought in by
+``import.weights`` (same output). A generator of a released size samples with that size's
+released inference settings (``FamilySpec.sampling``, e.g. RAR-B's guidance 16.0 / power 2.75);
+``with.sampler`` overrides single keys; the settings used are in the results' details.
+
 **Sampling.** Class-conditional generators get class-balanced labels (round-robin, so every
 prefix is balanced; ``per_class: 50`` with 1000 classes is ADM's 50k), MaskGen gets the side
 table's captions (current rows, sorted by ``sample_id``, cycled). Samples are cut into shards of
@@ -687,13 +692,14 @@ def _shards_ds(shards: list[dict[str, Any]]):
 def released_size(spec: families.FamilySpec, gen_cfg: dict[str, Any]) -> str | None:
     """The registered size of ``spec`` whose config equals an export's ``config.json``."""
     from vgen_core.tokenizers.io import _RESERVED_KEYS
+    from vgen_core.weights import named_size
 
     fields = {k: v for k, v in gen_cfg.items() if k not in _RESERVED_KEYS}
     try:
         have = spec.config_class.model_validate(fields).model_dump(mode="json")
     except ValueError:
         return None
-    return next((s for s in spec.sizes if spec.config(s).model_dump(mode="json") == have), None)
+    return named_size(spec, have)
 
 
 def _model_config(uri: str) -> dict[str, Any]:
