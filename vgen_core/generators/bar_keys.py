@@ -121,23 +121,10 @@ def released_steps(state_dict: Mapping[str, Tensor]) -> int:
 
     Raises ValueError naming the table whose shape is not (1, T + 128 | T + 100, D).
     """
-    rows = {}
-    for key in _TABLES:
-        t = state_dict[key]
-        if t.ndim != 3 or t.shape[0] != 1:
-            raise ValueError(f"{_WHAT}: '{key}' has shape {tuple(t.shape)}; the release stores "
-                             "it as (1, rows, D).")
-        rows[key] = int(t.shape[1])
-    T = rows["timesteps_embeddings"] - STEP_EXTRA
-    for key in ("pos_embed", "target_aware_pos_embed"):
-        if rows[key] - POS_EXTRA != T or T < 1:
-            raise ValueError(
-                f"{_WHAT}: '{key}' has {rows[key]} rows but 'timesteps_embeddings' has "
-                f"{rows['timesteps_embeddings']}; a release has T + {POS_EXTRA} and "
-                f"T + {STEP_EXTRA} rows for the same T >= 1 ({_SOURCE}). Is this a vgen export "
-                "(tables of P + T / T / P + T rows)? Load it with load_pretrained."
-            )
-    return T
+    from vgen_core.generators.rar_keys import table_length
+
+    return table_length(state_dict, pos_extra=POS_EXTRA, step_extra=STEP_EXTRA, what=_WHAT,
+                        source=_SOURCE, vgen_rows="P + T / T / P + T", name="T")
 
 
 def released_prefix_len(state_dict: Mapping[str, Tensor], steps: int) -> int:

@@ -91,7 +91,11 @@ from vgen_core.generators.text import (
     encode_text,
     text_encoder_config,
 )
-from vgen_core.tokenizers.io import load_mapped_state_dict, read_state_dict
+from vgen_core.tokenizers.io import (
+    check_released_shapes,
+    load_mapped_state_dict,
+    read_state_dict,
+)
 
 __all__ = [
     "CLIP_TEXT_WIDTH",
@@ -654,23 +658,14 @@ def load_official(
         check_released_names(released)
     except ValueError as e:
         raise ValueError(f"{what}: {e}") from e
-    expected = released_shapes(config)
-    for key, shape in expected.items():
-        if key not in released:
-            raise ValueError(f"{what}: the checkpoint has no '{key}' (expected shape {shape}); "
-                             "it does not match this size (check depth).")
-        got = tuple(released[key].shape)
-        if got != shape:
-            raise ValueError(
-                f"{what}: '{key}' has shape {got} in the checkpoint but this config expects "
-                f"{shape} (hidden={config.hidden}, mlp_ratio={config.mlp_ratio}, seq_len="
-                f"{config.seq_len}, codebook_size={config.codebook_size}, legacy_class_rows="
-                f"{config.legacy_class_rows}, micro_condition_dim={config.micro_condition_dim}, "
-                f"text width {CLIP_TEXT_WIDTH}).")
-    extra = [k for k in released if k not in expected and k not in OFFICIAL_DROPPED]
-    if extra:
-        raise ValueError(f"{what}: checkpoint key '{extra[0]}' has no place in this config "
-                         f"({len(extra)} such keys; check depth={config.depth}).")
+    note = (
+        f"hidden={config.hidden}, mlp_ratio={config.mlp_ratio}, seq_len="
+        f"{config.seq_len}, codebook_size={config.codebook_size}, legacy_class_rows="
+        f"{config.legacy_class_rows}, micro_condition_dim="
+        f"{config.micro_condition_dim}, text width {CLIP_TEXT_WIDTH}"
+    )
+    check_released_shapes(released, released_shapes(config), OFFICIAL_DROPPED, what=what,
+                          depth=config.depth, config_note=note)
     try:
         state = official_key_map(released)
     except ValueError as e:

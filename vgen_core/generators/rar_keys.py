@@ -36,7 +36,8 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-__all__ = ["OFFICIAL_DROPPED", "official_key_map", "released_shape", "released_seq_len"]
+__all__ = ["OFFICIAL_DROPPED", "official_key_map", "released_shape", "released_seq_len",
+           "table_length"]
 
 #: extra rows of the released position / step tables beyond what the official forward reads
 POS_EXTRA, STEP_EXTRA = 1024, 100
@@ -66,28 +67,41 @@ _WHAT = "rar official_key_map"
 _SOURCE = "bytedance/1d-tokenizer@942a96f modeling/rar.py"
 
 
-def released_seq_len(state_dict: Mapping[str, Tensor]) -> int:
-    """L of a released state dict, from its three position / step tables (checked consistent).
+def table_length(state_dict: Mapping[str, Tensor], *, pos_extra: int, step_extra: int,
+                 what: str, source: str, vgen_rows: str, name: str = "L") -> int:
+    """The sequence length n of a released state dict whose ``pos_embed`` /
+    ``target_aware_pos_embed`` have n + ``pos_extra`` rows and ``timesteps_embeddings``
+    n + ``step_extra`` (RAR's layout, which BAR copies with other extras), checked consistent.
 
-    Raises ValueError naming the table whose shape is not (1, L + 1024 | L + 100, D).
+    Raises ValueError naming the table whose shape is not (1, rows, D) or whose rows disagree;
+    ``vgen_rows`` describes a vgen export's tables (the usual mix-up).
     """
     rows = {}
     for key in _TABLES:
         t = state_dict[key]
         if t.ndim != 3 or t.shape[0] != 1:
-            raise ValueError(f"{_WHAT}: '{key}' has shape {tuple(t.shape)}; the release stores "
+            raise ValueError(f"{what}: '{key}' has shape {tuple(t.shape)}; the release stores "
                              "it as (1, rows, D).")
         rows[key] = int(t.shape[1])
-    L = rows["timesteps_embeddings"] - STEP_EXTRA
+    n = rows["timesteps_embeddings"] - step_extra
     for key in ("pos_embed", "target_aware_pos_embed"):
-        if rows[key] - POS_EXTRA != L or L < 1:
+        if rows[key] - pos_extra != n or n < 1:
             raise ValueError(
-                f"{_WHAT}: '{key}' has {rows[key]} rows but 'timesteps_embeddings' has "
-                f"{rows['timesteps_embeddings']}; a release has L + {POS_EXTRA} and "
-                f"L + {STEP_EXTRA} rows for the same L >= 1 ({_SOURCE}). Is this a vgen export "
-                "(tables of L + 2 / L / L + 2 rows)? Load it with load_pretrained."
+                f"{what}: '{key}' has {rows[key]} rows but 'timesteps_embeddings' has "
+                f"{rows['timesteps_embeddings']}; a release has {name} + {pos_extra} and "
+                f"{name} + {step_extra} rows for the same {name} >= 1 ({source}). Is this a vgen "
+                f"export (tables of {vgen_rows} rows)? Load it with load_pretrained."
             )
-    return L
+    return n
+
+
+def released_seq_len(state_dict: Mapping[str, Tensor]) -> int:
+    """L of a released state dict, from its three position / step tables (checked consistent).
+
+    Raises ValueError naming the table whose shape is not (1, L + 1024 | L + 100, D).
+    """
+    return table_length(state_dict, pos_extra=POS_EXTRA, step_extra=STEP_EXTRA, what=_WHAT,
+                        source=_SOURCE, vgen_rows="L + 2 / L / L + 2")
 
 
 def released_shape(key: str, vgen_shape: tuple[int, ...], seq_len: int) -> tuple[int, ...]:

@@ -207,6 +207,33 @@ def read_state_dict(source: str | Path | Mapping[str, Tensor], *, what: str) -> 
     return load_file(str(path), device="cpu")
 
 
+def check_released_shapes(
+    released: Mapping[str, Tensor],
+    expected: Mapping[str, tuple[int, ...]],
+    dropped: Mapping[str, str],
+    *,
+    what: str,
+    config_note: str,
+    depth: int,
+) -> None:
+    """Released names and shapes against the ones a config expects, before anything is mapped:
+    ValueError naming the first missing key, the first key of another shape (both shapes and
+    ``config_note``, the config fields that set it), or the first key neither expected nor in
+    ``dropped``."""
+    for key, shape in expected.items():
+        if key not in released:
+            raise ValueError(f"{what}: the checkpoint has no '{key}' (expected shape {shape}); "
+                             "it does not match this size (check depth).")
+        got = tuple(released[key].shape)
+        if got != tuple(shape):
+            raise ValueError(f"{what}: '{key}' has shape {got} in the checkpoint but this config "
+                             f"expects {tuple(shape)} ({config_note}).")
+    extra = [k for k in released if k not in expected and k not in dropped]
+    if extra:
+        raise ValueError(f"{what}: checkpoint key '{extra[0]}' has no place in this config "
+                         f"({len(extra)} such keys; check depth={depth}).")
+
+
 def load_mapped_state_dict(
     model: nn.Module,
     state_dict: Mapping[str, Tensor],
