@@ -17,6 +17,7 @@ import pytest
 import torch
 from test_fsq_vae import _SMALL_MB, _MaskBitConvVQModel
 from test_pixel_range import RES, black_white_table
+from test_pixel_range import seen as seen  # the fixture: what LFQ encode is fed
 
 from pipelines.cli import main
 from pipelines.stages.base import InProcessExecutor, StageContext, weights_problem
@@ -198,21 +199,6 @@ def _tokenize(store: TableStore, weights: str):
     cfg = ImageTokenizeConfig(size="maskbit-k12", overrides=OVERRIDES, resolution=RES,
                               flip=False, weights=weights)
     return TokenizeLFQ(cfg, ctx)
-
-
-@pytest.fixture
-def seen(monkeypatch):
-    from vgen_core.tokenizers.lfq import LFQTokenizer
-
-    record: list[tuple[float, float]] = []
-    real = LFQTokenizer.encode
-
-    def spy(self, x_BCHW):
-        record.append((float(x_BCHW.min()), float(x_BCHW.max())))
-        return real(self, x_BCHW)
-
-    monkeypatch.setattr(LFQTokenizer, "encode", spy)
-    return record
 
 
 def test_tokenize_takes_converted_and_released_files_alike(tmp_path, release, seen):
