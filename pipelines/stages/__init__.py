@@ -14,6 +14,7 @@ cache.latents       cache_latents.py                      curated images -> VAE 
 tokenize.deltatok   deltatok.py                           curated videos -> DeltaTok delta tokens
 train.generator     train.py                              Ray Train + DeepSpeed: a token generator
 import.weights      weights_import.py                     a released checkpoint as a model output
+quantize.ternary    quantize.py                           a generator made 1.58-bit (distilled)
 evaluate.tokenizer  evaluate.py                           recon. PSNR, codebook usage, samples
 evaluate.generation evaluate_generation.py                samples: FID, sFID, IS, prec./recall
 evaluate.panoptic   evaluate_segmentation.py              panoptic predictions: PQ / SQ / RQ
@@ -39,6 +40,7 @@ KINDS: dict[str, str] = {
     "train.tokenizer": "pipelines.stages.train:TrainTokenizer",
     "train.generator": "pipelines.stages.train:TrainGenerator",
     "import.weights": "pipelines.stages.weights_import:ImportWeights",
+    "quantize.ternary": "pipelines.stages.quantize:QuantizeTernary",
     "evaluate.tokenizer": "pipelines.stages.evaluate:EvaluateTokenizer",
     "evaluate.generation": "pipelines.stages.evaluate_generation:EvaluateGeneration",
     "evaluate.panoptic": "pipelines.stages.evaluate_segmentation:EvaluatePanoptic",

@@ -137,6 +137,12 @@ def test_evaluate_generation_dag(ray_cluster, tmp_path):
         "weights": str(tmp_path / "maskgit_released.pt")}}
     stages["eval_released"] = {"uses": "evaluate.generation", "needs": ["released", "tokens"],
                                "with": {**stages_eval_with(), "seed": 42}}
+    # ... and its 1.58-bit version (quantize.ternary), scored by the same evaluation
+    stages["ternary"] = {"uses": "quantize.ternary", "needs": ["released"],
+                         "with": {"steps": 20, "batch_size": 8, "pool_size": 16, "lr": 3.0e-3,
+                                  "speed_samples": 4, "sampler": {"steps": 4}}}
+    stages["eval_ternary"] = {"uses": "evaluate.generation", "needs": ["ternary", "tokens"],
+                              "with": {**stages_eval_with(), "seed": 42}}
     (tmp_path / "released.yaml").write_text(yaml.safe_dump(spec))
     p = vgen("run", str(tmp_path / "released.yaml"), "--storage", str(storage), env=env)
     assert p.returncode == 0
@@ -148,6 +154,13 @@ def test_evaluate_generation_dag(ray_cluster, tmp_path):
 
     assert lineage["generator"]["digest"] == weights_digest(gen)
     assert lineage["generator"]["stage"] == "released"
+    ternary = {r["metric"] for r in store.read("evalgen/eval_ternary").to_pylist()}
+    assert ternary >= {"fid", "is", "precision", "recall"}
+    (run,) = client.search_runs([experiment], "tags.`vgen.stage` = 'ternary'")
+    m = run.data.metrics
+    assert m["ternary.weight_bytes_packed"] < m["ternary.weight_bytes_bf16"] / 4
+    assert m["distill.loss_last"] < m["distill.loss_first"]
+    assert len(client.get_metric_history(run.info.run_id, "distill/loss")) == 20
 
 
 def stages_eval_with() -> dict:
