@@ -43,7 +43,8 @@ def test_registry_lists_every_family_once_with_its_role():
     assert {"lfq", "bar_fsq", "titok", "tatitok", "kl_vae", "deltatok"} <= set(
         families.names("tokenizer"))
     assert set(GENERATORS) == {"maskgit", "maskgen_vq", "maskbit", "rar", "bar", "deepflow",
-                               "xar", "flowtok", "deltaworld"}
+                               "xar", "flowtok", "deltaworld", "flowar", "dimr",
+                               "maskgen_kl"}
     assert families.get("maskgen").name == "maskgen_vq"  # the DAG's alias
     with pytest.raises(ValueError, match="not found; known: .*maskgit"):
         families.get("maskgitt")
