@@ -153,6 +153,9 @@ class FamilySpec:
     sampling: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: short description for ``vgen families``
     summary: str = ""
+    #: ``param_groups(model, weight_decay) -> [{"params", "weight_decay"}, ...]``: the optimizer
+    #: groups training uses (e.g. DiMR's TD-LN parameters without decay); None: one group
+    param_groups: Callable[..., Any] | None = None
     #: ``check(model, where) -> None``: raises ValueError when a built model cannot serve its
     #: role here (e.g. a TiTok in VAE mode asked for VQ ids)
     check: Callable[..., None] | None = None

@@ -96,7 +96,9 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
     if cfg.get("weights"):
         model.load_state_dict(_initial_weights(cfg).state_dict())
     model = model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=tcfg.betas,
+    groups = (task.param_groups(model, tcfg.weight_decay) if task.param_groups is not None
+              else model.parameters())
+    opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=tcfg.betas,
                             weight_decay=tcfg.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt,
                                            config=deepspeed_config(tcfg, device),

@@ -413,3 +413,20 @@ def test_tiny_training_loss_falls_below_bound():
     end = evaluate()
     assert start > 1.2, start
     assert end < 0.5, end
+
+
+def test_the_train_stage_uses_the_no_decay_groups():
+    """The family declares its optimizer groups (``FamilySpec.param_groups``, which the train
+    worker builds AdamW from): every parameter once, TD-LN's ``nodecay_*`` without decay."""
+    from vgen_core import families
+
+    spec = families.get("dimr")
+    model = spec.build("tiny")
+    assert spec.param_groups is not None
+    groups = spec.param_groups(model, 0.03)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    nodecay = {n for n, p in model.named_parameters() if n.split(".")[-1].startswith("nodecay_")}
+    assert nodecay and [g["weight_decay"] for g in groups] == [0.03, 0.0]
+    assert {id(p) for p in groups[1]["params"]} == {
+        id(p) for n, p in model.named_parameters() if n in nodecay}

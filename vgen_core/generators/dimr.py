@@ -974,6 +974,6 @@ SPEC = FamilySpec(
     name="dimr", role="generator", config_class=DiMRConfig, sizes=DIMR_SIZES, model_class=DiMR,
     data="latents", data_fields=("in_channels", "input_size", "num_classes", "scale_factor"),
     loss=dimr_loss, conditioning="labels", sampler=sample, output="latents",
-    sampling=DIMR_SAMPLING,
+    sampling=DIMR_SAMPLING, param_groups=optimizer_param_groups,
     summary="DiMR: multi-resolution diffusion (Transformer -> ConvNeXt stages) with TD-LN",
 )
