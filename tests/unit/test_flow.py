@@ -1,4 +1,5 @@
-"""Rectified-flow core: path, target, t samplers, time grids, Euler / Euler-Maruyama samplers."""
+"""Rectified-flow core: path, target, t samplers, time grids, Euler / Euler-Maruyama samplers,
+the REPA pieces (projector, loss, target features) and the sampling-time attention options."""
 
 from __future__ import annotations
 
@@ -14,10 +15,16 @@ from vgen_core.generators.flow import (
     euler_sample,
     flow_path,
     flow_target,
+    inference_attention_options,
     latents_from_moments,
+    load_repa_decoder,
+    load_repa_encoder,
     logit_normal_t,
     lognormal_t,
     ode_time_grid,
+    repa_loss,
+    repa_projector,
+    repa_target_features,
     score_from_velocity,
     sde_time_grid,
     timestep_embedding,
@@ -197,3 +204,80 @@ def test_euler_maruyama_determinism_and_noise_free_last_step():
     torch.testing.assert_close(out, x1 - 0.5 * (1.5 * vt + x1))
     with pytest.raises(ValueError, match="> 0"):
         euler_maruyama_sample(v, x1, torch.tensor([1.0, 0.0, -0.5]))
+
+
+# --------------------------------------------------------------------------------------------------
+# REPA
+# --------------------------------------------------------------------------------------------------
+
+
+def _official_proj_loss(zs, zs_tilde):
+    """DeepFlow loss.py proj_loss, transcribed (mean_flat over tokens of -(z . z~), sum, divide)."""
+    bsz = zs[0].shape[0]
+    if len(zs_tilde) > 1:
+        zs = zs * len(zs_tilde)
+    total = 0.0
+    for z, z_tilde in zip(zs, zs_tilde):
+        for z_j, z_tilde_j in zip(z, z_tilde):
+            z_tilde_j = torch.nn.functional.normalize(z_tilde_j, dim=-1)
+            z_j = torch.nn.functional.normalize(z_j, dim=-1)
+            total += (-(z_j * z_tilde_j).sum(dim=-1)).mean()
+    return total / (len(zs) * bsz)
+
+
+def test_repa_loss_is_mean_negative_cosine_by_hand():
+    z = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])  # (B=1, T=2, E=2)
+    half = torch.tensor([[[1.0, 1.0], [0.0, -3.0]]])  # cos 1/sqrt(2) and -1
+    same = 5.0 * z  # cos 1 and 1
+    # per projection: mean over tokens of -cos; then the mean over the two projections
+    by_hand = ((-(1 / math.sqrt(2)) + 1.0) / 2 + (-1.0)) / 2
+    assert repa_loss([half, same], z).item() == pytest.approx(by_hand, abs=1e-7)
+    assert repa_loss([same], z).item() == pytest.approx(-1.0, abs=1e-7)
+    g = torch.Generator().manual_seed(0)
+    zt, zp = torch.randn(3, 5, 4, generator=g), [torch.randn(3, 5, 4, generator=g) for _ in range(2)]
+    torch.testing.assert_close(repa_loss(zp, zt), _official_proj_loss([zt], zp))
+    with pytest.raises(ValueError, match="z_dim"):
+        repa_loss([torch.randn(3, 5, 3)], zt)
+
+
+def test_repa_projector_is_the_official_mlp():
+    mlp = repa_projector(8, 16, 6)
+    shapes = [tuple(m.weight.shape) for m in mlp if isinstance(m, torch.nn.Linear)]
+    assert shapes == [(16, 8), (16, 16), (6, 16)]
+    assert [type(m).__name__ for m in mlp] == ["Linear", "SiLU", "Linear", "SiLU", "Linear"]
+    assert mlp(torch.randn(2, 3, 8)).shape == (2, 3, 6)
+
+
+def test_repa_target_features_resize_to_the_model_grid():
+    enc = load_repa_encoder("tiny")  # patch 8, 64 wide
+    assert load_repa_encoder("tiny") is enc  # cached
+    images = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8)
+    feats = repa_target_features(enc, images, 4)  # resized to 4 * 8 = 32 px -> 4x4 tokens
+    assert feats.shape == (2, 16, 64)
+    up = torch.nn.functional.interpolate(images.permute(0, 3, 1, 2).float() / 255, size=(32, 32),
+                                         mode="bicubic", align_corners=False)
+    torch.testing.assert_close(feats, enc(up))
+    with pytest.raises(ValueError, match="4x4 tokens"):
+        repa_target_features(lambda x: torch.zeros(2, 9, 64), images, 4)
+    vae = load_repa_decoder("tiny")
+    assert not any(p.requires_grad for p in vae.parameters()) and not vae.training
+
+
+# --------------------------------------------------------------------------------------------------
+# sampling-time attention
+# --------------------------------------------------------------------------------------------------
+
+
+def test_inference_attention_options():
+    assert inference_attention_options("dense", (4, 4)) == {}
+    x = inference_attention_options("grat", (16, 16))  # official (8, 8) groups, GRAT-X
+    assert x == {"backend": "grat", "grid": (1, 16, 16), "groups": (1, 8, 8),
+                 "variant": "criss_cross", "radius": (0, 1, 1)}
+    b = inference_attention_options("grat", (4, 6), groups=(2, 3), variant="grat-b", radius=0)
+    assert (b["variant"], b["groups"], b["radius"]) == ("block", (1, 2, 3), (0, 0, 0))
+    with pytest.raises(ValueError, match="known: dense, grat"):
+        inference_attention_options("sparse", (4, 4))
+    with pytest.raises(ValueError, match="does not divide"):
+        inference_attention_options("grat", (4, 4))  # 8 does not divide 4
+    with pytest.raises(ValueError, match="variant"):
+        inference_attention_options("grat", (4, 4), groups=(2, 2), variant="diagonal")

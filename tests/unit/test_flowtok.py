@@ -1,4 +1,5 @@
-"""FlowTok: KL and CLIP alignment losses, text inputs, loss, samplers, export, training."""
+"""FlowTok: KL and CLIP alignment losses, text inputs, loss, CFG (indicator dropout, guided
+sampler), samplers, export, training."""
 
 from __future__ import annotations
 
@@ -8,17 +9,19 @@ import pytest
 import torch
 
 from vgen_core.generators import flowtok
-from vgen_core.generators.flow import flow_path
+from vgen_core.generators.flow import euler_sample, flow_path, ode_time_grid
 from vgen_core.generators.flowtok import (
     FLOWTOK_SIZES,
     FlowTok,
     FlowTokConfig,
+    cfg_null_mask,
     clip_contrastive_loss,
     encode_text_bytes,
     flowtok_config,
     flowtok_loss,
     gaussian_kl,
     reverse_sample,
+    rotate_null_targets,
 )
 from vgen_core.tokenizers.io import (
     load_pretrained,
@@ -216,3 +219,120 @@ def test_tiny_training_maps_each_caption_to_its_image_tokens():
     assert ((out - img) ** 2).mean().item() < 0.4
     nearest = torch.cdist(out.flatten(1), img.flatten(1)).argmin(1)
     assert nearest.tolist() == list(range(8))
+
+
+# --------------------------------------------------------------------------------------------------
+# classifier-free guidance (CrossFlow's indicator)
+# --------------------------------------------------------------------------------------------------
+
+
+def _randomized(model: FlowTok) -> FlowTok:
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():  # non-zero velocity heads and indicator rows
+            if p.abs().sum() == 0:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_cfg_defaults():
+    assert FLOWTOK_SIZES["XL"].cfg_dropout == 0.1  # CrossFlow cfg_indicator [I]
+    assert FLOWTOK_SIZES["tiny"].cfg_dropout == 0.0 and _tiny().cfg_embed is None
+    assert _tiny(cfg_dropout=0.1).cfg_embed.weight.shape == (2, 32)
+
+
+def test_cfg_null_mask_drops_at_the_configured_rate_exactly():
+    n, p = 1000, 0.1
+    null = cfg_null_mask(n, p, generator=torch.Generator().manual_seed(0))
+    draws = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(null, draws < p)  # one uniform per sample, null below p
+    assert int(null.sum()) == int((draws < p).sum()) == 100  # seed 0: 100 of 1000
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    assert not cfg_null_mask(8, 0.0, generator=gen).any()
+    assert torch.equal(gen.get_state(), state)  # p = 0 draws nothing
+    # fewer than two nulls cannot be rotated: none (CrossFlow); seed 4, p 0.2, n 4 -> one draw
+    one = torch.rand(4, generator=torch.Generator().manual_seed(4)) < 0.2
+    assert int(one.sum()) == 1
+    assert not cfg_null_mask(4, 0.2, generator=torch.Generator().manual_seed(4)).any()
+
+
+def test_rotate_null_targets():
+    x = torch.arange(6.0).view(6, 1)
+    null = torch.tensor([True, False, True, True, False, False])
+    assert rotate_null_targets(x, null).flatten().tolist() == [2.0, 1.0, 3.0, 0.0, 4.0, 5.0]
+    assert rotate_null_targets(x, torch.zeros(6, dtype=torch.bool)) is x
+
+
+def test_loss_trains_null_samples_on_rotated_targets_with_the_indicator():
+    model = _randomized(_tiny(cfg_dropout=0.5))
+    captured = {}
+    model.register_forward_hook(
+        lambda m, args, kwargs, out: captured.update(args=args, kwargs=kwargs, out=out),
+        with_kwargs=True,
+    )
+    B = 8
+    img = torch.randn(B, 8, 4)
+    text = encode_text_bytes(CAPTIONS[:B], 8)
+    gen = torch.Generator().manual_seed(0)
+    loss, metrics = flowtok_loss(model, {"image_tokens": img, "text_bytes": text}, 0,
+                                 generator=gen)
+    # replay the draws: text eps, t, then one uniform per sample for the indicator
+    replay = torch.Generator().manual_seed(0)
+    torch.randn(B, 8, 4, generator=replay)
+    torch.randn(B, generator=replay)
+    want_null = torch.rand(B, generator=replay) < 0.5
+    null = captured["kwargs"]["null"]
+    assert torch.equal(null, want_null) and int(null.sum()) == 5  # seed 0: 5 of 8
+    assert metrics["null_frac"].item() == 5 / 8
+    x_t, t = captured["args"]
+    mean, logvar, _ = model.encode_text(text)
+    eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
+    z = mean + (0.5 * logvar).exp() * eps
+    target_img = rotate_null_targets(img, null)
+    assert not torch.equal(target_img[null], img[null])
+    assert torch.equal(target_img[~null], img[~null])
+    torch.testing.assert_close(x_t, flow_path(target_img, z, t), atol=1e-5, rtol=1e-5)
+    fm = ((captured["out"] - (z - target_img)) ** 2).mean()
+    torch.testing.assert_close(metrics["fm_loss"], fm.detach(), atol=1e-4, rtol=1e-4)
+    # the indicator changes the velocity
+    with torch.no_grad():
+        cond, uncond = model(x_t, t), model(x_t, t, null=torch.ones(B, dtype=torch.bool))
+    assert not torch.allclose(cond, uncond)
+    with pytest.raises(ValueError, match="cfg_dropout > 0"):
+        _tiny()(x_t, t, null=torch.ones(B, dtype=torch.bool))
+
+
+def test_guided_velocity_is_u_plus_s_times_c_minus_u():
+    """One Euler step from z_T (t = 1 -> 0): x_0 = z - v, v = u + s (c - u) exactly."""
+    model = _randomized(_tiny(cfg_dropout=0.1))
+    seen = []
+    model.register_forward_hook(lambda m, a, kw, out: seen.append(kw.get("null")),
+                                with_kwargs=True)
+    text = encode_text_bytes(CAPTIONS[:3], 8)
+    s = 3.5
+    out = flowtok.sample(model, text, num_steps=1, sample_text=False, guidance_scale=s)
+    null = seen[-1]
+    assert null.tolist() == [False] * 3 + [True] * 3  # one batched call: [cond; null]
+    with torch.no_grad():
+        z = model.encode_text(text)[0]
+        v = model(torch.cat([z, z]), torch.ones(6), null=null).double()
+    c, u = v.chunk(2)
+    assert torch.equal(out, (z.double() - (u + s * (c - u))).float())
+    assert not torch.equal(out, (z.double() - c).float())  # guidance did something
+
+
+def test_guidance_scale_one_is_the_unguided_sampler_bit_for_bit():
+    model = _randomized(_tiny(cfg_dropout=0.1))
+    text = encode_text_bytes(CAPTIONS[:3], 8)
+    gen = torch.Generator
+    one = flowtok.sample(model, text, num_steps=5, guidance_scale=1.0, generator=gen().manual_seed(0))
+    default = flowtok.sample(model, text, num_steps=5, generator=gen().manual_seed(0))
+    with torch.no_grad():  # the sampler without any guidance code: conditional flow only
+        mean, logvar, _ = model.eval().encode_text(text)
+        eps = torch.randn(mean.shape, generator=gen().manual_seed(0))
+        z = mean + (0.5 * logvar).exp() * eps
+        plain = euler_sample(lambda x, t: model(x, t), z, ode_time_grid(5))
+    assert torch.equal(one, plain) and torch.equal(default, plain)
+    with pytest.raises(ValueError, match="cfg_dropout > 0"):
+        flowtok.sample(_tiny(), text, num_steps=2, guidance_scale=2.0)

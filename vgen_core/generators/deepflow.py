@@ -17,17 +17,35 @@ model has two velocity heads: `final_layer[0]` shared by every intermediate bran
 Module names follow the official ones, so a converted official state dict loads by name.
 
 Loss (DFLoss + train.py): sum_k w_k |v_k - (eps - x)|^2 (per-sample mean, then batch mean) +
-acc_coeff * sum_{k<K} |x_{t_k} + sg(v_k) dt_k + a_k dt_k^2 / 2 - x|^2, dt_k = -t_k. The optional
-REPA/SSL projection loss (`ssl_align`, DINO features) is not built.
+acc_coeff * sum_{k<K} |x_{t_k} + sg(v_k) dt_k + a_k dt_k^2 / 2 - x|^2, dt_k = -t_k
++ proj_coeff * REPA when `ssl_align`.
+
+REPA (official `--ssl-align`, off by default; `--proj-coeff` 0.5; `z_dims=[768]`): one projector
+MLP per split (`projectors[k]`, width `acc_hidden` = the official `projector_dim`) reads the tokens
+the VeRA block hands to the next branch, i.e. after blocks df_idxs[k] (6 for B/2, 8 and 16 for
+XL/2), and is aligned by mean negative cosine with a frozen encoder's patch features of the clean
+image (`flow.repa_loss`). The official run feeds raw images next to the cached VAE latents
+(dataset.py loads `images/` when ssl_align); our latent tables carry `moments` only, so the loss
+takes, in order: precomputed `repa_features` (B, T, E) in the batch; the batch's `image` uint8
+(B, H, W, 3) (the official path); else the clean latents decoded by the frozen VAE given as the
+loss option `repa_decoder` (our choice: it needs no image column; the decode is a VAE
+reconstruction of the image and costs one decoder pass per step). The encoder is the loss option
+`repa_encoder`: a local DINOv3-style ViT safetensors (`vfm_vit`, size `repa_encoder_size`) or
+"tiny" (tests). See `deepflow_loss`. script/xlarge/train.sh pairs `--ssl-align` with
+`--legacy-scaling` (our `legacy_scaling`); that stays a separate field, as there.
+
+Sampling may swap the blocks' self-attention for GRAT (`sample(attention="grat")`, kernels.grat);
+training always uses dense attention.
 
 Shape legend: B batch, C latent channels, H/W latent size, T = (H/p)(W/p) tokens, D hidden width,
-P = p*p*C values per token, K branches.
+P = p*p*C values per token, K branches, E encoder feature width.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -38,14 +56,22 @@ from vgen_core.families import FamilySpec, sized_config
 
 from vgen_core.generators.common import Mlp, adaln_modulation, attention, linear_at, modulate
 from vgen_core.generators.flow import (
+    GRAT_GROUPS,
     TimestepEmbedder,
     euler_maruyama_sample,
     flow_path,
     flow_target,
+    inference_attention_options,
     latents_from_moments,
+    load_repa_decoder,
+    load_repa_encoder,
     lognormal_t,
+    repa_loss,
+    repa_projector,
+    repa_target_features,
     sde_time_grid,
 )
+from vgen_core.tokenizers.kl_vae import AutoencoderKL
 
 __all__ = [
     "DEEPFLOW_SIZES",
@@ -57,6 +83,7 @@ __all__ = [
     "deepflow_config",
     "deepflow_loss",
     "default_branch_weights",
+    "inference_attention",
     "sample",
 ]
 
@@ -96,6 +123,10 @@ class DeepFlowConfig(BaseModel):
     branch_weights: tuple[float, ...] | None = None  # None -> default_branch_weights(K)
     acc_coeff: float = Field(1.0, ge=0.0)
     scale_factor: float = Field(0.18215, gt=0.0)  # applied when a batch carries `moments`
+    # REPA (official --ssl-align / --proj-coeff / z_dims): projectors after each split
+    ssl_align: bool = False
+    proj_coeff: float = Field(0.5, ge=0.0)
+    z_dim: int = Field(768, ge=1)  # the encoder's feature width (DINOv2/v3 ViT-B: 768)
 
     @model_validator(mode="after")
     def _check(self) -> DeepFlowConfig:
@@ -151,7 +182,11 @@ deepflow_config = sized_config("DeepFlow", DeepFlowConfig, DEEPFLOW_SIZES)
 
 
 class _Attention(nn.Module):
-    """timm Attention (qkv bias, optional per-head LayerNorm on q and k) with SDPA."""
+    """timm Attention (qkv bias, optional per-head LayerNorm on q and k) with SDPA.
+
+    `inference_options` (set by `inference_attention`) are `common.attention` options used in
+    eval mode only, e.g. the GRAT backend while sampling; training mode always runs dense SDPA.
+    """
 
     def __init__(self, dim: int, heads: int, qk_norm: bool) -> None:
         super().__init__()
@@ -160,12 +195,29 @@ class _Attention(nn.Module):
         self.q_norm = nn.LayerNorm(dim // heads) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(dim // heads) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
+        self.inference_options: dict[str, Any] = {}
 
     def forward(self, x_BTD: Tensor) -> Tensor:
         B, T, D = x_BTD.shape
         q, k, v = self.qkv(x_BTD).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        a = attention(self.q_norm(q), self.k_norm(k), v)
+        options = {} if self.training else self.inference_options
+        a = attention(self.q_norm(q), self.k_norm(k), v, **options)
         return self.proj(a.transpose(1, 2).reshape(B, T, D))
+
+
+@contextlib.contextmanager
+def inference_attention(model: nn.Module, options: dict[str, Any]) -> Iterator[None]:
+    """Within the block, every DiT self-attention of `model` in eval mode uses `options`
+    (`flow.inference_attention_options`: {} = dense, or GRAT); restored afterwards."""
+    mods = [m for m in model.modules() if isinstance(m, _Attention)]
+    saved = [m.inference_options for m in mods]
+    for m in mods:
+        m.inference_options = dict(options)
+    try:
+        yield
+    finally:
+        for m, old in zip(mods, saved):
+            m.inference_options = old
 
 
 class DiTBlock(nn.Module):
@@ -305,14 +357,24 @@ class DeepFlow(nn.Module):
         )
         self.final_layer = nn.ModuleList([_DynLayer(D, p * p * C) for _ in range(2)])
         self.final_acc_layer = _DynLayer(D, p * p * C)
+        # REPA: one projector per split. Built without advancing the RNG (their values are drawn
+        # last in _init_weights), so every other weight equals a model without ssl_align.
+        with torch.random.fork_rng(devices=[]):
+            self.projectors = nn.ModuleList(
+                [repa_projector(D, config.acc_hidden, config.z_dim) for _ in config.df_idxs]
+                if config.ssl_align else []
+            )  # fmt: skip
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        # official: xavier-uniform on every Linear; the REPA projectors are drawn last so that a
+        # model with ssl_align starts from the same weights as one without (same seed)
+        projector_ids = {id(m) for m in self.projectors.modules()}
+        linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
+        for m in [m for m in linears if id(m) not in projector_ids]:
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
         proj = self._x_proj
         w = proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -331,6 +393,9 @@ class DeepFlow(nn.Module):
             zero.append(linear_at(vb.acc_norm.adaLN_modulation, -1))
         for m in zero:
             nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+        for m in [m for m in linears if id(m) in projector_ids]:
+            nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
 
     @property
@@ -368,17 +433,25 @@ class DeepFlow(nn.Module):
         return x.reshape(B, C, h * p, w * p)
 
     def forward(
-        self, x_BCHW: Tensor, t: Tensor | Sequence[Tensor], labels_B: Tensor
-    ) -> tuple[list[Tensor], list[Tensor]]:
-        """Velocities of every branch and the K-1 accelerations.
+        self,
+        x_BCHW: Tensor,
+        t: Tensor | Sequence[Tensor],
+        labels_B: Tensor,
+        *,
+        return_zs: bool = False,
+    ) -> tuple[list[Tensor], ...]:
+        """Velocities of every branch and the K-1 accelerations (and the REPA projections).
 
         Args:
             x_BCHW: x_{t_1} (B, C, H, W).
             t: K tensors (B,) (branch times t_1..t_K), or one (B,) tensor used for every branch
                 (the sampler's "identical timesteps" mode, time gap 0).
             labels_B: (B,) int64, null_class_id for unconditional.
+            return_zs: also return the REPA projections (needs `ssl_align`).
         Returns:
-            ([v_1..v_K] each (B, C, H, W), [a_1..a_{K-1}] each (B, C, H, W)).
+            ([v_1..v_K] each (B, C, H, W), [a_1..a_{K-1}] each (B, C, H, W)), plus with
+            `return_zs` [z~_1..z~_{K-1}] each (B, T, z_dim): projector k applied to the tokens
+            the k-th VeRA block passes on (official `zs`).
         """
         cfg = self.config
         K = cfg.num_branches
@@ -398,7 +471,9 @@ class DeepFlow(nn.Module):
         dt_emb = [self.dt_embedder(t_list[k + 1] - t_list[k]) for k in range(K - 1)]
         c_BD = t_emb[0] + y_BD
         h_BTD = xt_BTD
-        velocities, accelerations = [], []
+        if return_zs and not cfg.ssl_align:
+            raise ValueError("DeepFlow: return_zs needs a model built with ssl_align=True.")
+        velocities, accelerations, zs = [], [], []
         branch = 0
         for i, block in enumerate(self.blocks):
             h_BTD = block(h_BTD, c_BD)
@@ -406,10 +481,12 @@ class DeepFlow(nn.Module):
                 velocities.append(self.unpatchify(self.final_layer[0](h_BTD, c_BD)))
                 acc_BTD, h_BTD = self.df_blocks[branch](h_BTD, xt_BTD, dt_emb[branch])
                 accelerations.append(self.unpatchify(self.final_acc_layer(acc_BTD, c_BD)))
+                if return_zs:
+                    zs.append(self.projectors[branch](h_BTD))
                 branch += 1
                 c_BD = t_emb[branch] + y_BD
         velocities.append(self.unpatchify(self.final_layer[1](h_BTD, c_BD)))
-        return velocities, accelerations
+        return (velocities, accelerations, zs) if return_zs else (velocities, accelerations)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -468,12 +545,52 @@ def _batch_latents(cfg: Any, batch: dict[str, Tensor], generator: torch.Generato
     )
 
 
+_REPA_SOURCES = (
+    "a batch key 'repa_features' (B, T, E); or the loss option repa_encoder (a local vfm_vit "
+    ".safetensors, or 'tiny') with either a batch 'image' uint8 (B, H, W, 3) or the loss option "
+    "repa_decoder (the .safetensors of the VAE that made the latents, or 'tiny')"
+)
+
+
+def _repa_target(
+    model: DeepFlow,
+    batch: dict[str, Tensor],
+    x: Tensor,
+    encoder: str | nn.Module | None,
+    encoder_size: str,
+    decoder: str | AutoencoderKL | None,
+    decoder_size: str,
+) -> Tensor:
+    """Frozen-encoder features (B, T, E) of the batch's clean images (see the module docstring)."""
+    cfg = model.config
+    if "repa_features" in batch:
+        return batch["repa_features"].float()
+    if encoder is None:
+        raise ValueError(f"DeepFlow(ssl_align=True) needs the REPA target: {_REPA_SOURCES}.")
+    enc = load_repa_encoder(encoder, encoder_size) if isinstance(encoder, str) else encoder
+    enc = enc.to(x.device)
+    if "image" in batch:
+        images = batch["image"].to(x.device)
+    elif decoder is not None:
+        vae = load_repa_decoder(decoder, decoder_size) if isinstance(decoder, str) else decoder
+        with torch.no_grad():  # generator-space latents -> the VAE's -> pixels in [0, 1]
+            pixels = vae.to(x.device).decode(x / cfg.scale_factor).float()
+        images = ((pixels + 1.0) / 2.0).clamp(0.0, 1.0)
+    else:
+        raise ValueError(f"DeepFlow REPA: no clean image for the encoder; give {_REPA_SOURCES}.")
+    return repa_target_features(enc, images, cfg.input_size // cfg.patch_size)
+
+
 def deepflow_loss(
     model: DeepFlow,
     batch: dict[str, Tensor],
     step: int = 0,
     *,
     generator: torch.Generator | None = None,
+    repa_encoder: str | nn.Module | None = None,
+    repa_encoder_size: str = "dinov3-vitb16",
+    repa_decoder: str | AutoencoderKL | None = None,
+    repa_decoder_size: str = "sd-vae-f8c4",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DeepFlow training loss for one batch (DFLoss + train.py).
 
@@ -483,10 +600,20 @@ def deepflow_loss(
 
     t ~ lognormal (sigma/(1+sigma)) or U(0,1); eps ~ N(0, I); labels -> null with probability
     class_dropout; branch times from `branch_times`; every branch regresses eps - x.
-    Returns loss = sum_k w_k fm_k + acc_coeff * acc, and detached metrics 'loss', 'fm_loss',
-    'acc_loss', 'fm_loss_branch{k}'.
+    Returns loss = sum_k w_k fm_k + acc_coeff * acc (+ proj_coeff * proj with ssl_align), and
+    detached metrics 'loss', 'fm_loss', 'acc_loss', 'fm_loss_branch{k}' (+ 'proj_loss').
+
+    REPA (model built with ssl_align; the keyword options are the DAG's `loss:` options): the
+    target features come from the batch's `repa_features` (B, T, E), else from `repa_encoder`
+    ("tiny" or a vfm_vit .safetensors of size `repa_encoder_size`) on the batch's `image`
+    uint8 (B, H, W, 3), else on the clean latents decoded by `repa_decoder` ("tiny" or the
+    latents' KL-VAE .safetensors of size `repa_decoder_size`). proj = `flow.repa_loss`. No
+    random draws: the other terms are the same with or without REPA.
     """
     cfg = model.config
+    if not cfg.ssl_align and (repa_encoder is not None or repa_decoder is not None):
+        raise ValueError("DeepFlow: loss options repa_encoder/repa_decoder are set but the model "
+                         "has ssl_align=False; add `ssl_align: true` to the model overrides.")
     x = _batch_latents(cfg, batch, generator)
     labels = batch["label"].long()
     B, dev, K = x.shape[0], x.device, cfg.num_branches
@@ -501,7 +628,13 @@ def deepflow_loss(
     times = branch_times(t_B, K, beta=cfg.tg_upper_bound, sign=sign, generator=generator)
     target = flow_target(x, noise)
 
-    velocities, accelerations = model(flow_path(x, noise, times[0]), times, labels)
+    x_t = flow_path(x, noise, times[0])
+    if cfg.ssl_align:
+        features = _repa_target(model, batch, x, repa_encoder, repa_encoder_size, repa_decoder,
+                                repa_decoder_size)
+        velocities, accelerations, zs = model(x_t, times, labels, return_zs=True)
+    else:
+        velocities, accelerations = model(x_t, times, labels)
     fm_k = [_mean_flat((v.float() - target) ** 2).mean() for v in velocities]
     fm = sum(w * f for w, f in zip(cfg.weights, fm_k))
     assert isinstance(fm, Tensor)  # K >= 1 branches, so the sum has terms
@@ -511,7 +644,12 @@ def deepflow_loss(
             flow_path(x, noise, times[k]), velocities[k].float(), a.float(), times[k], x
         ).mean()
     loss = fm + cfg.acc_coeff * acc
-    metrics = {"loss": loss.detach(), "fm_loss": fm.detach(), "acc_loss": acc.detach()}
+    metrics = {"fm_loss": fm.detach(), "acc_loss": acc.detach()}
+    if cfg.ssl_align:
+        proj = repa_loss(zs, features)
+        loss = loss + cfg.proj_coeff * proj
+        metrics["proj_loss"] = proj.detach()
+    metrics["loss"] = loss.detach()
     metrics.update({f"fm_loss_branch{k}": f.detach() for k, f in enumerate(fm_k)})
     return loss, metrics
 
@@ -525,6 +663,10 @@ def sample(
     cfg_scale: float = 1.0,
     guidance_interval: tuple[float, float] = (0.0, 1.0),
     t_min: float = 0.04,
+    attention: str = "dense",
+    grat_groups: Sequence[int] = GRAT_GROUPS,
+    grat_variant: str = "criss_cross",
+    grat_radius: int = 1,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Euler-Maruyama sampling (official `deepflow_euler_maruyama_sampler`, mode sde, 250 steps).
@@ -533,6 +675,11 @@ def sample(
     `sde_time_grid(num_steps, t_min)`. Guidance (null class in the second half) applies where
     t is inside `guidance_interval`. Runs in eval mode (restored afterwards).
 
+    `attention="grat"` runs the DiT blocks' self-attention as GRAT (`kernels.grat`, training-free)
+    on the (H/p, W/p) token grid: groups of `grat_groups` (gh, gw) tokens, `grat_variant`
+    "criss_cross" (GRAT-X, the official pattern) or "block" (GRAT-B, `grat_radius` groups). The
+    VeRA cross-attention stays dense. "dense" (default) is the training attention.
+
     Args:
         labels_B: (B,) int64 class labels (null_class_id for unconditional samples).
         generator: on the labels' device; draws the initial noise and the SDE noise.
@@ -540,6 +687,9 @@ def sample(
         latents (B, C, H, W) in the scaled latent space (divide by scale_factor to decode).
     """
     cfg = model.config
+    grid = cfg.input_size // cfg.patch_size
+    options = inference_attention_options(attention, (grid, grid), groups=grat_groups,
+                                          variant=grat_variant, radius=grat_radius)
     was_training = model.training
     model.eval()
     B, dev = labels_B.shape[0], labels_B.device
@@ -552,10 +702,11 @@ def sample(
         return model(x_N, t_N, labels)[0][-1]
 
     try:
-        return euler_maruyama_sample(
-            velocity, x, sde_time_grid(num_steps, t_min), cfg_scale=cfg_scale,
-            guidance_interval=guidance_interval, generator=generator,
-        )  # fmt: skip
+        with inference_attention(model, options):
+            return euler_maruyama_sample(
+                velocity, x, sde_time_grid(num_steps, t_min), cfg_scale=cfg_scale,
+                guidance_interval=guidance_interval, generator=generator,
+            )  # fmt: skip
     finally:
         model.train(was_training)
 

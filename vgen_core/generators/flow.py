@@ -1,9 +1,13 @@
-"""Rectified-flow core shared by xAR, DeepFlow and FlowTok: path, target, t samplers, samplers.
+"""Rectified-flow core shared by xAR, DeepFlow and FlowTok: path, target, t samplers, samplers,
+plus two add-ons for flow transformers: REPA (representation alignment) and GRAT at sampling.
 
-Spec: methods.md §7 ("one rectified-flow trainer"), §2.6, §2.7, §2.9. Reference:
-ByteDance-Seed/DeepFlow `loss.py` (DFLoss.interpolant, the "lognormal" t), `samplers.py`
-(`deepflow_euler_maruyama_sampler`, `get_score_from_velocity`), `models/blocks.py`
-(TimestepEmbedder); OliverRensu/xAR `models/xar.py` (`sample_logit_normal`, `sample_tokens`).
+Spec: methods.md §7 ("one rectified-flow trainer"), §2.6, §2.7, §2.9, §6 (GRAT). Reference:
+ByteDance-Seed/DeepFlow @be34b20 `loss.py` (DFLoss.interpolant, the "lognormal" t, the REPA
+`proj_loss`), `models/deepflow.py` (`build_mlp_projection`), `utils/repa_utils.py`
+(`preprocess_raw_image`), `samplers.py` (`deepflow_euler_maruyama_sampler`,
+`get_score_from_velocity`), `models/blocks.py` (TimestepEmbedder); OliverRensu/xAR
+`models/xar.py` (`sample_logit_normal`, `sample_tokens`); OliverRensu/GRAT @7afc1f9 `main.py`
+(group sizes) and `cross_processor.py` (mask; the kernel lives in `kernels.grat`).
 
 Convention (all three methods): t = 0 is data, t = 1 is the source (Gaussian noise; FlowTok's
 text latent takes the noise's place):
@@ -18,22 +22,32 @@ stacked twice, [x; x] with N = 2B, and expects the conditional velocity in the f
 unconditional one in the second half (the official samplers' `torch.cat([x] * 2)` with labels
 `[y, y_null]`); the sampler then forms v = v_u + s (v_c - v_u).
 
+REPA (`repa_*`): a projector MLP maps the hidden tokens after a chosen block to the width of a
+frozen encoder's patch features of the clean image; the loss adds coeff x mean(-cos). GRAT
+(`inference_attention_options`): the options that switch a model's self-attention to
+`kernels.grat` while sampling; training keeps dense attention.
+
 Shape legend: B batch, N = B or 2B (guided), Z latent channels, h/w latent grid, F frequency dims,
-D hidden width.
+D hidden width, T model tokens, E encoder feature width.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vgen_core.generators.common import linear_at
-from vgen_core.tokenizers.kl_vae import sample_diag_gaussian, split_moments
+from vgen_core.tokenizers.kl_vae import AutoencoderKL, sample_diag_gaussian, split_moments
 
 __all__ = [
+    "ATTENTION_MODES",
+    "GRAT_GROUPS",
     "TimestepEmbedder",
     "VelocityFn",
     "cfg_combine",
@@ -42,10 +56,16 @@ __all__ = [
     "expand_t",
     "flow_path",
     "flow_target",
+    "inference_attention_options",
     "latents_from_moments",
+    "load_repa_decoder",
+    "load_repa_encoder",
     "logit_normal_t",
     "lognormal_t",
     "ode_time_grid",
+        "repa_loss",
+    "repa_projector",
+    "repa_target_features",
     "score_from_velocity",
     "sde_time_grid",
     "timestep_embedding",
@@ -288,3 +308,144 @@ def euler_maruyama_sample(
             xi = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=x.device)
             x = x + math.sqrt(2.0 * t_cur) * math.sqrt(abs(dt)) * xi.to(torch.float64)
     return x.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# REPA: align an intermediate hidden state with a frozen encoder's features of the clean image
+# --------------------------------------------------------------------------------------------------
+
+
+def repa_projector(hidden: int, width: int, z_dim: int) -> nn.Sequential:
+    """DeepFlow `build_mlp_projection`: Linear(D, P) SiLU Linear(P, P) SiLU Linear(P, E).
+
+    Applied token-wise to (B, T, D) hidden states; E is the encoder's feature width.
+    """
+    return nn.Sequential(
+        nn.Linear(hidden, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+        nn.Linear(width, z_dim),
+    )  # fmt: skip
+
+
+def repa_loss(projections: Sequence[Tensor], target_BTE: Tensor) -> Tensor:
+    """REPA term: the mean over projections k, samples b and tokens n of -cos(z~_k[b, n], z[b, n]).
+
+    DeepFlow `loss.py` (`proj_loss`): every projection (one per branch split) is compared with
+    the same encoder features; per sample the negative cosine is averaged over tokens, then
+    summed and divided by (number of projections x batch). In [-1, 1]; -1 = perfectly aligned.
+    """
+    if not projections:
+        raise ValueError("repa_loss: no projections (the model has no REPA projectors).")
+    z = F.normalize(target_BTE.float(), dim=-1)
+    terms = []
+    for z_tilde in projections:
+        if z_tilde.shape != target_BTE.shape:
+            raise ValueError(
+                f"repa_loss: projection {tuple(z_tilde.shape)} does not match the encoder "
+                f"features {tuple(target_BTE.shape)}; set the model's z_dim to the encoder's width."
+            )
+        terms.append(-(F.normalize(z_tilde.float(), dim=-1) * z).sum(-1).mean())
+    return torch.stack(terms).mean()
+
+
+@functools.lru_cache(maxsize=4)
+def load_repa_encoder(source: str, size: str = "dinov3-vitb16") -> nn.Module:
+    """The frozen encoder REPA aligns to, cached per process (weights read once).
+
+    source: "tiny" (the seeded tiny `vfm_vit`: random but fixed features, for tests and demos) or
+    a local `.safetensors` of a DINOv3-style ViT (the `vfm_vit` family, `deltatok.load_vfm`;
+    transformers or Meta names) of registered size `size`. Images (B, 3, H, W) in [0, 1] ->
+    patch tokens after the final norm (B, N, E), as DINOv2's `x_norm_patchtokens` in the
+    official code.
+    """
+    from vgen_core.tokenizers.deltatok import load_vfm, vfm_config
+
+    if source == "tiny":
+        return vfm_config("tiny").build()
+    return load_vfm(source, vfm_config(size)).requires_grad_(False).eval()
+
+
+@functools.lru_cache(maxsize=4)
+def load_repa_decoder(source: str, size: str = "sd-vae-f8c4") -> AutoencoderKL:
+    """Frozen KL-VAE decoder turning cached latents back into images for REPA, cached per process.
+
+    source: "tiny" (the seeded tiny `kl_vae`, 8x8x4 latents <-> 16x16 images; tests) or a local
+    `.safetensors` of the VAE that made the latents (`kl_vae.load_official`, size `size`;
+    DeepFlow's is `stabilityai/sd-vae-ft-ema` = "sd-vae-f8c4").
+    """
+    from vgen_core.tokenizers.kl_vae import kl_vae_config, load_official
+
+    if source == "tiny":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            vae = kl_vae_config("tiny").build()
+    else:
+        vae = load_official(source, size)
+    return vae.requires_grad_(False).eval()
+
+
+def repa_target_features(encoder: Callable[[Tensor], Tensor], images: Tensor, grid: int) -> Tensor:
+    """Frozen-encoder features of clean images, one per model token: (B, grid * grid, E).
+
+    images: uint8 (B, H, W, 3) (the `images` data kind) or float (B, 3, H, W) in [0, 1]. When the
+    encoder has a `config.patch_size` p they are resized (bicubic) to grid * p pixels so its patch
+    tokens match the model's (grid x grid) tokens one to one, as the official
+    `preprocess_raw_image` resizes 256 px to 224 for DINOv2's 14-pixel patches (16 x 16 tokens).
+    Runs without gradients.
+    """
+    if images.dtype == torch.uint8:
+        images = images.permute(0, 3, 1, 2).float() / 255.0
+    patch = getattr(getattr(encoder, "config", None), "patch_size", None)
+    with torch.no_grad():
+        if patch is not None and images.shape[-2:] != (grid * patch, grid * patch):
+            images = F.interpolate(images.float(), size=(grid * patch, grid * patch),
+                                   mode="bicubic", align_corners=False)
+        feats = encoder(images.float())
+    if feats.ndim != 3 or feats.shape[1] != grid * grid:
+        raise ValueError(
+            f"REPA encoder gave features {tuple(feats.shape)} but the model has {grid}x{grid} "
+            "tokens; it must return patch tokens (B, N, E) with N = the model's token count."
+        )
+    return feats.float()
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention at sampling time: dense (training's) or GRAT (kernels.grat)
+# --------------------------------------------------------------------------------------------------
+
+#: the sampler's `attention` choices; training always runs "dense"
+ATTENTION_MODES = ("dense", "grat")
+#: GRAT group (gh, gw) in tokens: the spatial groups of the official run (OliverRensu/GRAT
+#: `main.py`: group_t, group_h, group_w = 4, 8, 8); images have no time axis (gt = 1)
+GRAT_GROUPS = (8, 8)
+_GRAT_VARIANTS = {"criss_cross": "criss_cross", "grat-x": "criss_cross", "x": "criss_cross",
+                  "block": "block", "grat-b": "block", "b": "block"}
+
+
+def inference_attention_options(
+    attention: str,
+    grid_hw: tuple[int, int],
+    *,
+    groups: Sequence[int] = GRAT_GROUPS,
+    variant: str = "criss_cross",
+    radius: int = 1,
+) -> dict[str, Any]:
+    """`common.attention` options for a (H, W) image token grid in raster order: {} for "dense";
+    for "grat" the `kernels.grat` backend with groups (gh, gw) tokens and variant "criss_cross"
+    (GRAT-X: the group row and column through the query's group, the official pattern) or
+    "block" (GRAT-B: groups within `radius` on both axes, from the paper). Errors name the fix.
+    """
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention={attention!r} is not an attention mode; known: "
+                         f"{', '.join(ATTENTION_MODES)}")
+    if attention == "dense":
+        return {}
+    if variant not in _GRAT_VARIANTS:
+        raise ValueError(f"GRAT variant {variant!r} unknown; known: {', '.join(_GRAT_VARIANTS)}")
+    if len(groups) != 2:
+        raise ValueError(f"GRAT groups={tuple(groups)} must be two ints (gh, gw) in tokens")
+    from kernels.grat.reference import make_spec  # validates; says which divisor to pick
+
+    (H, W), (gh, gw) = grid_hw, groups
+    spec = make_spec((1, H, W), (1, gh, gw), _GRAT_VARIANTS[variant], 0, None, (0, radius, radius))
+    return {"backend": "grat", "grid": spec.grid, "groups": spec.groups,
+            "variant": spec.variant, "radius": spec.radius}

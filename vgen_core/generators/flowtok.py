@@ -22,8 +22,20 @@ Text input [I] (no CLIP download is possible here), chosen by `text_input`:
 Image tokens are continuous (B, N, C) (TA-TiTok KL tokens, N = 77, C = 16, already sampled and
 scaled), batch key `image_tokens`. N must equal the text length (K = N = 77 in the paper).
 
-Not built: CrossFlow/FlowTok's CFG indicator (no guidance here), the text decoder that turns z_T
-back into CLIP token ids (so `reverse_sample` returns text latents, not captions).
+Classifier-free guidance [I]: the flow model has no text input (the text is the source), so the
+usual "drop the caption" gives it nothing to tell the two cases apart. FlowTok's code is not
+public and the paper text available here does not spell its CFG out; we follow CrossFlow (same
+authors' group; the public re-implementation's `diffusion/flow_matching.py` and
+`libs/model/dit_t2i.py`): a learned 2-entry indicator embedding (0 = conditional, 1 = null) is
+added to the time embedding; in training each sample is null with probability `cfg_dropout`
+(CrossFlow's `cfg_indicator` = 0.1), and the null samples' image targets are rotated among
+themselves (`torch.cat((t[1:], t[:1]))`), so a null sample flows from its text latent to some
+other image: the unconditional flow. When fewer than two samples are drawn null there is nothing
+to rotate and none is null (as CrossFlow). The sampler forms v = v_u + s (v_c - v_u) with
+`guidance_scale` s; s = 1 runs the conditional model alone, exactly the unguided sampler.
+
+Not built: the text decoder that turns z_T back into CLIP token ids (so `reverse_sample` returns
+text latents, not captions).
 
 Shape legend: B batch, N tokens (text length = image tokens), C token dim, E text feature width,
 P projector width, D flow-model width.
@@ -57,12 +69,14 @@ __all__ = [
     "FLOWTOK_SIZES",
     "FlowTok",
     "FlowTokConfig",
+    "cfg_null_mask",
     "clip_contrastive_loss",
     "encode_text_bytes",
     "flowtok_config",
     "flowtok_loss",
     "gaussian_kl",
     "reverse_sample",
+    "rotate_null_targets",
     "sample",
 ]
 
@@ -94,6 +108,8 @@ class FlowTokConfig(BaseModel):
     logit_scale_init: float = math.log(1 / 0.07)
     t_mean: float = 0.0  # [I] logit-normal t; the paper does not state its t sampling
     t_std: float = Field(1.0, gt=0.0)
+    # [I] CrossFlow's CFG indicator: P(null) per sample; 0 = no indicator, no guidance
+    cfg_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     # generator-space scale of cached image-token latents (the tokenizer's; pipeline-side)
     scale_factor: float = Field(1.0, gt=0.0)
 
@@ -119,10 +135,11 @@ class FlowTokConfig(BaseModel):
 _TINY = dict(
     num_tokens=8, token_dim=4, text_input="bytes", text_dim=32, byte_encoder_depth=1,
     projector_hidden=32, projector_depth=1, text_heads=2, hidden=32, depth=2, heads=2,
+    cfg_dropout=0.0,
 )  # fmt: skip
 
 FLOWTOK_SIZES: dict[str, FlowTokConfig] = {
-    # CPU-test size: 8 tokens x 4 dims, byte-level text.
+    # CPU-test size: 8 tokens x 4 dims, byte-level text, no CFG indicator (cfg_dropout=0.1 to add).
     "tiny": FlowTokConfig(**_TINY),
     # Paper Table 1 (DiT blocks): B 12 x 768 (MLP 3072, 12 heads, 153M),
     # XL 28 x 1152 (4608, 16 heads, 698M), H 36 x 1280 (5120, 20 heads, 1.1B).
@@ -220,6 +237,8 @@ class FlowTok(nn.Module):
         self.x_embed = nn.Linear(C, D)
         self.pos_embed = nn.Parameter(torch.zeros(1, N, D))
         self.t_embedder = TimestepEmbedder(D)
+        # CFG indicator (CrossFlow's `y_embedder`, 2 classes): row 0 conditional, row 1 null
+        self.cfg_embed = nn.Embedding(2, D) if config.cfg_dropout > 0 else None
         self.blocks = nn.ModuleList(
             [DiTBlock(D, config.heads, config.mlp_ratio) for _ in range(config.depth)]
         )
@@ -243,6 +262,8 @@ class FlowTok(nn.Module):
             nn.init.zeros_(m.bias)
         if self.byte_encoder is not None:
             nn.init.normal_(self.byte_encoder.embed.weight, std=0.02)
+        if self.cfg_embed is not None:
+            nn.init.normal_(self.cfg_embed.weight, std=0.02)  # DiT label-table init
 
     def text_features(self, text: Tensor) -> Tensor:
         """(B, N, E) features: `text` is (B, N, E) features, or (B, N) byte ids in bytes mode."""
@@ -272,8 +293,12 @@ class FlowTok(nn.Module):
         mean, logvar = self.proj_out(self.proj_norm(h)).chunk(2, dim=-1)
         return mean, logvar.clamp(-30.0, 20.0), feats
 
-    def forward(self, x_BNC: Tensor, t_B: Tensor) -> Tensor:
-        """Velocity v(x_t, t) (B, N, C); no text conditioning (the text is the source)."""
+    def forward(self, x_BNC: Tensor, t_B: Tensor, *, null: Tensor | None = None) -> Tensor:
+        """Velocity v(x_t, t) (B, N, C); no text conditioning (the text is the source).
+
+        null: (B,) bool, True = the unconditional flow (CFG indicator); None = all conditional.
+        Only a model with `cfg_dropout > 0` has the indicator.
+        """
         cfg = self.config
         if x_BNC.shape[1:] != (cfg.num_tokens, cfg.token_dim):
             raise ValueError(
@@ -281,6 +306,12 @@ class FlowTok(nn.Module):
                 f"{tuple(x_BNC.shape)}."
             )
         c = self.t_embedder(t_B)
+        if self.cfg_embed is not None:
+            idx = torch.zeros_like(t_B, dtype=torch.long) if null is None else null.long()
+            c = c + self.cfg_embed(idx)
+        elif null is not None and bool(null.any()):
+            raise ValueError("FlowTok: null (unconditional) velocities need a model trained with "
+                             "cfg_dropout > 0 (it has no CFG indicator).")
         h = self.x_embed(x_BNC) + self.pos_embed
         for blk in self.blocks:
             h = blk(h, c)
@@ -309,6 +340,34 @@ def clip_contrastive_loss(a_BF: Tensor, b_BF: Tensor, logit_scale: Tensor | floa
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
+def cfg_null_mask(
+    n: int,
+    p: float,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """(n,) bool: which samples train the unconditional flow (CrossFlow `null_indicator`).
+
+    Each is null with probability p (one uniform draw per sample; none drawn when p = 0). Fewer
+    than two nulls cannot be rotated (`rotate_null_targets`), so then none is null, as CrossFlow.
+    """
+    if p <= 0.0:
+        return torch.zeros(n, dtype=torch.bool, device=device)
+    null = torch.rand(n, generator=generator, device=device) < p
+    return null if int(null.sum()) > 1 else torch.zeros_like(null)
+
+
+def rotate_null_targets(x_B: Tensor, null_B: Tensor) -> Tensor:
+    """x with the null rows' targets rotated by one among themselves (row i gets the next null
+    row's, the last the first's: CrossFlow's `torch.cat((t[1:], t[:1]))`); others unchanged."""
+    if not bool(null_B.any()):
+        return x_B
+    out = x_B.clone()
+    out[null_B] = torch.roll(x_B[null_B], shifts=-1, dims=0)
+    return out
+
+
 def _text_input(model: FlowTok, batch: dict[str, Tensor]) -> Tensor:
     key = "text_bytes" if model.config.text_input == "bytes" else "text_features"
     if key not in batch:
@@ -333,7 +392,11 @@ def flowtok_loss(
     z_T ~ N(mean, exp(logvar)) (reparameterised, so FM also trains the projector); t ~
     logit-normal; FM = mean |v(x_t, t) - (z_T - z_I)|^2; KL = `gaussian_kl` averaged over the
     batch; align = `clip_contrastive_loss(T_P or z_I, z_T)`. Metrics (detached): 'loss',
-    'fm_loss', 'kl_loss', 'align_loss', 'logit_scale'.
+    'fm_loss', 'kl_loss', 'align_loss', 'logit_scale' (+ 'null_frac' with CFG).
+
+    With cfg_dropout > 0 (drawn after t): `cfg_null_mask` picks the null samples, whose FM
+    targets z_I are rotated among themselves (`rotate_null_targets`) and whose velocity is
+    asked with the null indicator. KL and alignment keep the true pairs.
     """
     cfg = model.config
     x_img = batch["image_tokens"].float()
@@ -345,13 +408,21 @@ def flowtok_loss(
     anchor = model.align_mlp(feats) if cfg.align_with == "text_features" else x_img
     align = clip_contrastive_loss(anchor, z_text, model.logit_scale)
     t_B = logit_normal_t(B, mean=cfg.t_mean, std=cfg.t_std, generator=generator, device=dev)
-    v = model(flow_path(x_img, z_text, t_B), t_B)
-    fm = ((v.float() - flow_target(x_img, z_text)) ** 2).mean()
+    if cfg.cfg_dropout > 0:
+        null = cfg_null_mask(B, cfg.cfg_dropout, generator=generator, device=dev)
+        x_tgt = rotate_null_targets(x_img, null)
+        v = model(flow_path(x_tgt, z_text, t_B), t_B, null=null)
+    else:
+        null, x_tgt = None, x_img
+        v = model(flow_path(x_img, z_text, t_B), t_B)
+    fm = ((v.float() - flow_target(x_tgt, z_text)) ** 2).mean()
     loss = fm + cfg.kl_weight * kl + cfg.align_weight * align
     metrics = {
         "loss": loss.detach(), "fm_loss": fm.detach(), "kl_loss": kl.detach(),
         "align_loss": align.detach(), "logit_scale": model.logit_scale.detach()[0].clone(),
     }  # fmt: skip
+    if null is not None:
+        metrics["null_frac"] = null.float().mean()
     return loss, metrics
 
 
@@ -362,13 +433,20 @@ def sample(
     *,
     num_steps: int = 25,
     sample_text: bool = True,
+    guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Text -> image tokens (B, N, C): z_T from the projector, then Euler ODE from t = 1 to 0.
 
     `sample_text` draws z_T ~ N(mean, exp(logvar)) (the source of sample diversity), else uses the
-    mean. num_steps = 25 uniform Euler steps is our default [I]. Eval mode, restored afterwards.
+    mean. num_steps = 25 uniform Euler steps is our default [I]. `guidance_scale` s != 1 steps
+    with v_u + s (v_c - v_u) (`flow.cfg_combine`; v_u = the null-indicator velocity at the same
+    x_t, needs cfg_dropout > 0; CrossFlow samples with 7); s = 1 is the conditional flow alone.
+    Eval mode, restored afterwards.
     """
+    if guidance_scale != 1.0 and model.cfg_embed is None:
+        raise ValueError("FlowTok: guidance_scale != 1 needs a model trained with cfg_dropout > 0 "
+                         "(it has no CFG indicator); sample with guidance_scale=1.")
     was_training = model.training
     model.eval()
     try:
@@ -377,7 +455,15 @@ def sample(
         if sample_text:
             eps = torch.randn(mean.shape, generator=generator, device=mean.device)
             z = mean + (0.5 * logvar).exp() * eps
-        return euler_sample(lambda x, t: model(x, t), z, ode_time_grid(num_steps))
+        B = z.shape[0]
+
+        def velocity(x_N: Tensor, t_N: Tensor) -> Tensor:
+            if x_N.shape[0] == B:
+                return model(x_N, t_N)
+            null = torch.arange(x_N.shape[0], device=x_N.device) >= B  # [cond; null]
+            return model(x_N, t_N, null=null)
+
+        return euler_sample(velocity, z, ode_time_grid(num_steps), cfg_scale=guidance_scale)
     finally:
         model.train(was_training)
 
@@ -448,12 +534,14 @@ def flowtok_batch_loss(model: FlowTok, batch: dict[str, Tensor], step: int = 0, 
 
 @torch.no_grad()
 def text_sample(model: FlowTok, text_ids_BT: Tensor, *, num_steps: int = 25,
-                sample_text: bool = True, generator: torch.Generator | None = None) -> Tensor:
+                sample_text: bool = True, guidance_scale: float = 1.0,
+                generator: torch.Generator | None = None) -> Tensor:
     """:func:`sample` from MaskGen-style caption ids (B, T): image tokens (B, N, C)."""
     if model.config.text_input != "bytes":
         raise ValueError("FlowTok samples from captions only with text_input='bytes'")
     text = text_ids_to_bytes(text_ids_BT, model.config.num_tokens)
-    return sample(model, text, num_steps=num_steps, sample_text=sample_text, generator=generator)
+    return sample(model, text, num_steps=num_steps, sample_text=sample_text,
+                  guidance_scale=guidance_scale, generator=generator)
 
 
 SPEC = FamilySpec(
