@@ -53,6 +53,7 @@ import inspect
 import io
 import json
 import tempfile
+import time
 from typing import Any, Literal, overload
 
 import numpy as np
@@ -184,7 +185,11 @@ class _SampleActor:
         else:
             cond = torch.tensor(shard["labels"], dtype=torch.long, device=self.device)
         with torch.inference_mode():
+            start = time.perf_counter()
             out = self.sample_fn(self.generator, cond, generator=g, **self.plan["sampler"])
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - start  # the generator's sampling alone
             images = decode_to_uint8(self.decoder, out, self.grid_hw)
             f = self.extractor(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
         n, start = len(images), int(shard["start"])
@@ -202,6 +207,7 @@ class _SampleActor:
                                 else [b""] * n, pa.binary()),
             "tokens": pa.array(tokens, pa.binary()),
             "png": pa.array(pngs, pa.binary()),
+            "seconds": pa.array([seconds / n] * n, pa.float64()),
         })
 
 
@@ -433,6 +439,7 @@ class EvaluateGeneration(JobStage):
         logits: list[np.ndarray] = []
         tokens: list[np.ndarray] = []
         grid: dict[int, bytes] = {}
+        sample_seconds = 0.0
         for b in executor.map_actors(
                 _SampleActor, (plan,), make_ds=lambda: _shards_ds(shards),
                 local_batches=lambda: (pa.Table.from_pylist([s]) for s in shards),
@@ -447,6 +454,7 @@ class EvaluateGeneration(JobStage):
                 spatial = spatial or FeatureStats(s.shape[1], ext_name, "spatial")
                 spatial.update(s)
             index.append(b["index"].to_numpy())
+            sample_seconds += float(np.sum(b["seconds"].to_numpy()))
             pools.append(x.astype(np.float32))
             if b["logits"][0].as_py():
                 logits.append(_unpack(b["logits"]))
@@ -461,6 +469,9 @@ class EvaluateGeneration(JobStage):
         logits_NK = np.concatenate(logits)[order] if logits else None
         metrics, notes = generation_metrics(ref, pool, spatial, pool_ND, logits_NK, k=cfg.pr_k,
                                             is_splits=cfg.is_splits)
+        # the generator's sampling time per image (actor time, decode and features excluded):
+        # two evaluations of one generator, e.g. sampler {attention: grat} vs dense, compare it
+        metrics["sample_seconds_per_image"] = sample_seconds / max(1, len(pool_ND))
         if tokens:
             size = int(facts.get("codebook_size") or 0)
             usage = codebook_usage(torch.from_numpy(np.concatenate(tokens).astype(np.int64)), size)
@@ -672,7 +683,8 @@ class EvaluateGeneration(JobStage):
                               sort_keys=True, default=str)
         rows = [{"stage": self.ctx.stage, "fingerprint": self.ctx.row_fingerprint, "metric": k,
                  "value": float(v), "num_samples": n,
-                 "extractor": None if k == "codebook_usage" else ext_name,
+                 "extractor": (None if k in ("codebook_usage", "sample_seconds_per_image")
+                               else ext_name),
                  "details": ref_json, "recorded_at": now} for k, v in metrics.items()]
         name = self.table_name()
         version = store.append(name, pa.Table.from_pylist(rows, schema=EVAL_RESULTS),

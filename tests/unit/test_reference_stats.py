@@ -243,6 +243,9 @@ def test_stage_in_process_reuses_reference_and_names_extractor(tiny_world):
         assert by_metric[m]["extractor"] == "tiny-conv-seed0-v1"
         assert by_metric[m]["num_samples"] == 16 and by_metric[m]["fingerprint"] == "fp-eval"
     assert by_metric["codebook_usage"]["extractor"] is None
+    # the generator's sampling time per image (not a feature metric)
+    assert r.metrics["sample_seconds_per_image"] > 0
+    assert by_metric["sample_seconds_per_image"]["extractor"] is None
     details = json.loads(by_metric["fid"]["details"])
     assert details["reference"]["cached"] is False
     assert details["reference"]["comparable_to_published"] is False
