@@ -36,7 +36,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "ema", "net", "params")
 #: mapping functions (released names -> vgen names) of families whose load_official module does
 #: not define ``official_key_map`` itself
-_KEY_MAP_FUNCS = {"lfq": "vgen_core.tokenizers.maskbit_keys:official_key_map"}
+_KEY_MAP_FUNCS = {"lfq": "vgen_core.tokenizers.maskbit_keys:official_key_map",
+                  "deltatok": "vgen_core.tokenizers.deltatok:deltatok_key_map"}
 SHOW = 10  # keys listed per diff category
 
 Shapes = dict[str, tuple[int, ...]]
@@ -389,7 +390,7 @@ def fit(spec: Any, config: Any, state: Mapping[str, torch.Tensor], *, what: str,
         else:
             model = spec.build_config(config)
             model.load_state_dict({k: v for k, v in state.items() if k in want}, strict=True)
-    except (ValueError, RuntimeError, KeyError) as e:
+    except Exception as e:  # a family loader's own check (ValueError, KeyError, ...)
         raise ConvertError(f"{what}: {spec.name} / {size} refused the checkpoint: {e}",
                            match) from e
     return model.eval(), match
@@ -451,8 +452,16 @@ def convert(src: str | Path, dst: str | Path, family: str, size: str, *,
         raise WeightsError(f"pixel range {rng!r} not known; use one of "
                            f"{', '.join(families.PIXEL_RANGES)}")
     out = Path(dst)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
-        raise WeightsError(f"{out}: already exists (pass --force to replace it)")
+    src_path = Path(src).resolve()
+    if out.resolve() == src_path or out.resolve() in src_path.parents:
+        raise WeightsError(f"{out}: is or holds the source {src}; choose another destination")
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        if not force:
+            raise WeightsError(f"{out}: already exists (pass --force to replace it)")
+        if not (out.is_dir() and (out / "config.json").is_file()
+                and (out / "model.safetensors").is_file()):
+            raise WeightsError(f"{out}: --force replaces only a previous export (a folder with "
+                               "config.json and model.safetensors); this is something else")
     try:
         config = spec.config(size, **dict(overrides or {}))
     except Exception as e:
@@ -460,8 +469,9 @@ def convert(src: str | Path, dst: str | Path, family: str, size: str, *,
     state, source = read_weights(src)
     model, match = fit(spec, config, state, what=str(src), size=size)
     dropped = dropped_reasons(spec, [k for k in state if k not in match.unexpected])
-    if not match.key_map:
-        dropped = {k: r for k, r in dropped.items() if k not in model.state_dict()}
+    if not match.key_map:  # vgen names: nothing was sliced or renamed
+        dropped = {k: r for k, r in dropped.items()
+                   if k not in model.state_dict() and "[" not in k}
     manifest = {
         "format": MANIFEST_FORMAT, "family": spec.name, "size": size,
         "overrides": dict(overrides or {}), "pixel_range": rng,
@@ -472,6 +482,9 @@ def convert(src: str | Path, dst: str | Path, family: str, size: str, *,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the export from other users
     try:
         save_pretrained(model, tmp)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -505,8 +518,32 @@ def is_export(path: str | Path) -> bool:
     that safetensors file with config.json beside it."""
     p = Path(path)
     folder = p if p.is_dir() else p.parent
-    return ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
-            and (p.is_dir() or p.name == "model.safetensors"))
+    if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+            and (p.is_dir() or p.name == "model.safetensors")):
+        return False
+    try:  # an HF snapshot has a config.json too, without vgen's "family"
+        return "family" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def export_uri(uri: str) -> str:
+    """``uri`` with a vgen export's ``.../model.safetensors`` turned into its folder (so the
+    manifest, config and digest checks see the whole export); other uris unchanged."""
+    from vgen_core.data.fsio import filesystem_for
+
+    if not uri.rstrip("/").endswith("/model.safetensors"):
+        return uri
+    folder = uri.rstrip("/").rsplit("/", 1)[0]
+    fs, path = filesystem_for(folder)
+    try:
+        if fs.exists(f"{path.rstrip('/')}/config.json"):
+            payload = json.loads(fs.cat_file(f"{path.rstrip('/')}/config.json"))
+            if isinstance(payload, dict) and "family" in payload:
+                return folder
+    except (OSError, ValueError):
+        pass
+    return uri
 
 
 def export_problem(uri: str, family: str, config: Any, pixel_range: str | None) -> str | None:
@@ -527,6 +564,8 @@ def export_problem(uri: str, family: str, config: Any, pixel_range: str | None) 
                     if fs.exists(f"{base}/{MANIFEST_NAME}") else {})
     except (OSError, ValueError) as e:
         return f"{uri!r}: its config.json / {MANIFEST_NAME} cannot be read ({e})"
+    if not isinstance(payload, dict) or "family" not in payload:
+        return None  # an HF snapshot folder (its config.json is not vgen's): a release
     if payload.get("family") != family:
         return (f"{uri!r} holds a {payload.get('family')!r} model; this stage uses {family!r} "
                 "(set with.model, or point at a folder of that family)")
@@ -537,7 +576,13 @@ def export_problem(uri: str, family: str, config: Any, pixel_range: str | None) 
                 "the weights were trained on, or use weights trained on the family's range")
     if config is None:  # the config is known only with the data (train): checked when loaded
         return None
-    have = {k: v for k, v in payload.items() if k not in _RESERVED_KEYS}
+    from vgen_core import families
+
+    fields = {k: v for k, v in payload.items() if k not in _RESERVED_KEYS}
+    try:  # validated as load_pretrained does (fields added later take their defaults)
+        have = families.get(family).config_class.model_validate(fields).model_dump(mode="json")
+    except ValueError as e:
+        return f"{uri!r}: its config.json does not validate as a {family} config ({e})"
     need = config.model_dump(mode="json")
     diff = sorted(k for k in {*have, *need} if have.get(k) != need.get(k))
     if diff:

@@ -354,13 +354,13 @@ class Stage:
         return None
 
     def _export_problem(self, uri: str) -> str | None:
-        from vgen_core.weights import export_problem
+        from vgen_core.weights import export_problem, export_uri
 
         try:
             target = self.weights_target()
         except Exception:  # a config problem reported elsewhere (unknown family, size)
             return None
-        return None if target is None else export_problem(uri, *target)
+        return None if target is None else export_problem(export_uri(uri), *target)
 
     def source_fingerprint(self) -> dict[str, Any]:
         """A cheap description of inputs outside the DAG (file listings); part of the

@@ -56,7 +56,8 @@ class QuantizeTernaryConfig(StageConfig):
     pool_size: int = Field(64, ge=1, description="samples the full-precision model generates "
                            "as the distillation data")
     sampler: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the "
-                                    "family's sampler for the pool and the speed measurement")
+                                    "family's sampler for the pool and the speed measurement, "
+                                    "over the released settings of the generator's size")
     keep: list[str] | None = Field(None, description="fnmatch patterns of linears kept in full "
                                    "precision (default: vgen_core.training.ternary.DEFAULT_KEEP)")
     speed_samples: int = Field(8, ge=1, description="samples timed per model")
@@ -116,13 +117,19 @@ def run_quantization(plan: dict[str, Any]) -> tuple[dict[str, float], list[float
         raise ValueError(f"quantize.ternary distills class-conditional generators of tokens or "
                          f"latents; '{spec.name}' is conditioned on {spec.conditioning} and "
                          f"samples {spec.output}")
+    # the pool and the speed runs sample as evaluate.generation does: the family's released
+    # settings for the generator's size, with.sampler on top
+    from .evaluate_generation import released_size
+
+    size = released_size(spec, {"family": spec.name, **teacher.config.model_dump(mode="json")})
+    options = {**(dict(spec.sampling.get(size, {})) if size else {}), **cfg.sampler}
     classes = max(int(getattr(teacher.config, "num_classes", 1) or 1), 1)
     torch.manual_seed(cfg.seed)
     labels = torch.arange(cfg.pool_size, device=device) % classes
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     sample = spec.hook("sampler")
     with torch.inference_mode():
-        out = sample(teacher, labels, generator=g, **cfg.sampler)
+        out = sample(teacher, labels, generator=g, **options)
     pool = {k: v.clone() for k, v in samples_as_batch(spec, out, labels).items()}
 
     import copy
@@ -138,8 +145,8 @@ def run_quantization(plan: dict[str, Any]) -> tuple[dict[str, float], list[float
     export = dequantized_student(student)
 
     speed_labels = labels[: cfg.speed_samples]
-    fp_rate, fp_peak = _timed_sample(spec, teacher, speed_labels, cfg.seed, cfg.sampler, device)
-    q_rate, q_peak = _timed_sample(spec, packed, speed_labels, cfg.seed, cfg.sampler, device)
+    fp_rate, fp_peak = _timed_sample(spec, teacher, speed_labels, cfg.seed, options, device)
+    q_rate, q_peak = _timed_sample(spec, packed, speed_labels, cfg.seed, options, device)
     tenth = max(1, len(curve) // 10)
     metrics: dict[str, float] = {
         "ternary.converted_layers": float(len(report.converted)),
@@ -191,8 +198,11 @@ class QuantizeTernary(JobStage):
         return refs[0]
 
     def row_fingerprint_parts(self) -> dict[str, Any]:
+        """The generator's digest and the quantization code's version (config: by the runner)."""
+        from vgen_core.training.ternary import TERNARY_VERSION
+
         refs = [outs["generator"] for outs in self.ctx.inputs.values() if "generator" in outs]
-        return {"generator": refs[0].digest if refs else None}
+        return {"generator": refs[0].digest if refs else None, "ternary": TERNARY_VERSION}
 
     def run(self, executor: Any = None) -> StageResult:
         from vgen_core.tokenizers.io import weights_digest

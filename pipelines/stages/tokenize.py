@@ -64,7 +64,9 @@ def weights_file_digest(uri: str, where: str) -> str:
     """Digest of a ``weights:`` file, or of an export folder's ``model.safetensors`` and
     ``manifest.json`` / ``config.json``; StageError naming the stage when it cannot be read."""
     from vgen_core.data.fsio import filesystem_for
+    from vgen_core.weights import export_uri
 
+    uri = export_uri(uri)  # an export's model.safetensors: the whole export (config, manifest)
     try:
         fs, path = filesystem_for(uri)
         if fs.isdir(path):
@@ -191,8 +193,11 @@ class ImageTokenizeStage(MapStage):
         from vgen_core.data.fsio import filesystem_for
         from vgen_core.weights import WeightsError, load_weights
 
+        from vgen_core.weights import export_uri
+
         spec, uri = self.spec, self.config.weights
         assert uri is not None
+        uri = export_uri(uri)
         fs, path = filesystem_for(uri)
         local = (fetch_model_dir(uri, f"{self._tmp.name}/weights") if fs.isdir(path)
                  else fetch_file(uri, self._tmp.name))

@@ -147,9 +147,9 @@ def _initial_weights(cfg: dict[str, Any]) -> Any:
     manifest's pixel range must be the family's), for the config this run trains."""
     from vgen_core.data.fsio import fetch_file, fetch_model_dir, filesystem_for
     from vgen_core.training import get_task
-    from vgen_core.weights import load_weights
+    from vgen_core.weights import export_uri, load_weights
 
-    task, uri = get_task(cfg["model"]), cfg["weights"]
+    task, uri = get_task(cfg["model"]), export_uri(cfg["weights"])
     config = task.model_config(cfg["size"], cfg["overrides"], cfg["data_info"])
     with tempfile.TemporaryDirectory() as tmp:
         fs, path = filesystem_for(uri)

@@ -91,7 +91,9 @@ class ImportWeights(JobStage):
         from vgen_core.tokenizers.io import save_pretrained, weights_digest
         from vgen_core.weights import WeightsError, load_weights
 
-        spec, uri = self.spec, self.config.weights
+        from vgen_core.weights import export_uri
+
+        spec, uri = self.spec, export_uri(self.config.weights)
         name = f"models/{self.ctx.dag}/{self.ctx.stage}/{self.ctx.row_fingerprint}"
         output_uri = self.ctx.store.path(name)
         with tempfile.TemporaryDirectory() as tmp:

@@ -471,3 +471,25 @@ def test_tiny_training_reduces_reconstruction_loss(one_thread):
     assert abs(start - log_cosh_loss(x, y).item()) < 1e-3
     assert final < 0.089, (start, final)
     assert shuffled > final, (final, shuffled)  # the token already carries pair-specific content
+
+
+def test_weights_convert_reads_the_lightning_layout(tmp_path, capsys):
+    """`vgen weights convert --family deltatok` maps the official prefixes (through the family's
+    key map, as the tokenize stage's `weights:` does) and reports the dropped backbone."""
+    import json
+
+    from pipelines.cli import main
+
+    model = _tiny(num_layers=1)
+    state = {"network._orig_mod." + k: v for k, v in model.state_dict().items()}
+    state["network.backbone.backbone.norm.weight"] = torch.ones(64)
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "last.ckpt")
+    args = ["weights", "convert", "--family", "deltatok", "--size", "tiny", "--set",
+            "num_layers=1", "--json"]
+    assert main([*args, str(tmp_path / "last.ckpt"), str(tmp_path / "out")]) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["source"]["names"] == "released"
+    assert list(manifest["dropped"]) == ["network.backbone.backbone.norm.weight"]
+    from vgen_core.tokenizers.io import load_pretrained
+
+    assert weights_digest(load_pretrained(tmp_path / "out")) == weights_digest(model)

@@ -164,8 +164,8 @@ def test_an_existing_destination_needs_force(tmp_path, release, capsys):
     assert _convert(release, dst) == 2
     assert "already exists" in capsys.readouterr().err
     assert (dst / "keep.txt").read_text() == "mine"
-    assert _convert(release, dst, "--force") == 0
-    assert not (dst / "keep.txt").exists() and (dst / "model.safetensors").is_file()
+    (dst / "keep.txt").unlink()  # an empty folder is taken as it is
+    assert _convert(release, dst) == 0 and (dst / "model.safetensors").is_file()
 
 
 def test_vgen_named_state_dict_and_released_titok_names(tmp_path, capsys):
@@ -363,3 +363,45 @@ def test_a_wrong_export_makes_the_dag_invalid_before_anything_runs(tmp_path, rel
         err = capsys.readouterr().err
         assert "with.weights" in err and why in err, err
         assert not (storage / "models").exists()
+
+
+def test_force_replaces_only_a_previous_export_and_never_the_source(tmp_path, release, capsys):
+    folder = release.parent
+    assert _convert(release, folder, "--force") == 2  # DST holds the source
+    assert "holds the source" in capsys.readouterr().err and release.is_file()
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "a.txt").write_text("keep")
+    assert _convert(release, other, "--force") == 2
+    assert "only a previous export" in capsys.readouterr().err
+    assert (other / "a.txt").read_text() == "keep"
+    dst = tmp_path / "exp"
+    assert _convert(release, dst) == 0
+    assert _convert(release, dst, "--force") == 0
+    assert oct((dst).stat().st_mode & 0o777) != oct(0o700)  # readable by others (umask)
+
+
+def test_an_export_file_uri_is_checked_as_its_folder(tmp_path, release, capsys):
+    """`weights: .../model.safetensors` of an export is the export (its manifest's pixel range
+    and config are checked), and an HF snapshot folder with its own config.json is a release."""
+    from vgen_core.weights import export_uri, is_export
+
+    signed = tmp_path / "signed"
+    assert _convert(release, signed, "--pixel-range", "signed") == 0
+    assert export_uri(str(signed / "model.safetensors")) == str(signed)
+    cfg = families.get("lfq").config("maskbit-k12", **OVERRIDES)
+    stage = _tokenize(TableStore(str(tmp_path / "s")), str(signed / "model.safetensors"))
+    problems = stage.check_config()
+    assert problems and "declares pixel range 'signed'" in problems[0][1]
+    snapshot = tmp_path / "hub"
+    snapshot.mkdir()
+    from safetensors.torch import save_file
+
+    lfq = families.get("lfq").build("maskbit-k12", OVERRIDES)
+    save_file(lfq.state_dict(), str(snapshot / "model.safetensors"))
+    (snapshot / "config.json").write_text(json.dumps({"hidden_size": 32}))  # not vgen's
+    assert not is_export(snapshot) and export_uri(str(snapshot / "model.safetensors")).endswith(
+        "model.safetensors")
+    model = load_weights(snapshot, "lfq", cfg, pixel_range="unit", what="test")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in lfq.state_dict().items())
+    assert _tokenize(TableStore(str(tmp_path / "s2")), str(snapshot)).check_config() == []

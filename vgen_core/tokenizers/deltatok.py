@@ -754,15 +754,32 @@ class DeltaTok(nn.Module):
         return torch.stack(deltas, 1), torch.stack(recons, 1)
 
 
+def deltatok_key_map(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """An official DeltaTok (Lightning) state dict under this module's names: ``network.`` /
+    ``_orig_mod.`` prefixes stripped, the frozen backbone and RoPE tables left out
+    (``OFFICIAL_DROPPED``); ValueError when no key carries the prefixes or names of a DeltaTok
+    checkpoint (``vgen weights`` then compares the names as they are)."""
+    out: dict[str, Tensor] = {}
+    prefixed = False
+    for key, t in state_dict.items():
+        new = key.replace("_orig_mod.", "").removeprefix("network.")
+        prefixed = prefixed or new != key
+        if not new.startswith(("backbone.", "rope_embeddings.")):
+            out[new] = t
+    if not prefixed and len(out) == len(state_dict):
+        raise ValueError("deltatok_key_map: no 'network.' / '_orig_mod.' prefix and no "
+                         "backbone key: not an official DeltaTok checkpoint")
+    return out
+
+
 def load_deltatok(path: str | Path | Mapping[str, Tensor], config: DeltaTokConfig) -> DeltaTok:
     """Load an official DeltaTok state dict saved as safetensors (keys as in the Lightning
     checkpoint: `network.` / `_orig_mod.` prefixes are stripped, `backbone.*` keys dropped)."""
     raw = _read(path, "")
-    state = {}
-    for key, t in raw.items():
-        key = key.replace("_orig_mod.", "").removeprefix("network.")
-        if not key.startswith(("backbone.", "rope_embeddings.")):
-            state[key] = t
+    try:
+        state = deltatok_key_map(raw)
+    except ValueError:  # already without prefixes (e.g. a re-saved state dict)
+        state = dict(raw)
     with torch.device("meta"):
         model = DeltaTok(config)
     _load_strict(model, state, f"load_deltatok({_label(path)})")

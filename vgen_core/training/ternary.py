@@ -41,9 +41,11 @@ from torch import Tensor, nn
 
 from kernels.ternary import EPS, ConversionReport, TernaryLinear, quantize_ternary
 
-__all__ = ["DEFAULT_KEEP", "TernaryQATLinear", "to_qat", "pack_student", "dequantized_student",
-           "samples_as_batch", "self_distill", "model_bytes"]
+__all__ = ["TERNARY_VERSION", "DEFAULT_KEEP", "TernaryQATLinear", "to_qat", "pack_student",
+           "dequantized_student", "samples_as_batch", "self_distill", "model_bytes"]
 
+#: bump when the quantizer, the distillation or the export change (part of the stage fingerprint)
+TERNARY_VERSION = 1
 #: qualified-name patterns of linears kept in full precision by default
 DEFAULT_KEEP = ("*adaLN*", "*adaln*", "*modulation*", "head*", "*.head*", "*lm_head*",
                 "*prediction_layer*", "*input_proj*", "*embed*", "*time*")
