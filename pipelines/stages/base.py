@@ -241,8 +241,9 @@ def file_problem(uri: str) -> str | None:
 
 
 def weights_problem(uri: str) -> str | None:
-    """Why ``weights:`` ``uri`` cannot be loaded: it must be a file, or an export folder
-    (``config.json`` + ``model.safetensors``: `vgen weights convert`, a train stage)."""
+    """Why ``weights:`` ``uri`` cannot be loaded: it must be a file, or a folder holding
+    ``model.safetensors`` (an export of `vgen weights convert` / a train stage, or an HF
+    snapshot)."""
     why = _path_problem(uri, want_file=False)
     if why is not None:
         return why
@@ -250,11 +251,9 @@ def weights_problem(uri: str) -> str | None:
 
     fs, path = filesystem_for(uri)
     if fs.isdir(path):
-        lacking = [n for n in ("config.json", "model.safetensors")
-                   if not fs.exists(f"{path.rstrip('/')}/{n}")]
-        if lacking:
-            return (f"{uri!r} is a folder without {' and '.join(lacking)} (give a checkpoint "
-                    "file, or a folder written by `vgen weights convert`)")
+        if not fs.exists(f"{path.rstrip('/')}/model.safetensors"):
+            return (f"{uri!r} is a folder without model.safetensors (give a checkpoint file, "
+                    "a folder written by `vgen weights convert`, or an HF snapshot folder)")
     return None
 
 

@@ -70,11 +70,10 @@ def weights_file_digest(uri: str, where: str) -> str:
     try:
         fs, path = filesystem_for(uri)
         if fs.isdir(path):
-            parts = [file_digest(f"{uri.rstrip('/')}/{name}", what="weights file")
-                     for name in ("model.safetensors", "config.json")]
-            if fs.exists(f"{path.rstrip('/')}/manifest.json"):
-                parts.append(file_digest(f"{uri.rstrip('/')}/manifest.json",
-                                         what="weights manifest"))
+            parts = [file_digest(f"{uri.rstrip('/')}/model.safetensors", what="weights file")]
+            for name in ("config.json", "manifest.json"):  # an export's; an HF snapshot's config
+                if fs.exists(f"{path.rstrip('/')}/{name}"):
+                    parts.append(file_digest(f"{uri.rstrip('/')}/{name}", what="weights file"))
             return "+".join(parts)
         return file_digest(uri, what="weights file")
     except FileNotFoundError as e:

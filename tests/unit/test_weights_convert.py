@@ -240,7 +240,7 @@ def test_an_export_of_another_config_is_refused(tmp_path, release):
     with pytest.raises(WeightsError, match="holds a 'lfq' model"):
         load_weights(dst, "titok", families.get("titok").config("tiny"), pixel_range="unit",
                      what="test")
-    assert "without" in (weights_problem(str(tmp_path)) or "")
+    assert "without model.safetensors" in (weights_problem(str(tmp_path)) or "")
 
 
 # -- import.weights: a released checkpoint as the DAG's tokenizer / generator output ----------
@@ -405,3 +405,6 @@ def test_an_export_file_uri_is_checked_as_its_folder(tmp_path, release, capsys):
     model = load_weights(snapshot, "lfq", cfg, pixel_range="unit", what="test")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in lfq.state_dict().items())
     assert _tokenize(TableStore(str(tmp_path / "s2")), str(snapshot)).check_config() == []
+    (snapshot / "config.json").unlink()  # a snapshot folder without config.json is one too
+    assert weights_problem(str(snapshot)) is None
+    load_weights(snapshot, "lfq", cfg, pixel_range="unit", what="test")
