@@ -14,7 +14,11 @@ means is the generator family's ``sampler`` and ``conditioning``.
 **The generator** is a ``train.generator`` stage's export or a released checkpoint brought in by
 ``import.weights`` (same output). A generator of a released size samples with that size's
 released inference settings (``FamilySpec.sampling``, e.g. RAR-B's guidance 16.0 / power 2.75);
-``with.sampler`` overrides single keys; the settings used are in the results' details.
+``with.sampler`` overrides single keys; the settings used are in the results' details. Every
+key must be a keyword of the family's ``sample`` (checked before sampling), e.g. GRAT attention
+for DeepFlow, xAR and DiMR: ``{attention: grat, grat_groups: [gh, gw], grat_variant: block,
+grat_radius: 1}`` (training-free, see each family's ``sample``); like any sampler key it is in the
+row fingerprint, and ``sample_seconds_per_image`` compares it with a dense evaluation.
 
 **Sampling.** Class-conditional generators get class-balanced labels (round-robin, so every
 prefix is balanced; ``per_class: 50`` with 1000 classes is ADM's 50k), MaskGen gets the side

@@ -71,15 +71,25 @@ Differences from the official code (numerics kept unless stated):
 * AdamW ``nodecay_*`` groups: :func:`optimizer_param_groups` (the train stage applies one decay
   to all parameters).
 
+GRAT at sampling time (``sample(attention="grat")``, training-free; not in DiMR, our addition;
+training stays dense): every Transformer stage's self-attention runs as GRAT (``kernels.grat``:
+the block-sparse Triton kernel on CUDA, its PyTorch reference elsewhere) over that stage's g x g
+token grid, groups of ``grat_groups`` (gh, gw) tokens, GRAT-X "criss_cross" (OliverRensu/GRAT
+@7afc1f9 ``cross_processor.py``) or GRAT-B "block" (paper). The stage's sequence is [class token,
+g*g grid tokens]; the class token keeps full attention as query and as key, as the official code
+treats its condition (text) tokens: it is moved behind the grid, where the kernel takes it as a
+text token (``n_text=1``), and back. The ConvNeXt stages have no attention and are unchanged.
+
 Shape legend: B batch, C latent channels, H/W sizes, N tokens, D width, T rows of a TD parameter
 (1 or B).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -90,7 +100,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vgen_core.families import FamilySpec, sized_config
 from vgen_core.generators.common import attention
-from vgen_core.generators.flow import latents_from_moments
+from vgen_core.generators.flow import GRAT_GROUPS, inference_attention_options, latents_from_moments
 from vgen_core.generators.schedules import power_cosine_guidance
 
 __all__ = [
@@ -110,6 +120,8 @@ __all__ = [
     "dpm_solver_fast_sample",
     "dpm_solver_multistep_sample",
     "euler_sample",
+    "inference_attention",
+    "inference_attention_by_stage",
     "multiscale_loss",
     "multiscale_targets",
     "optimizer_param_groups",
@@ -357,8 +369,27 @@ class _MLPBlock(nn.Module):
         return self.w2(self.act(self.w0(x)) * self.w1(x))
 
 
+#: leading non-grid tokens of a Transformer stage's sequence: the class token
+_N_COND = 1
+
+
+def _condition_last(x_BHND: Tensor) -> Tensor:
+    """[cond, grid] -> [grid, cond] on dim 2 (the kernel's image-then-text order)."""
+    return torch.cat([x_BHND[:, :, _N_COND:], x_BHND[:, :, :_N_COND]], dim=2)
+
+
+def _condition_first(x_BHND: Tensor) -> Tensor:
+    """Inverse of `_condition_last`."""
+    return torch.cat([x_BHND[:, :, -_N_COND:], x_BHND[:, :, :-_N_COND]], dim=2)
+
+
 class _SelfAttention(nn.Module):
-    """TD-RMSNorm, qkv (no bias; [q heads | k heads | v heads]), fp32 SDPA, dense."""
+    """TD-RMSNorm, qkv (no bias; [q heads | k heads | v heads]), fp32 SDPA, dense.
+
+    ``inference_options`` (set by `inference_attention`) are GRAT options of `common.attention`
+    used in eval mode only; the class token then attends and is attended densely (moved to the
+    kernel's text slot). Training mode always runs dense SDPA.
+    """
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -366,14 +397,20 @@ class _SelfAttention(nn.Module):
         self.norm = TDRMSNorm(dim)
         self.query_key_value = _linear(dim, 3 * dim, bias=False)
         self.dense = _linear(dim, dim)
+        self.inference_options: dict[str, Any] = {}
 
     def forward(self, x_BND: Tensor, tau_T: Tensor) -> Tensor:
         B, N, D = x_BND.shape
         qkv = self.query_key_value(self.norm(x_BND, tau_T))
         qkv = qkv.reshape(B, N, 3 * self.num_heads, self.head_dim).permute(0, 2, 1, 3).float()
         q, k, v = qkv.chunk(3, dim=1)
-        out = attention(q, k, v).permute(0, 2, 1, 3).reshape(B, N, D).to(x_BND.dtype)
-        return self.dense(out)
+        options = {} if self.training else self.inference_options
+        if options:
+            q, k, v = _condition_last(q), _condition_last(k), _condition_last(v)
+            out = _condition_first(attention(q, k, v, n_text=_N_COND, **options))
+        else:
+            out = attention(q, k, v)
+        return self.dense(out.permute(0, 2, 1, 3).reshape(B, N, D).to(x_BND.dtype))
 
 
 class TransformerBlock(nn.Module):
@@ -654,6 +691,50 @@ class DiMR(nn.Module):
         return outputs
 
 
+def inference_attention_by_stage(
+    config: DiMRConfig,
+    attention: str,
+    *,
+    groups: Sequence[int] = GRAT_GROUPS,
+    variant: str = "criss_cross",
+    radius: int = 1,
+) -> list[dict[str, Any]]:
+    """One `flow.inference_attention_options` dict per stage ({} for dense and for ConvNeXt
+    stages), each on its Transformer stage's g x g grid; errors name the stage and the fix."""
+    out: list[dict[str, Any]] = []
+    for k, (stage, g) in enumerate(zip(config.stages, config.grids, strict=True)):
+        if stage.block_type != "TransformerBlock":
+            out.append({})
+            continue
+        try:
+            out.append(inference_attention_options(attention, (g, g), groups=groups,
+                                                   variant=variant, radius=radius))
+        except ValueError as e:
+            raise ValueError(f"DiMR sample(attention={attention!r}): stage {k} (Transformer on "
+                             f"{g}x{g} tokens): {e}") from None
+    return out
+
+
+@contextlib.contextmanager
+def inference_attention(model: DiMR, options: Sequence[dict[str, Any]]) -> Iterator[None]:
+    """Within the block, stage k's self-attention in eval mode uses ``options[k]``
+    (`inference_attention_by_stage`; {} = dense); the previous settings are restored after."""
+    if len(options) != len(model.stages):
+        raise ValueError(f"DiMR inference_attention: {len(options)} option dicts for "
+                         f"{len(model.stages)} stages; build them with "
+                         "inference_attention_by_stage(model.config, ...).")
+    mods = [(m, opts) for stage, opts in zip(model.stages, options, strict=True)
+            for m in stage.modules() if isinstance(m, _SelfAttention)]
+    saved = [m.inference_options for m, _ in mods]
+    for m, opts in mods:
+        m.inference_options = dict(opts)
+    try:
+        yield
+    finally:
+        for (m, _), old in zip(mods, saved, strict=True):
+            m.inference_options = old
+
+
 def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: TD-LN ``nodecay_weight`` / ``nodecay_bias`` without decay (utils.py)."""
     decay: list[nn.Parameter] = []
@@ -922,8 +1003,9 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 @torch.no_grad()
 def sample(model: DiMR, labels_B: Tensor, *, num_steps: int = 250, method: str = "dpm_solver",
            order: int | None = None, skip_type: str = "time_uniform", cfg_scale: float = 0.0,
-           cfg_scale_pow: float | None = None,
-           generator: torch.Generator | None = None) -> Tensor:
+           cfg_scale_pow: float | None = None, attention: str = "dense",
+           grat_groups: Sequence[int] = GRAT_GROUPS, grat_variant: str = "criss_cross",
+           grat_radius: int = 1, generator: torch.Generator | None = None) -> Tensor:
     """Class-conditional latents from noise (eval.py sample_z / cfg_nnet / model_fn).
 
     method: 'dpm_solver' (official: DPM-Solver++ fast, order 3, 250 steps), 'dpm_solver_multistep'
@@ -933,6 +1015,11 @@ def sample(model: DiMR, labels_B: Tensor, *, num_steps: int = 250, method: str =
     decayed DiT form eps_u + s_n (eps_c - eps_u), s_n = 1 + (s - 1)(1 - cos((1 - n/N)^pow pi)) / 2.
     Cond and null-class halves run as one stacked batch. Eval mode (restored afterwards).
 
+    ``attention="grat"`` (training-free; see the module docstring) runs every Transformer stage's
+    self-attention as GRAT on its g x g token grid (groups ``grat_groups`` (gh, gw) tokens, each
+    dividing g; ``grat_variant`` "criss_cross" = GRAT-X, official, or "block" = GRAT-B with
+    ``grat_radius`` groups); the class token stays dense. "dense" (default) is training's.
+
     Returns latents (B, C, H, W) in the scaled latent space (divide by scale_factor to decode).
     """
     if method not in SAMPLERS:
@@ -940,6 +1027,8 @@ def sample(model: DiMR, labels_B: Tensor, *, num_steps: int = 250, method: str =
     if cfg_scale_pow is not None and cfg_scale < 1.0:
         raise ValueError(f"cfg_scale_pow (DiT-style decay) needs cfg_scale >= 1, got {cfg_scale}.")
     cfg = model.config
+    options = inference_attention_by_stage(cfg, attention, groups=grat_groups,
+                                           variant=grat_variant, radius=grat_radius)
     was_training = model.training
     model.eval()
     B, dev = labels_B.shape[0], labels_B.device
@@ -965,7 +1054,8 @@ def sample(model: DiMR, labels_B: Tensor, *, num_steps: int = 250, method: str =
     if order is not None and method.startswith("dpm_solver"):
         kwargs["order"] = order
     try:
-        return SAMPLERS[method](eps_fn, x, model.schedule, num_steps, **kwargs).float()
+        with inference_attention(model, options):
+            return SAMPLERS[method](eps_fn, x, model.schedule, num_steps, **kwargs).float()
     finally:
         model.train(was_training)
 

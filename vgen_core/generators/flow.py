@@ -25,7 +25,9 @@ unconditional one in the second half (the official samplers' `torch.cat([x] * 2)
 REPA (`repa_*`): a projector MLP maps the hidden tokens after a chosen block to the width of a
 frozen encoder's patch features of the clean image; the loss adds coeff x mean(-cos). GRAT
 (`inference_attention_options`): the options that switch a model's self-attention to
-`kernels.grat` while sampling; training keeps dense attention.
+`kernels.grat` while sampling; training keeps dense attention. `grat_token_mask` gives the same
+pattern as a dense bool mask, for models whose attention already has a mask that the kernel cannot
+take (xAR's block-causal one): they intersect the two and run masked SDPA.
 
 Shape legend: B batch, N = B or 2B (guided), Z latent channels, h/w latent grid, F frequency dims,
 D hidden width, T model tokens, E encoder feature width.
@@ -56,6 +58,7 @@ __all__ = [
     "expand_t",
     "flow_path",
     "flow_target",
+    "grat_token_mask",
     "inference_attention_options",
     "latents_from_moments",
     "load_repa_decoder",
@@ -63,7 +66,7 @@ __all__ = [
     "logit_normal_t",
     "lognormal_t",
     "ode_time_grid",
-        "repa_loss",
+    "repa_loss",
     "repa_projector",
     "repa_target_features",
     "score_from_velocity",
@@ -449,3 +452,33 @@ def inference_attention_options(
     spec = make_spec((1, H, W), (1, gh, gw), _GRAT_VARIANTS[variant], 0, None, (0, radius, radius))
     return {"backend": "grat", "grid": spec.grid, "groups": spec.groups,
             "variant": spec.variant, "radius": spec.radius}
+
+
+def grat_token_mask(
+    options: dict[str, Any],
+    raster_index: Tensor | None = None,
+    *,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """The GRAT pattern of `inference_attention_options("grat", ...)` as a dense (S, S) bool mask
+    (True = query row may attend key column) over S grid tokens in the model's own order.
+
+    raster_index: (S,) int, the raster position (row * W + col on the (H, W) grid of the
+    options) of each of the model's tokens; default the raster order itself (S = H * W). Built
+    from `kernels.grat.reference.grat_mask` (the specification every GRAT backend is tested
+    against; grouped order) mapped back through the group permutation, so it is the pattern the
+    kernel computes. For models that must intersect GRAT with a mask of their own (the kernel takes
+    none) and run masked SDPA; no FLOPs are saved that way, only the pattern is applied.
+    """
+    if options.get("backend") != "grat":
+        raise ValueError(f"grat_token_mask: options {options!r} are not GRAT options; build them "
+                         "with inference_attention_options('grat', grid_hw, ...)")
+    from kernels.grat.reference import grat_mask, group_permutation
+
+    (T, H, W), (gt, gh, gw) = options["grid"], options["groups"]
+    grouped = grat_mask(T, H, W, gt, gh, gw, options["variant"], radius=options["radius"],
+                        device=device)
+    _, inv = group_permutation(T, H, W, gt, gh, gw)  # raster position -> grouped position
+    index = inv if raster_index is None else inv[raster_index.long().cpu()]
+    index = index.to(grouped.device)
+    return grouped[index][:, index]

@@ -26,15 +26,28 @@ with the same num_steps, as the official `sample_tokens` passes its one `num_ste
 guidance scale rises linearly from 1 (first cell) to cfg (last cell). Optional, not official:
 `min_steps` anneals the count linearly from num_steps (first cell) to min_steps (last cell).
 
+GRAT at sampling time (`sample(attention="grat")`, training-free, training stays dense): the
+pattern of OliverRensu/GRAT @7afc1f9 (`cross_processor.py`, GRAT-X criss-cross; GRAT-B from the
+paper) over the (H, W) latent token grid, `grat_groups` (gh, gw) tokens per group (default the
+official 8 x 8, which for xAR-B's 16 x 16 latents are exactly its four cells). Every query attends
+the keys allowed by GRAT AND by the block-causal mask. `kernels.grat` takes no extra mask, so
+(our choice) the GRAT reference mask (`kernels.grat.reference.grat_mask`, mapped to the
+cell-major order by `flow.grat_token_mask`) is intersected with the block-causal one and run
+through masked SDPA (with the KV cache: the rows of the current cell, the columns of the cells
+<= it). This applies the pattern but saves no FLOPs. The sequence holds grid tokens only: class
+and time enter through adaLN, not as tokens, so no token stays dense; every query keeps at least
+its own group (itself), so no row is empty.
+
 Shape legend: B batch, C latent channels, H = W latent size, K cells, L tokens per cell,
 S = K * L tokens, D hidden width, Hh heads, d head dim.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -53,10 +66,13 @@ from vgen_core.generators.common import (
     rope_2d_angles,
 )
 from vgen_core.generators.flow import (
+    GRAT_GROUPS,
     TimestepEmbedder,
     euler_maruyama_sample,
     flow_path,
     flow_target,
+    grat_token_mask,
+    inference_attention_options,
     latents_from_moments,
     logit_normal_t,
     sde_time_grid,
@@ -70,6 +86,8 @@ __all__ = [
     "block_causal_mask",
     "cell_cfg_scale",
     "cell_num_steps",
+    "grat_sequence_mask",
+    "inference_attention",
     "merge_cells",
     "sample",
     "split_cells",
@@ -193,6 +211,16 @@ def _cell_coords(latent_size: int, clusters: int) -> Tensor:
     return split_cells(grid, clusters)[0, :, :, :].reshape(-1, 2)
 
 
+def grat_sequence_mask(config: XARConfig, options: dict[str, Any]) -> Tensor | None:
+    """(S, S) bool GRAT mask over the cell-major sequence (None for dense `options`); options
+    from `flow.inference_attention_options` on the (latent_size, latent_size) token grid."""
+    if not options:
+        return None
+    coords_S2 = _cell_coords(config.latent_size, config.clusters).long()
+    raster_S = coords_S2[:, 0] * config.latent_size + coords_S2[:, 1]
+    return grat_token_mask(options, raster_S)
+
+
 # --------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------
@@ -250,6 +278,9 @@ class XAR(nn.Module):
     mask: Tensor  # buffers
     rope_cos: Tensor
     rope_sin: Tensor
+    #: (S, S) cell-major GRAT mask ANDed with the block-causal one in eval mode (sampling);
+    #: set by `inference_attention`, None = dense
+    inference_mask: Tensor | None
 
     def __init__(self, config: XARConfig) -> None:
         super().__init__()
@@ -280,6 +311,7 @@ class XAR(nn.Module):
         )
         self.register_buffer("rope_cos", angles_Sd.cos(), persistent=False)
         self.register_buffer("rope_sin", angles_Sd.sin(), persistent=False)
+        self.inference_mask = None
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -292,6 +324,10 @@ class XAR(nn.Module):
     @property
     def null_class_id(self) -> int:
         return self.config.num_classes
+
+    def _grat_mask(self) -> Tensor | None:
+        """The GRAT mask in force: set by `inference_attention`, and only in eval mode."""
+        return None if self.training else self.inference_mask
 
     def _condition(self, labels_B: Tensor, t_BK: Tensor, cells: slice) -> Tensor:
         """(B, S', D): class + time embedding of each token's own cell, for the cells in `cells`."""
@@ -342,7 +378,9 @@ class XAR(nn.Module):
         if t_BK.shape != (x_BSC.shape[0], cfg.clusters):
             raise ValueError(f"t must be (B, {cfg.clusters}), got {tuple(t_BK.shape)}.")
         c = self._condition(labels_B, t_BK, slice(0, cfg.clusters))
-        v, _ = self._run(x_BSC, c, slice(0, cfg.seq_len), self.mask, None)
+        grat = self._grat_mask()
+        mask = self.mask if grat is None else self.mask & grat
+        v, _ = self._run(x_BSC, c, slice(0, cfg.seq_len), mask, None)
         return v
 
     def forward_cell(
@@ -363,7 +401,11 @@ class XAR(nn.Module):
         L = self.config.cell_len
         t_BK = t_B[:, None]
         c = self._condition(labels_B, t_BK, slice(0, 1))
-        v, kv = self._run(x_BLC, c, slice(cell * L, (cell + 1) * L), None, cache)
+        mask, grat = None, self._grat_mask()
+        if grat is not None:  # this cell's query rows, the keys of the cached cells and its own
+            past = 0 if cache is None else int(cache[0][0].shape[2])
+            mask = grat[cell * L : (cell + 1) * L, (cell + 1) * L - past - L : (cell + 1) * L]
+        v, kv = self._run(x_BLC, c, slice(cell * L, (cell + 1) * L), mask, cache)
         if cache is None:
             return v, kv
         B = x_BLC.shape[0]
@@ -372,6 +414,20 @@ class XAR(nn.Module):
             for (pk, pv), (k, vv) in zip(cache, kv)
         ]
         return v, merged
+
+
+@contextlib.contextmanager
+def inference_attention(model: XAR, options: dict[str, Any]) -> Iterator[None]:
+    """Within the block, `model` in eval mode attends with the GRAT pattern of `options`
+    (`flow.inference_attention_options` on the latent grid; {} = dense) AND its block-causal
+    mask, in `forward` and `forward_cell`; the previous setting is restored afterwards."""
+    saved = model.inference_mask
+    mask = grat_sequence_mask(model.config, options)
+    model.inference_mask = None if mask is None else mask.to(model.mask.device)
+    try:
+        yield
+    finally:
+        model.inference_mask = saved
 
 
 # --------------------------------------------------------------------------------------------------
@@ -446,6 +502,10 @@ def sample(
     min_steps: int | None = None,
     cfg: float = 2.7,
     t_min: float = 0.04,
+    attention: str = "dense",
+    grat_groups: Sequence[int] = GRAT_GROUPS,
+    grat_variant: str = "criss_cross",
+    grat_radius: int = 1,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
 ) -> Tensor:
@@ -460,6 +520,11 @@ def sample(
     `min_steps` (default None = off, not official) anneals the per-cell count from num_steps on
     the first cell to min_steps on the last (`cell_num_steps`).
 
+    `attention="grat"` (training-free; see the module docstring) attends with the GRAT pattern
+    on the (H, W) latent token grid AND the block-causal mask: groups of `grat_groups` (gh, gw)
+    tokens, each dividing H, `grat_variant` "criss_cross" (GRAT-X, official) or "block" (GRAT-B,
+    `grat_radius` groups). "dense" (default) is the training attention.
+
     Args:
         labels_B: (B,) int64 labels (null_class_id for unconditional samples).
         generator: on the labels' device; draws the initial and SDE noise.
@@ -468,6 +533,13 @@ def sample(
     """
     conf = model.config
     K, L, C = conf.clusters, conf.cell_len, conf.in_channels
+    H = conf.latent_size
+    try:
+        options = inference_attention_options(attention, (H, H), groups=grat_groups,
+                                              variant=grat_variant, radius=grat_radius)
+    except ValueError as e:
+        raise ValueError(f"xAR sample(attention={attention!r}) on the {H}x{H} latent token grid: "
+                         f"{e}") from None
     was_training = model.training
     model.eval()
     B, dev = labels_B.shape[0], labels_B.device
@@ -477,31 +549,33 @@ def sample(
     cells: list[Tensor] = []
     cache: list[KV] | None = None
     try:
-        for k in range(K):
-            # reads `cache` / `cells` as they stand while cell k is sampled (filled after each cell)
-            def velocity(x_NLC: Tensor, t_N: Tensor, k: int = k) -> Tensor:
-                N = x_NLC.shape[0]
-                labels = labels_B if N == B else all_labels
-                if use_cache:
-                    return model.forward_cell(x_NLC, t_N, labels, k, cache)[0]  # noqa: B023
-                prefix = [c.repeat(N // B, 1, 1) for c in cells]
-                pad = x_NLC.new_zeros(N, (K - k - 1) * L, C)
-                seq = torch.cat([*prefix, x_NLC, pad], dim=1)
-                t_NK = torch.zeros(N, K, device=dev, dtype=t_N.dtype)
-                t_NK[:, k] = t_N
-                t_NK[:, k + 1 :] = 1.0
-                return model(seq, t_NK, labels)[:, k * L : (k + 1) * L]
+        with inference_attention(model, options):
+            for k in range(K):
+                # reads `cache` / `cells` as they stand while cell k is sampled (filled after
+                # each cell)
+                def velocity(x_NLC: Tensor, t_N: Tensor, k: int = k) -> Tensor:
+                    N = x_NLC.shape[0]
+                    labels = labels_B if N == B else all_labels
+                    if use_cache:
+                        return model.forward_cell(x_NLC, t_N, labels, k, cache)[0]  # noqa: B023
+                    prefix = [c.repeat(N // B, 1, 1) for c in cells]
+                    pad = x_NLC.new_zeros(N, (K - k - 1) * L, C)
+                    seq = torch.cat([*prefix, x_NLC, pad], dim=1)
+                    t_NK = torch.zeros(N, K, device=dev, dtype=t_N.dtype)
+                    t_NK[:, k] = t_N
+                    t_NK[:, k + 1 :] = 1.0
+                    return model(seq, t_NK, labels)[:, k * L : (k + 1) * L]
 
-            noise = torch.randn(B, L, C, generator=generator, device=dev)
-            grid = sde_time_grid(cell_num_steps(k, K, num_steps, min_steps), t_min)
-            z = euler_maruyama_sample(
-                velocity, noise, grid, cfg_scale=cell_cfg_scale(k, K, cfg), generator=generator
-            )
-            cells.append(z)
-            if use_cache and k < K - 1:
-                z_all = z.repeat(all_labels.shape[0] // B, 1, 1)
-                zeros = torch.zeros(z_all.shape[0], device=dev)
-                _, cache = model.forward_cell(z_all, zeros, all_labels, k, cache)
+                noise = torch.randn(B, L, C, generator=generator, device=dev)
+                grid = sde_time_grid(cell_num_steps(k, K, num_steps, min_steps), t_min)
+                z = euler_maruyama_sample(
+                    velocity, noise, grid, cfg_scale=cell_cfg_scale(k, K, cfg), generator=generator
+                )
+                cells.append(z)
+                if use_cache and k < K - 1:
+                    z_all = z.repeat(all_labels.shape[0] // B, 1, 1)
+                    zeros = torch.zeros(z_all.shape[0], device=dev)
+                    _, cache = model.forward_cell(z_all, zeros, all_labels, k, cache)
     finally:
         model.train(was_training)
     return merge_cells(torch.stack(cells, dim=1))
