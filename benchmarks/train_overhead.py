@@ -7,9 +7,15 @@ batch and cores.
     .venv/bin/python benchmarks/train_overhead.py --device cuda --size B --batch 256 \\
         --peak-tflops 989                                               # H100 SXM, bf16 dense
 
-A third line isolates DeepSpeed: the same ``train_loop`` around a DeepSpeed engine in this process
-(one-rank process group, batches already in memory), i.e. the stage without Ray;
-``--without-ray`` measures only that and the plain loop (for machines without Ray).
+Further lines isolate DeepSpeed: the same ``train_loop`` around a DeepSpeed engine in this process
+(one-rank process group, batches already in memory), i.e. the stage without Ray, once per
+non-finite-gradient check (``--guards``): ``guard`` is what the stage runs ("DeepSpeed loop, no
+Ray": ``vgen_core.training.step.FiniteGuard``, one scalar test of the gradient norm DeepSpeed
+computes anyway, no host sync with fused AdamW), ``none`` no check at all ("DeepSpeed,
+unguarded": bf16 applied a NaN gradient before the guard), ``deepspeed`` DeepSpeed's own bf16
+``check_grad_overflow`` scan (per gradient, one host sync; in fp32 DeepSpeed's ZeRO-1/2 always
+test the norm). The guard's cost is the "FiniteGuard / unguarded" ratio of the same run.
+``--without-ray`` measures only these and the plain loop (for machines without Ray).
 
 Timing: each loop runs one warm-up window and then ``--steps`` steps in windows of ``--window``
 steps (the stage's logging windows, read back from its MLflow run). Per loop the median and the
@@ -18,8 +24,9 @@ process stealing the core slows any window down, never speeds it up). The plain 
 and after the stage; both runs count. Same model (training task registry), AdamW, gradient
 clipping 1.0, micro-batch ``--batch``, ``--threads`` intra-op threads (the Ray worker reserves as
 many CPUs; its data pipeline gets one more). On CUDA the stage trains in DeepSpeed bf16 and the
-plain loop under bf16 autocast. MFU = 6 * params * tokens/s / peak FLOP/s (``--peak-tflops``).
-Goal on CPU: stage / plain >= 0.85.
+plain loop under bf16 autocast, both with fused AdamW. ``--compile`` compiles the model in every
+loop (``train.compile: true`` in the stage). MFU = 6 * params * tokens/s / peak FLOP/s
+(``--peak-tflops``). Goal on CPU: stage / plain >= 0.85.
 """
 
 from __future__ import annotations
@@ -74,7 +81,7 @@ def plain_loop(args, base: str, overrides: dict, info: dict) -> tuple[list[float
     """(steps/s of each timed window, parameter count) of a hand-written PyTorch loop."""
     import torch
 
-    from vgen_core.training import get_task
+    from vgen_core.training import compile_model, get_task, make_optimizer
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -82,7 +89,9 @@ def plain_loop(args, base: str, overrides: dict, info: dict) -> tuple[list[float
     task = get_task("maskgit")
     torch.manual_seed(0)
     model = task.build(base, overrides, info).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=1e-4)
+    if args.compile:
+        compile_model(model)
+    opt = make_optimizer(model.parameters(), _train_config(args), device)
     batches = _memory_batches(args, info, device)
     rates, t0 = [], time.perf_counter()
     for step in range(_total_steps(args)):
@@ -100,14 +109,16 @@ def plain_loop(args, base: str, overrides: dict, info: dict) -> tuple[list[float
     return rates[1:], sum(p.numel() for p in model.parameters())
 
 
-def engine_loop(args, base: str, overrides: dict, info: dict) -> tuple[list[float], dict]:
+def engine_loop(args, base: str, overrides: dict, info: dict,
+                guard: str = "guard") -> tuple[list[float], dict]:
     """(steps/s of each timed window, last metrics) of ``train_loop`` around a DeepSpeed engine
-    in this process."""
+    in this process, with the non-finite-gradient check ``guard`` (see the module docstring)."""
     import deepspeed
     import torch
     import torch.distributed as dist
 
-    from vgen_core.training import deepspeed_config, get_task, train_loop
+    from vgen_core.training import (FiniteGuard, compile_model, deepspeed_config, get_task,
+                                    make_optimizer, train_loop)
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -118,11 +129,16 @@ def engine_loop(args, base: str, overrides: dict, info: dict) -> tuple[list[floa
     task = get_task("maskgit")
     torch.manual_seed(0)
     model = task.build(base, overrides, info).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=1e-4)
     tcfg = _train_config(args)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
-                                      config=deepspeed_config(tcfg, device),
+    opt = make_optimizer(model.parameters(), tcfg, device)
+    ds_config = deepspeed_config(tcfg, device)
+    if guard == "deepspeed" and "bf16" in ds_config:
+        ds_config["bf16"]["check_grad_overflow"] = True
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config,
                                       dist_init_required=False)
+    finite_guard = FiniteGuard(opt, engine.optimizer) if guard == "guard" else None
+    if args.compile:
+        compile_model(engine)
     batches = _memory_batches(args, info, device)
 
     def forever():
@@ -133,7 +149,9 @@ def engine_loop(args, base: str, overrides: dict, info: dict) -> tuple[list[floa
 
     rates: list[float] = []
     last = train_loop(engine, forever(), task.loss, tcfg, tokens_per_sample=info["seq_len"],
-                      on_log=lambda step, m: rates.append(m["steps_per_second"]))
+                      on_log=lambda step, m: rates.append(m["steps_per_second"]),
+                      guard=finite_guard)
+    engine.destroy()
     return rates[1:], last
 
 
@@ -142,7 +160,7 @@ def _train_config(args):
 
     return TrainConfig(steps=_total_steps(args), micro_batch_size=args.batch, lr=1e-4,
                        zero_stage=args.zero_stage, log_every=args.window, checkpoint_every=0,
-                       max_failures=0)
+                       max_failures=0, compile=args.compile)
 
 
 def _free_port() -> int:
@@ -186,7 +204,7 @@ def stage_loop(args, base: str, overrides: dict, info: dict) -> tuple[list[float
             run = MlflowTracker.start(uri, experiment="train-overhead", run_name="stage",
                                       artifact_location=os.path.join(tmp, "artifacts"))
             cfg = {"model": "maskgit", "size": base, "overrides": overrides,
-                   "train": _train_config(args).model_dump(), "data_info": info, "flip": False,
+                   "train": _train_config(args).dump(), "data_info": info, "flip": False,
                    "tracking_uri": uri, "run_id": run.run_id,
                    "output_uri": os.path.join(tmp, "model"), "threads": args.threads}
             resources = {"CPU": args.threads, **({"GPU": 1} if cuda else {})}
@@ -216,6 +234,10 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--without-ray", action="store_true",
                     help="skip the Ray Train stage: plain loop vs the DeepSpeed loop only")
+    ap.add_argument("--guards", nargs="+", choices=["guard", "none", "deepspeed"],
+                    default=None, help="non-finite-gradient checks of the DeepSpeed loop "
+                    "(default: guard none, and deepspeed on CUDA)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model everywhere")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="peak dense TFLOP/s of the device at the training precision, for MFU")
     args = ap.parse_args()
@@ -227,18 +249,25 @@ def main() -> None:
     results = {}
     if not args.without_ray:
         results["train stage, 1 worker"] = stage_loop(args, base, overrides, info)
-    results["DeepSpeed loop, no Ray"] = engine_loop(args, base, overrides, info)
+    guards = args.guards or (["guard", "none", "deepspeed"] if args.device == "cuda"
+                             else ["guard", "none"])
+    # "DeepSpeed loop, no Ray" is the stage's own configuration (benchmarks/gpu_suite.py reads it)
+    names = {"guard": "DeepSpeed loop, no Ray", "none": "DeepSpeed, unguarded",
+             "deepspeed": "DeepSpeed, check_grad_overflow"}
+    for guard in guards:
+        results[names[guard]] = engine_loop(args, base, overrides, info, guard)
     after, _ = plain_loop(args, base, overrides, info)
     rows = [("plain PyTorch loop", before + after, {})] + \
         [(name, rates, last) for name, (rates, last) in results.items()]
     plain_med, plain_best = statistics.median(before + after), max(before + after)
     print(f"MaskGIT {args.size} ({params / 1e6:.2f}M params), batch {args.batch} x "
           f"{info['seq_len']} tokens, {args.threads} thread(s), {args.device}, "
-          f"ZeRO-{args.zero_stage}, {len(before)} windows of {args.window} steps per run")
-    print(f"{'':<24}  {'median':>9} {'best':>9}  steps/s   stage/plain: median  best")
+          f"ZeRO-{args.zero_stage}, {len(before)} windows of {args.window} steps per run"
+          + (", compiled" if args.compile else ""))
+    print(f"{'':<28}  {'median':>9} {'best':>9}  steps/s   stage/plain: median  best")
     for name, rates, last in rows:
         med, best = statistics.median(rates), max(rates)
-        line = (f"{name:<24}  {med:9.3f} {best:9.3f}            "
+        line = (f"{name:<28}  {med:9.3f} {best:9.3f}            "
                 f"{med / plain_med:12.3f} {best / plain_best:5.3f}")
         if args.peak_tflops:
             mfu = 6 * params * best * args.batch * info["seq_len"] / (args.peak_tflops * 1e12)
@@ -246,6 +275,11 @@ def main() -> None:
         if "gpu_mem_max_gb" in last:
             line += f"  peak GPU memory {last['gpu_mem_max_gb']:.2f} GiB"
         print(line)
+    rates = {name: r for name, (r, _) in results.items()}
+    if names["guard"] in rates and names["none"] in rates:
+        g, u = rates[names["guard"]], rates[names["none"]]
+        print(f"FiniteGuard / unguarded: median {statistics.median(g) / statistics.median(u):.3f}"
+              f"  best {max(g) / max(u):.3f}")
     if args.peak_tflops:
         print(f"MFU = 6 * params * tokens/s / {args.peak_tflops:g} TFLOP/s")
 

@@ -35,6 +35,7 @@ from pydantic import Field
 
 from vgen_core.faults import fault_point
 from vgen_core.training import TrainConfig
+from vgen_core.training.loop import EXECUTION_FIELDS
 
 from .base import Counts, JobStage, OutputRef, StageConfig, StageError, StageResult
 
@@ -83,7 +84,8 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
     from ray.train.torch import get_device
 
     from vgen_core.tracking import MlflowTracker, NullTracker
-    from vgen_core.training import deepspeed_config, get_task, train_loop
+    from vgen_core.training import (FiniteGuard, checkpoint_blocks, compile_model,
+                                    deepspeed_config, get_task, make_optimizer, train_loop)
     from vgen_core.training.checkpoint import WorkerState, checkpoint_due, log_floor
 
     tcfg = TrainConfig.model_validate(cfg["train"])
@@ -95,14 +97,18 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
     model = task.build(cfg["size"], cfg["overrides"], cfg["data_info"])
     if cfg.get("weights"):
         model.load_state_dict(_initial_weights(cfg).state_dict())
+    if tcfg.activation_checkpointing:
+        checkpoint_blocks(model)
     model = model.to(device)
     groups = (task.param_groups(model, tcfg.weight_decay) if task.param_groups is not None
               else model.parameters())
-    opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=tcfg.betas,
-                            weight_decay=tcfg.weight_decay)
+    opt = make_optimizer(groups, tcfg, device)  # fused AdamW on CUDA
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt,
                                            config=deepspeed_config(tcfg, device),
                                            dist_init_required=False)
+    guard = FiniteGuard(opt, engine.optimizer)  # a step with a NaN / inf gradient is skipped
+    if tcfg.compile:
+        compile_model(engine)
     ema = _make_ema(engine, tcfg, rank)
     rng = np.random.default_rng(tcfg.seed + 1000 * rank)
     state = WorkerState()
@@ -136,7 +142,7 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
     last = train_loop(engine, _batches(cfg, tcfg, device, rng, state), loss_fn, tcfg,
                       on_log=on_log, on_step=on_step, start_step=resumed_from, world_size=world,
                       tokens_per_sample=tokens(cfg["data_info"]) if callable(tokens)
-                      else cfg["data_info"].get("seq_len"))
+                      else cfg["data_info"].get("seq_len"), guard=guard)
     _export(engine, ema, cfg, rank, {
         "final": last or state.last_metrics, "world_size": world, "step": state.step,
         "resumed_from": resumed_from, "restores": state.restores})
@@ -453,7 +459,7 @@ class TrainTokenizer(JobStage):
         output_uri = self.ctx.store.path(name)
         loop_cfg = {
             "model": self.config.model, "size": self.config.size,
-            "overrides": self.config.overrides, "train": tcfg.model_dump(),
+            "overrides": self.config.overrides, "train": tcfg.dump(),
             "data_info": data_info, "flip": getattr(self.config, "flip", False),
             "loss": self.config.loss, "weights": self.config.weights,
             "tracking_uri": self.ctx.tracking_uri, "run_id": self.ctx.tracker.run_id,
@@ -481,6 +487,9 @@ class TrainTokenizer(JobStage):
             except WeightsError as e:
                 raise StageError(f"stage '{self.ctx.stage}': {e}") from None
         self._check_resume_checkpoint()
+        # execution settings are not in the config MLflow records (nor in the fingerprint)
+        self.ctx.tracker.set_tags({f"vgen.train.{k}": str(getattr(tcfg, k)).lower()
+                                   for k in EXECUTION_FIELDS})
         with _progress_to(self.ctx.step_progress, loop_cfg):
             trainer.fit()
         from vgen_core.data.fsio import filesystem_for

@@ -5,7 +5,15 @@ precision, accumulation, clipping). Precision: bf16 on CUDA, fp32 on CPU (gloo).
 (linear warmup, then cosine or constant) is applied by the loop itself so it is the same function
 the tests check (:func:`lr_at`). The loop starts at any optimizer step (a resume) and calls
 ``on_step`` after each one (EMA update, checkpoint); checkpoints themselves are
-:mod:`vgen_core.training.checkpoint`'s business.
+:mod:`vgen_core.training.checkpoint`'s business. What makes a step fast without changing its
+maths (fused AdamW, the non-finite-gradient guard, ``compile``, activation checkpointing,
+flash-first attention) is :mod:`vgen_core.training.step`.
+
+``compile`` and ``activation_checkpointing`` are execution settings: they change how fast a step
+runs and how much memory it takes, not what it computes, so ``model_dump`` leaves them out and the
+stage fingerprint (and MLflow's params) never see them; a stage trained eagerly is not retrained
+because compile was switched on, and a resume may switch either. :meth:`TrainConfig.dump` has
+every field, for the workers; the train stage records them as MLflow tags.
 """
 
 from __future__ import annotations
@@ -18,12 +26,20 @@ from collections.abc import Callable, Iterator
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["TrainConfig", "deepspeed_config", "lr_at", "train_loop", "LOOP_VERSION"]
+from .step import attention_backends
+
+__all__ = ["TrainConfig", "deepspeed_config", "lr_at", "train_loop", "LOOP_VERSION",
+           "EXECUTION_FIELDS"]
 
 #: Bump when the loop's semantics change (part of every train stage's fingerprint).
 #: 2: resume from checkpoints (RNG and data position restored), EMA export, throughput metrics,
 #:    bf16 without DeepSpeed's per-parameter overflow scan.
-LOOP_VERSION = 2
+#: 3: steps with a non-finite gradient are skipped in every precision (FiniteGuard; bf16 applied
+#:    them), fused AdamW on CUDA.
+LOOP_VERSION = 3
+
+#: TrainConfig fields that change how a step runs, not its result (not fingerprinted)
+EXECUTION_FIELDS = ("compile", "activation_checkpointing")
 
 
 class TrainConfig(BaseModel):
@@ -48,6 +64,18 @@ class TrainConfig(BaseModel):
                              "of the raw weights; 0: off")
     max_failures: int = Field(2, ge=-1, description="restarts of the worker group from the last "
                               "checkpoint after a worker failure (Ray Train); -1: unlimited")
+    # execution settings (EXECUTION_FIELDS): excluded from model_dump, hence from fingerprints
+    compile: bool = Field(False, exclude=True, description="torch.compile the model (static "
+                          "shapes); same maths, not part of the stage fingerprint")
+    activation_checkpointing: bool = Field(False, exclude=True, description="recompute each "
+                                           "transformer block's activations in the backward "
+                                           "(less memory, ~1/3 more compute); same gradients, "
+                                           "not part of the stage fingerprint")
+
+    def dump(self) -> dict[str, Any]:
+        """Every field, the execution settings included (``model_dump`` leaves them out):
+        what a worker gets to rebuild this config with ``model_validate``."""
+        return {**self.model_dump(), **{k: getattr(self, k) for k in EXECUTION_FIELDS}}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -84,7 +112,8 @@ def deepspeed_config(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     if precision == "bf16":
         # bf16 needs no loss scaling; DeepSpeed's per-parameter inf/nan scan before each step
         # is host work that cost 35% of the step of a MaskGIT-B on an H100 (see
-        # benchmarks/train_overhead.py). The gradient norm for clipping is still computed.
+        # benchmarks/train_overhead.py). The gradient norm for clipping is still computed, and
+        # step.FiniteGuard skips a step on it when it is not finite.
         ds["bf16"] = {"enabled": True, "check_grad_overflow": False}
     elif precision == "fp16":
         ds["fp16"] = {"enabled": True}
@@ -97,20 +126,35 @@ def train_loop(engine: Any, batches: Iterator[dict[str, torch.Tensor]],
                cfg: TrainConfig, *, on_log: Callable[[int, dict[str, float]], None] | None = None,
                on_step: Callable[[int, dict[str, float]], None] | None = None,
                start_step: int = 0, world_size: int = 1,
-               tokens_per_sample: int | None = None) -> dict[str, float]:
+               tokens_per_sample: int | None = None, guard: Any = None) -> dict[str, float]:
     """Run optimizer steps ``start_step + 1 .. cfg.steps``.
 
     ``loss_fn(module, batch, step) -> (loss, metrics)``. Every ``log_every`` steps (and at the
     last) ``on_log(step, metrics)`` gets ``loss`` (mean over the window), ``lr``, the task's
     metrics, ``steps_per_second``, ``samples_per_second`` (all ranks), ``tokens_per_second``
-    (when ``tokens_per_sample`` is known) and ``gpu_mem_max_gb`` on CUDA. After every optimizer
-    step ``on_step(step, last_logged_metrics)`` runs (EMA update, checkpoint).
+    (when ``tokens_per_sample`` is known), ``gpu_mem_max_gb`` on CUDA and, with a ``guard``
+    (:class:`~vgen_core.training.step.FiniteGuard`), ``skipped_steps`` (optimizer steps
+    skipped so far for a non-finite gradient, by the guard or by DeepSpeed's own checks).
+    After every optimizer step ``on_step(step, last_logged_metrics)`` runs (EMA update,
+    checkpoint). Nothing is read back from the device between log steps. On CUDA attention
+    tries FlashAttention first (:func:`~vgen_core.training.step.attention_backends`).
 
     Returns the last logged metrics ({} when no step was left to run).
     """
-    step = start_step
-    if step >= cfg.steps:
+    if start_step >= cfg.steps:
         return {}
+    first = next(iter(engine.module.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    with attention_backends(device):
+        return _steps(engine, batches, loss_fn, cfg, on_log, on_step, start_step, world_size,
+                      tokens_per_sample, guard)
+
+
+def _steps(engine: Any, batches: Iterator[dict[str, torch.Tensor]], loss_fn: Callable[..., Any],
+           cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | None,
+           on_step: Callable[[int, dict[str, float]], None] | None, start_step: int,
+           world_size: int, tokens_per_sample: int | None, guard: Any) -> dict[str, float]:
+    step = start_step
     window_loss: torch.Tensor | float = 0.0
     window_micro = 0
     extra: dict[str, torch.Tensor | float] = {}
@@ -146,6 +190,9 @@ def train_loop(engine: Any, batches: Iterator[dict[str, torch.Tensor]],
             device = loss.device
             if device.type == "cuda":
                 last["gpu_mem_max_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if guard is not None:  # skipped by the guard, or by DeepSpeed itself (no overlap)
+                last["skipped_steps"] = float(guard.skipped_steps()
+                                              + int(getattr(engine, "skipped_steps", 0)))
             window_loss, window_micro = 0.0, 0
             t0, t0_step = time.perf_counter(), step  # logging and checkpoints count as time
             if on_log:
