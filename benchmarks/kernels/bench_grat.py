@@ -2,15 +2,22 @@
 authors' FlexAttention formulation, plus the sparsity of each setting.
 
     PYTHONPATH=. python benchmarks/kernels/bench_grat.py [--no-flex] [--only NAME]
-        [--peak-tflops 989]
+        [--preset flux8k|hunyuan] [--passes fwd,fwd+bwd] [--peak-tflops 989] [--json PATH]
 
 On a CUDA GPU, at >= 32k tokens (heads 24, head dim 128, bf16, as in HunyuanVideo): forward and
 forward+backward times of dense SDPA (no mask, flash backend), FlexAttention (compiled, block mask
 cached), the Triton kernel on raster-order tokens (including the two permutations) and on tokens
 already in grouped order; speed-ups; the token-level density (1 - sparsity) and the density of
 visited tiles; the kernel's achieved TFLOP/s over the attended pairs only, as a fraction of the
-device's dense bf16 peak. Without a GPU it says so and compares the dense-mask reference with dense
-SDPA at a small size on CPU.
+device's dense bf16 peak. Without a GPU it says so, prints each setting's density and the speed-up
+bound 1 / density, and compares the dense-mask reference with dense SDPA at a small size on CPU.
+
+``--preset`` (comma-separated for several) replaces the default settings by the paper's headline
+cases (``PRESETS``, with where each number comes from): ``hunyuan`` = HunyuanVideo 768x1280, 128
+frames, the official GRAT-X run (OliverRensu/GRAT @7afc1f9 main.py) and GRAT-B on the same grid;
+``flux8k`` = Flux at 8192x8192 (512 x 512 tokens), GRAT-X and GRAT-B. ``--passes fwd`` skips the
+backward. ``--json PATH`` writes the densities and every row as soon as it is measured, for
+benchmarks/gpu_suite.py.
 
 Shape legend: B batch, Hh heads, L tokens, D head dim.
 """
@@ -18,6 +25,7 @@ Shape legend: B batch, Hh heads, L tokens, D head dim.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -56,6 +64,58 @@ SETTINGS = {
     "image-65k-B": ((1, 256, 256), (1, 16, 16), "block", 1, 512, 64),
 }
 
+# The headline cases of the GRAT paper (35.8x over full attention for Flux at 8192x8192, up to
+# 15.8x on HunyuanVideo), same tuple layout as SETTINGS.
+# * hunyuan-X is the official run exactly: OliverRensu/GRAT @7afc1f9 main.py (768 x 1280 pixels,
+#   128 frames -> latents frames // 4 = 32, 768 // 16 = 48, 1280 // 16 = 80; group_t, group_h,
+#   group_w = 4, 8, 8; text_length=256; attenable_text = the prompt's token count, about 40 for
+#   the README prompt) with cross_processor.py's criss-cross mask.
+# * The official code has no GRAT-B and no Flux run (methods.md §6: [P]; the Flux settings are
+#   only in the paper, whose text is not in this workspace). vgen's choices, marked [P]: GRAT-B
+#   radius 1 (the 3 x 3 (x 3) surrounding groups), and Flux groups of 16 x 16 tokens: 256 tokens
+#   as the official video groups (4 * 8 * 8) and a whole number of 128-token tiles. Flux at
+#   8192 x 8192: VAE /8 and 2 x 2 patches -> 512 x 512 image tokens; T5 text of 512 slots
+#   (FLUX.1-dev max_sequence_length), 64 of them valid. Flux puts the text first, GRAT's kernel
+#   after the image: the same attention up to a permutation of the tokens.
+PRESETS: dict[str, dict[str, tuple]] = {
+    "hunyuan": {
+        "hunyuan-X": ((32, 48, 80), (4, 8, 8), "criss_cross", 1, 256, 40),
+        "hunyuan-B-r1": ((32, 48, 80), (4, 8, 8), "block", 1, 256, 40),
+    },
+    "flux8k": {
+        "flux8k-X": ((1, 512, 512), (1, 16, 16), "criss_cross", 1, 512, 64),
+        "flux8k-B-r1": ((1, 512, 512), (1, 16, 16), "block", 1, 512, 64),
+    },
+}
+PASSES = ("fwd", "fwd+bwd")
+
+
+def settings_for(args) -> dict[str, tuple]:
+    """The settings this run measures: the presets' (comma-separated), or SETTINGS; ``--only``
+    filters by name."""
+    chosen: dict[str, tuple] = {}
+    for name in (args.preset.split(",") if args.preset else []):
+        if name not in PRESETS:
+            raise SystemExit(f"--preset {name!r}: known presets are {', '.join(sorted(PRESETS))}")
+        chosen.update(PRESETS[name])
+    return {k: v for k, v in (chosen or SETTINGS).items() if not args.only or args.only in k}
+
+
+def density_table(settings: dict[str, tuple]) -> list[dict]:
+    """Per setting: tokens, density (attended pairs / L^2) and the FLOP bound 1 / density."""
+    rows = []
+    print(f"{'setting':<16} {'grid':>14} {'groups':>10} {'variant':<11} {'L':>8} {'density':>8} "
+          f"{'1/density':>9}")
+    for name, (grid, groups, variant, radius, n_text, n_valid) in settings.items():
+        spec = make_spec(grid, groups, variant, n_text, n_valid, radius)
+        dens = grat_density(spec)
+        rows.append({"setting": name, "grid": list(grid), "groups": list(groups),
+                     "variant": variant, "radius": radius, "n_text": n_text,
+                     "n_text_valid": n_valid, "L": spec.seq_len, "density": dens})
+        print(f"{name:<16} {'x'.join(map(str, grid)):>14} {'x'.join(map(str, groups)):>10} "
+              f"{variant:<11} {spec.seq_len:>8} {dens:>8.4f} {1 / dens:>8.1f}x")
+    return rows
+
 
 def peak_flops(name: str, override: float | None) -> tuple[float | None, str]:
     if override:
@@ -92,7 +152,8 @@ def fwd_bwd(attn: Callable[..., torch.Tensor], q, k, v, do) -> Callable[[], None
     return run
 
 
-def run_gpu(args) -> None:
+def run_gpu(args, on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
+    """Time every setting and pass; ``on_row`` sees each row as soon as it is measured."""
     from kernels.grat import grat_attention_flex
     from kernels.grat import triton as grat_triton
     from kernels.grat._layout import block_layout
@@ -106,9 +167,9 @@ def run_gpu(args) -> None:
             f"{'flex ms':>9} {'triton ms':>10} {'tr-grp ms':>10} {'x dense':>8} {'x flex':>7} "
             f"{'TFLOP/s':>8} {'% peak':>7}")
     print(head)
-    for sname, (grid, groups, variant, radius, n_text, n_valid) in SETTINGS.items():
-        if args.only and args.only not in sname:
-            continue
+    rows: list[dict] = []
+    passes = [p for p in args.passes.split(",") if p]
+    for sname, (grid, groups, variant, radius, n_text, n_valid) in settings_for(args).items():
         spec = make_spec(grid, groups, variant, n_text, n_valid, radius)
         L = spec.seq_len
         dens = grat_density(spec)
@@ -132,6 +193,8 @@ def run_gpu(args) -> None:
             impls.pop("flex")
         attended_flops = 4.0 * B * Hh * D * dens * L * L  # QK^T and PV over attended pairs
         for pass_name, flops in (("fwd", attended_flops), ("fwd+bwd", 3.5 * attended_flops)):
+            if pass_name not in passes:
+                continue
             ms = {}
             for iname, attn in impls.items():
                 a, b, c = (qg, kg, vg) if iname == "tr-grp" else (q, k, v)
@@ -147,17 +210,26 @@ def run_gpu(args) -> None:
                   f"{ms['dense']:>9.2f} "
                   f"{flex_ms:>9.2f} {ms['triton']:>10.2f} {ms['tr-grp']:>10.2f} "
                   f"{ms['dense'] / ms['triton']:>8.2f} {flex_ms / ms['triton']:>7.2f} "
-                  f"{tflops:>8.1f} {pct}")
+                  f"{tflops:>8.1f} {pct}", flush=True)
+            rows.append({"setting": sname, "L": L, "density": dens, "tiles": tiles,
+                         "pass": pass_name, "dense_ms": ms["dense"], "flex_ms": ms.get("flex"),
+                         "triton_ms": ms["triton"], "triton_grouped_ms": ms["tr-grp"],
+                         "x_dense": ms["dense"] / ms["triton"],
+                         "x_flex": flex_ms / ms["triton"] if "flex" in ms else None,
+                         "tflops": tflops, "peak_frac": tflops * 1e12 / peak if peak else None})
+            on_row(rows[-1])
         del q, k, v, qg, kg, vg, do
         torch.cuda.empty_cache()
     print("dens: attended (q, k) pairs / L^2; tiles: visited 128x64 tiles / all tiles; x dense / "
           "x flex: speed-up of the Triton kernel on raster tokens (permutations included); "
           "TFLOP/s: attended-pair FLOPs of the kernel on grouped tokens (bwd = 2.5 x fwd).")
+    return rows
 
 
 def run_cpu(args) -> None:
-    print("NOTE: no CUDA GPU present: the Triton kernel and compiled FlexAttention need one. "
-          "Comparing the dense-mask reference with dense SDPA (full attention) on CPU, small size.")
+    print("NOTE: no CUDA GPU present: the Triton kernel and compiled FlexAttention need one "
+          "(no timings of the settings above). Comparing the dense-mask reference with dense "
+          "SDPA (full attention) on CPU, small size.")
     grid, groups, variant, n_text = (4, 16, 16), (1, 4, 4), "criss_cross", 16
     B, Hh, D = 1, 4, 64
     spec = make_spec(grid, groups, variant, n_text)
@@ -184,10 +256,30 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     ap.add_argument("--iters", type=int, default=20, help="CPU timing repetitions")
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the peak, TFLOP/s")
+    ap.add_argument("--preset", default=None, metavar="|".join(sorted(PRESETS)),
+                    help="the paper's headline cases instead of the default settings "
+                         "(comma-separated for several)")
+    ap.add_argument("--passes", default=",".join(PASSES),
+                    help=f"comma-separated passes to time ({', '.join(PASSES)})")
+    ap.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
     args = ap.parse_args()
     print(f"torch {torch.__version__}")
+    if unknown := [p for p in args.passes.split(",") if p and p not in PASSES]:
+        raise SystemExit(f"--passes: unknown {unknown}; known: {', '.join(PASSES)}")
+    densities = density_table(settings_for(args))
+    out: dict = {"benchmark": "bench_grat", "preset": args.preset, "densities": densities,
+                 "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                 "rows": []}
+
+    def save(row: dict | None = None) -> None:  # after every row: a time cap keeps what was done
+        if row is not None:
+            out["rows"].append(row)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1))
+
+    save()
     if torch.cuda.is_available():
-        run_gpu(args)
+        run_gpu(args, save)
     else:
         run_cpu(args)
 

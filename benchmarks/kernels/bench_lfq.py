@@ -1,12 +1,13 @@
 """Benchmark the fused LFQ kernel against its PyTorch reference on the same inputs, same run.
 
-    PYTHONPATH=. python benchmarks/kernels/bench_lfq.py [--iters 50] [--peak-tbs 3.35]
+    PYTHONPATH=. python benchmarks/kernels/bench_lfq.py [--iters 50] [--peak-tbs 3.35] [--json PATH]
 
 On a CUDA GPU: forward, forward+backward and unpack at a MaskBit training size and at large
 sizes; prints reference and Triton times, their ratio, and the Triton kernel's achieved bandwidth
 (minimal bytes moved, kernels/lfq/README.md) as a fraction of the device's peak DRAM bandwidth.
 Without a GPU it says so, times the reference at the MaskBit size, and runs the Triton path in the
 interpreter (TRITON_INTERPRET=1) at a tiny size, which only shows the code path runs.
+``--json PATH`` writes every row (times, ratio, GB/s, fraction of peak) for benchmarks/gpu_suite.py.
 
 Shape legend: B batch, N tokens per sample, K bits per token, P = ceil(K / 8).
 """
@@ -14,6 +15,7 @@ Shape legend: B batch, N tokens per sample, K bits per token, P = ceil(K / 8).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -109,9 +111,10 @@ def make_ops(impl, B: int, N: int, K: int, dtype: torch.dtype, device: str, T: f
     }
 
 
-def run(sizes, iters: int, peak: float | None, device: str, T: float) -> None:
+def run(sizes, iters: int, peak: float | None, device: str, T: float) -> list[dict]:
     from kernels.lfq import triton as triton_impl
 
+    rows: list[dict] = []
     bw_head = f" {'Triton GB/s':>11} {'% peak':>7}" if device == "cuda" else ""
     print(f"{'op':<8} {'B':>5} {'N':>5} {'K':>3} {'dtype':<5} {'ref ms':>9} {'triton ms':>10} "
           f"{'ref/triton':>10}{bw_head}")
@@ -123,11 +126,17 @@ def run(sizes, iters: int, peak: float | None, device: str, T: float) -> None:
             t_ref, t_tri = time_ms(ref_ops[op], iters), time_ms(tri_ops[op], iters)
             line = (f"{op:<8} {B:>5} {N:>5} {K:>3} {dname:<5} {t_ref:>9.4f} {t_tri:>10.4f} "
                     f"{t_ref / t_tri:>9.2f}x")
+            row = {"op": op, "B": B, "N": N, "K": K, "dtype": dname, "device": device,
+                   "ref_ms": t_ref, "triton_ms": t_tri, "speedup": t_ref / t_tri,
+                   "gbs": None, "peak_frac": None}
             if device == "cuda":
                 gbs = bytes_moved(op, B, N, K, dtype) / (t_tri * 1e-3) / 1e9
                 pct = f"{100 * gbs * 1e9 / peak:>6.1f}%" if peak else f"{'n/a':>7}"
                 line += f" {gbs:>11.1f} {pct}"
-            print(line)
+                row.update(gbs=gbs, peak_frac=gbs * 1e9 / peak if peak else None)
+            print(line, flush=True)
+            rows.append(row)
+    return rows
 
 
 def main() -> None:
@@ -135,15 +144,24 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--temperature", type=float, default=0.01)
     ap.add_argument("--peak-tbs", type=float, default=None, help="override the peak, in TB/s")
+    ap.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
     args = ap.parse_args()
     print(f"torch {torch.__version__}")
+    out: dict = {"benchmark": "bench_lfq", "device": "cpu", "peak_Bps": None, "rows": []}
+
+    def save() -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1))
+
     if HAS_CUDA:
         name = torch.cuda.get_device_name()
         peak, source = peak_bandwidth(name, args.peak_tbs)
         print(f"device: {name}; peak DRAM bandwidth from {source}")
+        out.update(device=name, peak_Bps=peak)
         sizes = [(16, 256, 12, "fp32"),  # one MaskBit step per GPU: launch-bound, not bandwidth
                  (1024, 1024, 12, "fp32"), (1024, 1024, 16, "bf16"), (512, 1024, 32, "fp16")]
-        run(sizes, args.iters, peak, "cuda", args.temperature)
+        out["rows"] = run(sizes, args.iters, peak, "cuda", args.temperature)
+        save()
         return
     print("NOTE: no CUDA GPU present. Timing the PyTorch reference on CPU at the MaskBit size, and"
           "\n      the Triton kernels in the interpreter (TRITON_INTERPRET=1) at a tiny size: the"
@@ -157,7 +175,8 @@ def main() -> None:
         for op in ("fwd", "fwd+bwd", "unpack"):
             print(f"{op:<8} {B:>5} {N:>5} {K:>3} {dname:<5} {time_ms(ops[op], args.iters):>9.4f}")
     print("\nreference vs Triton interpreter, CPU (tiny):")
-    run([(2, 64, 12, "fp32")], min(args.iters, 5), None, "cpu", args.temperature)
+    out["rows"] = run([(2, 64, 12, "fp32")], min(args.iters, 5), None, "cpu", args.temperature)
+    save()
 
 
 if __name__ == "__main__":

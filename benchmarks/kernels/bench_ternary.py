@@ -1,17 +1,20 @@
 """Benchmark of the ternary (1.58-bit) linear kernel.
 
     python benchmarks/kernels/bench_ternary.py [--shapes 3072x3072,12288x3072] [--m 1,16,4096]
+        [--json PATH]
 
 Prints (1) weight bytes against bf16 for each (out x in) shape, from TernaryLinear's buffers;
 (2) on a GPU, per shape and batch M: Triton ternary latency vs a bf16 ``F.linear`` of the same
 shape measured in the same run (L2 flushed before every call, as for weights of a large model),
 the speed-up, and the achieved memory bandwidth against the device's peak; (3) without a GPU,
 the PyTorch reference vs an fp32 matmul at a small size, and a line saying no GPU was present.
+``--json PATH`` writes the GPU rows (and the storage table) for benchmarks/gpu_suite.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -30,10 +33,11 @@ def _shapes(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s]
 
 
-def storage_table(shapes: list[tuple[int, int]]) -> None:
+def storage_table(shapes: list[tuple[int, int]]) -> list[dict]:
     print("weight storage (packed 2-bit codes + fp32 per-row scale; bias not counted)")
     print(f"{'out x in':>14} {'packed B':>12} {'scale B':>9} {'bf16 B':>12} {'ratio':>8} "
           f"{'bits/w':>7}  <= 1/7.7")
+    rows = []
     for N, K in shapes:
         layer = TernaryLinear(K, N, bias=False)
         packed = layer.packed.untyped_storage().nbytes()
@@ -42,6 +46,8 @@ def storage_table(shapes: list[tuple[int, int]]) -> None:
         ratio = (packed + scale) / bf16
         print(f"{N:>6} x {K:<6} {packed:>12,} {scale:>9,} {bf16:>12,}  1/{1 / ratio:<5.2f} "
               f"{8 * (packed + scale) / (N * K):>7.3f}  {'yes' if ratio <= 1 / 7.7 else 'NO'}")
+        rows.append({"N": N, "K": K, "ratio_to_bf16": ratio})
+    return rows
 
 
 def _peak_bandwidth_Bps(device: torch.device) -> float | None:
@@ -51,7 +57,7 @@ def _peak_bandwidth_Bps(device: torch.device) -> float | None:
     return 2 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else None
 
 
-def gpu_bench(shapes: list[tuple[int, int]], ms: list[int]) -> None:
+def gpu_bench(shapes: list[tuple[int, int]], ms: list[int]) -> list[dict]:
     import triton.testing
 
     from kernels.ternary.triton import ternary_matmul_triton
@@ -64,6 +70,7 @@ def gpu_bench(shapes: list[tuple[int, int]], ms: list[int]) -> None:
     print(f"{'M':>5} {'out x in':>14} {'ternary us':>11} {'bf16 us':>9} {'speed-up':>9} "
           f"{'tern GB/s':>10} {'bf16 GB/s':>10} {'tern %peak':>10} {'bf16 %peak':>10}")
     torch.manual_seed(0)
+    rows = []
     for N, K in shapes:
         w_bf16 = torch.randn(N, K, device=device, dtype=torch.bfloat16)
         packed, scale = quantize_and_pack(w_bf16)
@@ -80,8 +87,13 @@ def gpu_bench(shapes: list[tuple[int, int]], ms: list[int]) -> None:
             pct = (lambda bw: f"{100 * bw / peak:>9.0f}%") if peak else (lambda bw: f"{'?':>10}")
             print(f"{M:>5} {N:>6} x {K:<6} {t_tern * 1e6:>11.1f} {t_bf16 * 1e6:>9.1f} "
                   f"{t_bf16 / t_tern:>8.2f}x {bw_t / 1e9:>10.0f} {bw_b / 1e9:>10.0f} "
-                  f"{pct(bw_t)} {pct(bw_b)}")
+                  f"{pct(bw_t)} {pct(bw_b)}", flush=True)
+            rows.append({"M": M, "N": N, "K": K, "ternary_us": t_tern * 1e6,
+                         "bf16_us": t_bf16 * 1e6, "speedup": t_bf16 / t_tern,
+                         "ternary_peak_frac": bw_t / peak if peak else None,
+                         "bf16_peak_frac": bw_b / peak if peak else None})
     print("speed-up = bf16 time / ternary time; GB/s counts weights + activations moved once.")
+    return rows
 
 
 def _time_cpu(fn, reps: int) -> float:
@@ -120,13 +132,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in FLUX_SHAPES),
                         help="comma-separated OUTxIN shapes (default: FLUX.1-dev linears)")
     parser.add_argument("--m", default="1,16,4096", help="comma-separated batch sizes (GPU)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
     args = parser.parse_args(argv)
     shapes = _shapes(args.shapes)
-    storage_table(shapes + [(1000, 412), (512, 64)])
+    storage = storage_table(shapes + [(1000, 412), (512, 64)])
+    out = {"benchmark": "bench_ternary", "storage": storage,
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "rows": []}
     if torch.cuda.is_available():
-        gpu_bench(shapes, [int(m) for m in args.m.split(",") if m])
+        out["rows"] = gpu_bench(shapes, [int(m) for m in args.m.split(",") if m])
     else:
         cpu_bench()
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

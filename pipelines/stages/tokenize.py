@@ -35,13 +35,37 @@ version: resize the shorter side to ``resolution`` (bicubic) and center-crop a s
 fingerprint writes its own side table ``<dag>/<stage>/<fp16>`` keyed by (sample_id,
 content_digest); a re-run computes only samples that are new, changed, or not in this table.
 An undecodable image or a non-finite output is quarantined with the sample, column and reason.
+
+**Encoding on a GPU** (the image kinds' :class:`ImageEncodeConfig`; the actor's work is
+``vgen_core.tokenizers.device_encode.DeviceEncoder``): pinned-memory, non-blocking uploads on a
+side stream overlapped with the encode of the previous chunk, the flip made on the GPU, channels-
+last inputs, crops and flips in one forward, one synchronisation per batch.
+
+* ``precision``: ``auto`` (default) encodes in bf16 autocast when the stage is placed on GPUs
+  (``device: cuda``, or ``device: auto`` with ``resources.gpus > 0``) and in fp32 otherwise;
+  ``fp32`` / ``bf16`` force one. bf16 changes the outputs (bits near 0 flip; the LFQ test measures
+  5 of 768 bits on a tiny model), so a bf16 encode adds ``precision: bf16`` to the row fingerprint
+  (a bf16 table is never mixed with fp32 rows) and to the table's ``vgen.preprocess`` record. An
+  fp32 encode adds nothing: its fingerprint is the one fp32 tables always had.
+* ``compile`` (default false): ``torch.compile`` of the encode, static shapes (CUDA; the CPU path
+  stays eager).
+* ``encode_batch``: model inputs per forward (crops + flips), ``auto`` = from GPU memory (the
+  measured per-input footprint against the free memory; ``device_encode`` documents the rule),
+  unset = each batch the executor hands over (``resources.batch_size`` rows x views) in one
+  forward, as before. To feed a GPU, raise ``resources.batch_size`` and let ``auto`` split.
+
+``compile`` and ``encode_batch`` change only float summation order (like the device, the thread
+count or the batch size, which never entered it), so the three settings stay out of the config
+the planner hashes (``exclude=True``) and the resolved precision enters through
+:meth:`ImageTokenizeStage.row_fingerprint_parts`. On CPU the defaults encode exactly as before:
+each view in one fp32, eager call.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -56,8 +80,11 @@ from vgen_core.data.schemas import BIT_TOKENS, ID_TOKENS
 from .base import (BatchResult, MapStage, OutputRef, StageConfig, StageError, StageResult,
                    quarantine_record, resolve_device)
 
-__all__ = ["ImageTokenizeConfig", "ImageTokenizeStage", "TokenizeLFQ", "TokenizeFSQ",
-           "TokenizeTiTok", "weights_file_digest"]
+if TYPE_CHECKING:
+    from vgen_core.tokenizers.device_encode import DeviceEncoder
+
+__all__ = ["ImageEncodeConfig", "ImageTokenizeConfig", "ImageTokenizeStage", "TokenizeLFQ",
+           "TokenizeFSQ", "TokenizeTiTok", "weights_file_digest"]
 
 
 def weights_file_digest(uri: str, where: str) -> str:
@@ -95,11 +122,24 @@ class ImageTokenizeConfig(StageConfig):
     device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
 
 
+class ImageEncodeConfig(ImageTokenizeConfig):
+    """Config of the image kinds (``tokenize.lfq`` / ``fsq`` / ``titok``, ``cache.latents``): how
+    the actor encodes (module docstring, "Encoding on a GPU"). Not in the hashed config: the
+    resolved precision enters the row fingerprint itself; the rest changes no result."""
+
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", exclude=True, description="auto: bf16 autocast when placed on GPUs, else fp32")
+    compile: bool = Field(False, exclude=True, description="torch.compile the encode")
+    encode_batch: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        None, exclude=True, description="model inputs per forward; auto: from GPU memory; "
+                                        "unset: the whole batch")
+
+
 class ImageTokenizeStage(MapStage):
     """Base of the image tokenize kinds: model loading, decoding, preprocessing, views, and the
     ``tokenizer`` output (see the module docstring)."""
 
-    Config = ImageTokenizeConfig
+    Config: ClassVar[type[StageConfig]] = ImageEncodeConfig
     write_mode = "append"
     needs_range = (1, 2)
     weights_fields: ClassVar[tuple[str, ...]] = ("weights",)  # checked before anything runs
@@ -150,16 +190,38 @@ class ImageTokenizeStage(MapStage):
 
     def row_fingerprint_parts(self) -> dict[str, Any]:
         """The tokenizer's weights and the pixel range it is fed (the family's: a change of it,
-        e.g. LFQ's move to MaskBit's [0, 1], recomputes the tokens of unchanged weights)."""
+        e.g. LFQ's move to MaskBit's [0, 1], recomputes the tokens of unchanged weights), and
+        ``precision: bf16`` when the rows are encoded in bf16 (fp32 adds nothing)."""
         ref = self.tokenizer_ref()
         if ref is not None:
-            return {"weights": ref.digest, "pixel_range": self.pixel_range}
-        if self.config.weights:
-            return {"weights_file": weights_file_digest(self.config.weights, self._where()),
-                    "pixel_range": self.pixel_range}
-        from vgen_core.tokenizers.io import weights_digest
+            parts = {"weights": ref.digest, "pixel_range": self.pixel_range}
+        elif self.config.weights:
+            parts = {"weights_file": weights_file_digest(self.config.weights, self._where()),
+                     "pixel_range": self.pixel_range}
+        else:
+            from vgen_core.tokenizers.io import weights_digest
 
-        return {"weights": weights_digest(self._build_seeded()), "pixel_range": self.pixel_range}
+            parts = {"weights": weights_digest(self._build_seeded()),
+                     "pixel_range": self.pixel_range}
+        if self.encode_precision() == "bf16":
+            parts["precision"] = "bf16"
+        return parts
+
+    def _gpus(self) -> float:
+        return float(getattr(self.ctx.resources, "gpus", 0.0) or 0.0)
+
+    def encode_precision(self) -> Literal["fp32", "bf16"]:
+        """``fp32`` or ``bf16``: what the rows are encoded in, decided from the config and the
+        declared resources alone, so the driver (fingerprint) and the actors (encode) agree.
+        ``auto`` is bf16 when the stage is placed on GPUs (``device: cuda``, or ``device: auto``
+        with ``resources.gpus > 0``). A config without the field (``tokenize.deltatok``) is fp32.
+        """
+        want = getattr(self.config, "precision", "fp32")
+        if want in ("fp32", "bf16"):
+            return "bf16" if want == "bf16" else "fp32"
+        on_gpu = self.config.device == "cuda" or (self.config.device == "auto"
+                                                 and self._gpus() > 0)
+        return "bf16" if on_gpu else "fp32"
 
     def _build_seeded(self):
         import torch
@@ -289,11 +351,12 @@ class ImageTokenizeStage(MapStage):
     def commit_metadata(self) -> dict[str, str]:
         import json
 
-        return {"vgen.preprocess": json.dumps({
-            "kind": self.kind, "family": self.family_name,
-            "resolution": self.declared_resolution(), "crop": "center", "resize": "bicubic",
-            "baked": ["hflip"] if self.config.flip else [], "pixel_range": self.pixel_range},
-            sort_keys=True)}
+        pre = {"kind": self.kind, "family": self.family_name,
+               "resolution": self.declared_resolution(), "crop": "center", "resize": "bicubic",
+               "baked": ["hflip"] if self.config.flip else [], "pixel_range": self.pixel_range}
+        if self.encode_precision() == "bf16":
+            pre["precision"] = "bf16"
+        return {"vgen.preprocess": json.dumps(pre, sort_keys=True)}
 
     # -- data -----------------------------------------------------------------------------
     def input_columns(self) -> list[str] | None:
@@ -345,7 +408,8 @@ class ImageTokenizeStage(MapStage):
 
     def decode_batch(self, batch: pa.Table) -> tuple[list[int], np.ndarray | None, list[dict]]:
         """Decode + preprocess every row (or take the pixels ``prepare_batch`` made); returns
-        (kept row indices, (n, R, R, 3) uint8, quarantine records for the rest)."""
+        (kept row indices, (n, R, R, 3) uint8, quarantine records for the rest). When every row
+        decoded, the pixels are a view of the Arrow column's buffer (no per-row copies)."""
         names = batch.schema.names
         if "_pixels" not in names:
             batch = self.prepare_batch(batch, resolution=self.resolution)
@@ -355,10 +419,14 @@ class ImageTokenizeStage(MapStage):
                 raise StageError(f"stage '{self.ctx.stage}': images were prepared at {made} px "
                                  f"but the model encodes {self.resolution} px; set "
                                  f"with.resolution: {self.resolution}")
+        r = self.resolution
+        if batch["_error"].null_count == batch.num_rows:  # every row decoded: no copy
+            block = _pixel_block(batch["_pixels"], r)
+            if block is not None:
+                return list(range(batch.num_rows)), block, []
         ids = batch["sample_id"].to_pylist()
         digests = batch["content_digest"].to_pylist()
         sources = batch["source"].to_pylist() if "source" in names else [None] * len(ids)
-        r = self.resolution
         keep, images, quarantine = [], [], []
         for i, (data, err) in enumerate(zip(batch["_pixels"].to_pylist(),
                                             batch["_error"].to_pylist())):
@@ -387,21 +455,34 @@ class ImageTokenizeStage(MapStage):
         }
 
     def process_batch(self, batch: pa.Table) -> BatchResult:
-        import torch
-
         keep, images, quarantine = self.decode_batch(batch)
         if images is None:
             return BatchResult(self.output_schema.empty_table(), quarantine)
         batch = batch.take(keep)
-        views = [images] + ([images[:, :, ::-1].copy()] if self.config.flip else [])
-        with torch.inference_mode():
-            outs = [self.encode(self.to_model(torch.from_numpy(v).to(self.device)))
-                    for v in views]
+        outs = self.device_encoder().encode_views(images, self.config.flip)
         rows, more_q = self.make_rows(batch, outs[0], outs[1] if self.config.flip else None)
         return BatchResult(rows, quarantine + more_q)
 
+    def device_encoder(self) -> DeviceEncoder:
+        """The actor's :class:`~vgen_core.tokenizers.device_encode.DeviceEncoder` (after
+        ``setup``; built on first use, once per actor)."""
+        enc = getattr(self, "_device_encoder", None)
+        if enc is None:
+            from vgen_core.tokenizers.device_encode import DeviceEncoder
+
+            gpus = self._gpus()
+            enc = DeviceEncoder(self.model, self.encode_fn, self.pixel_range, self.device,
+                                precision=self.encode_precision(),
+                                compile=bool(getattr(self.config, "compile", False)),
+                                micro_batch=getattr(self.config, "encode_batch", None),
+                                gpu_share=gpus if 0 < gpus < 1 else 1.0,
+                                cpu_encode=self.encode)
+            self._device_encoder = enc
+        return enc
+
     def encode(self, x_BCHW) -> dict[str, np.ndarray]:
-        """The family's ``encode`` (see :class:`~vgen_core.families.FamilySpec`), as numpy."""
+        """The family's ``encode`` (see :class:`~vgen_core.families.FamilySpec`), as numpy: the
+        CPU path's encode (a GPU actor calls the hook itself, asynchronously)."""
         return {k: v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy()
                 for k, v in self.encode_fn(self.model, x_BCHW).items()}
 
@@ -466,6 +547,24 @@ class TokenizeTiTok(ImageTokenizeStage):
                              else [None] * B),
         }
         return pa.table(rows, schema=ID_TOKENS), []
+
+
+def _pixel_block(col: pa.ChunkedArray | pa.Array, r: int) -> np.ndarray | None:
+    """(n, r, r, 3) uint8 view (read-only when the buffer is) of a binary column of n pixel blobs
+    of r*r*3 bytes each, without copying them; None when a value is null or of another size."""
+    if isinstance(col, pa.ChunkedArray):  # one chunk: itself; several: one concatenation
+        arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    else:
+        arr = col
+    large = pa.types.is_large_binary(arr.type)
+    if not len(arr) or arr.null_count or not (large or pa.types.is_binary(arr.type)):
+        return None
+    offsets = np.frombuffer(arr.buffers()[1], np.int64 if large else np.int32)
+    offsets = offsets[arr.offset:arr.offset + len(arr) + 1]
+    if not (np.diff(offsets) == r * r * 3).all():
+        return None
+    data = np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
+    return data.reshape(len(arr), r, r, 3)
 
 
 #: the stage kind that writes each side-table kind (for error messages)

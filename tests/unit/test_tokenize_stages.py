@@ -250,3 +250,230 @@ def test_decode_tasks_never_share_the_actors_resources():
     assert prepare_cpus({"CPU": 64.0}, 8, 1.0) == pytest.approx(0.9)  # 1.0 would fuse
     assert prepare_cpus({"CPU": 64.0}, 8, 4.0) == 1.0
     assert prepare_cpus({"CPU": 2.0}, 1, PREPARE_CPUS) == pytest.approx(0.9 * PREPARE_CPUS)
+
+
+# --------------------------------------------------------------------------------------------------
+# how the actor encodes (ImageEncodeConfig: precision, encode_batch, compile; device_encode)
+# --------------------------------------------------------------------------------------------------
+
+
+def _stage(kind, cfg, store, ref, resources=None):
+    ctx = StageContext(dag="t", stage="tok", store=store, row_fingerprint="fp",
+                       inputs={"images": {"samples": ref}}, resources=resources)
+    return kind(cfg, ctx)
+
+
+def test_encode_settings_leave_the_cpu_fingerprint_as_before_and_bf16_enters_it(tmp_path):
+    from pipelines.dag.spec import ResourcesSpec
+    from pipelines.stages.tokenize import ImageEncodeConfig
+
+    store = TableStore(str(tmp_path))
+    ref = image_table(store, broken=False)
+    # the hashed config is the one image kinds always had: the new settings are excluded
+    assert ImageEncodeConfig(compile=True, encode_batch="auto", precision="bf16").model_dump() \
+        == ImageTokenizeConfig().model_dump()
+    cpu = _stage(TokenizeLFQ, ImageEncodeConfig(resolution=32), store, ref)
+    assert set(cpu.row_fingerprint_parts()) == {"weights", "pixel_range"}
+    assert cpu.encode_precision() == "fp32"
+    assert "precision" not in cpu.commit_metadata()["vgen.preprocess"]
+    gpu = ResourcesSpec(gpus=1)
+    cases = [  # (config, resources) -> precision
+        (ImageEncodeConfig(resolution=32), gpu, "bf16"),
+        (ImageEncodeConfig(resolution=32, device="cuda"), None, "bf16"),
+        (ImageEncodeConfig(resolution=32, device="cpu"), gpu, "fp32"),
+        (ImageEncodeConfig(resolution=32, precision="fp32"), gpu, "fp32"),
+        (ImageEncodeConfig(resolution=32, precision="bf16"), None, "bf16"),
+        (ImageTokenizeConfig(resolution=32), gpu, "fp32"),  # a config without the field
+    ]
+    for cfg, res, want in cases:
+        stage = _stage(TokenizeLFQ, cfg, store, ref, res)
+        parts = stage.row_fingerprint_parts()
+        assert stage.encode_precision() == want, (cfg, res)
+        assert parts.get("precision") == ("bf16" if want == "bf16" else None)
+        assert {k: v for k, v in parts.items() if k != "precision"} \
+            == cpu.row_fingerprint_parts()
+        assert ('"precision": "bf16"' in stage.commit_metadata()["vgen.preprocess"]) \
+            == (want == "bf16")
+    # the video kind encodes features, not images: no precision setting, fp32
+    dt = _stage(TokenizeDeltaTok, TokenizeDeltaTokConfig(size="tiny"), store, ref, gpu)
+    assert dt.encode_precision() == "fp32"
+    with pytest.raises(ValueError):
+        ImageEncodeConfig(encode_batch=0)
+
+
+def test_micro_batches_and_auto_on_cpu_give_the_rows_of_whole_batches(tmp_path):
+    from pipelines.stages.tokenize import ImageEncodeConfig
+
+    store = TableStore(str(tmp_path))
+    ref = image_table(store, broken=False)
+    rows = {}
+    for name, kind, batch in (("whole", TokenizeLFQ, None), ("two", TokenizeLFQ, 2),
+                              ("auto", TokenizeLFQ, "auto"), ("latents", CacheLatents, None),
+                              ("latents-1", CacheLatents, 1)):
+        model = {"model": "kl_vae", "resolution": 16} if kind is CacheLatents else \
+            {"resolution": 32}
+        r, stage = run(kind, ImageEncodeConfig(size="tiny", encode_batch=batch, **model),
+                       store, ref, fp=name)
+        assert r.counts.processed == 5
+        rows[name] = store.read(r.outputs["samples"].name).sort_by("sample_id")
+        if batch == "auto":  # no GPU memory to size it from: the whole batch
+            assert stage.device_encoder().micro_batch is None
+    cols = ["sample_id", "indices", "indices_flip", "bits_packed"]
+    assert rows["two"].select(cols).equals(rows["whole"].select(cols))
+    assert rows["auto"].select(cols).equals(rows["whole"].select(cols))
+    for col in ("moments", "moments_flip"):  # conv sums may reassociate with the batch size
+        a = np.stack(rows["latents"][col].to_numpy(zero_copy_only=False))
+        b = np.stack(rows["latents-1"][col].to_numpy(zero_copy_only=False))
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_rows_are_the_models_autocast_encode_and_differ_from_fp32(tmp_path):
+    from pipelines.stages.tokenize import ImageEncodeConfig
+
+    store = TableStore(str(tmp_path))
+    ref = image_table(store, broken=False)
+    r16, stage = run(TokenizeLFQ, ImageEncodeConfig(resolution=32, precision="bf16"), store, ref,
+                     fp="bf16")
+    r32, _ = run(TokenizeLFQ, ImageEncodeConfig(resolution=32), store, ref, fp="fp32")
+    bf16 = {x["sample_id"]: x for x in store.read(r16.outputs["samples"].name).to_pylist()}
+    fp32 = {x["sample_id"]: x for x in store.read(r32.outputs["samples"].name).to_pylist()}
+    x = crops(32, unit=True).contiguous()  # the stage's layout: bf16 CPU convolutions depend
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        # on it and on the batch shape, so the executor's batches of 3 and 2 too
+        idx = torch.cat([stage.model.encode(x[i:i + 3])[2] for i in (0, 3)])
+        idx_flip = torch.cat([stage.model.encode(x[i:i + 3].flip(-1).contiguous())[2]
+                              for i in (0, 3)])
+    differ = 0
+    for i, name in enumerate(NAMES):
+        row = bf16[f"img/{name}"]
+        assert row["indices"] == idx[i].flatten().tolist()
+        assert row["indices_flip"] == idx_flip[i].flatten().tolist()
+        differ += sum(a != b for a, b in zip(row["indices"], fp32[f"img/{name}"]["indices"]))
+    # measured: 13 of the 320 token ids change (an id changes when any of its 8 bits flips)
+    assert 0 < differ < 0.1 * 5 * 64
+
+
+def test_auto_micro_batch_rule():
+    from vgen_core.tokenizers.device_encode import AUTO_CAP, auto_micro_batch
+
+    MiB, GiB = 2**20, 2**30
+    # (0.7 * 80 GiB - 1 GiB) / 100 MiB = 563.2 -> 560 (a multiple of 8)
+    assert auto_micro_batch(80 * GiB, 1 * GiB, 100 * MiB) == 560
+    # two actors on one GPU: half the budget -> (28 GiB - 1 GiB) / 100 MiB = 276.5 -> 272
+    assert auto_micro_batch(80 * GiB, 1 * GiB, 100 * MiB, share=0.5) == 272
+    assert auto_micro_batch(80 * GiB, 0, 1 * MiB) == AUTO_CAP == 1024
+    assert auto_micro_batch(10 * MiB, 1 * GiB, 100 * MiB) == 1  # never below one
+    assert auto_micro_batch(1 * GiB, 0, 100 * MiB) == 7  # under 8: not rounded
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("settings", [
+    pytest.param({"precision": "fp32"}, id="fp32-whole"),
+    pytest.param({"precision": "fp32", "encode_batch": 3}, id="fp32-chunks"),
+    pytest.param({"precision": "fp32", "encode_batch": "auto"}, id="fp32-auto"),
+    pytest.param({"precision": "bf16", "encode_batch": 4}, id="bf16"),
+    pytest.param({"precision": "bf16", "encode_batch": 4, "compile": True}, id="bf16-compiled"),
+])
+def test_cuda_actor_encodes_like_the_cpu_reference(tmp_path, settings):
+    """The GPU path (pinned uploads on a side stream, GPU flip, channels-last, chunks, one sync)
+    gives the rows of the CPU path in the same precision (CPU autocast for bf16), up to the ids
+    whose bits the two devices' sums (TF32 / bf16 convolutions on the GPU) put on the other side
+    of 0: a row or view mix-up would change nearly every id (1 in 256 match by chance)."""
+    from pipelines.stages.tokenize import ImageEncodeConfig
+
+    store = TableStore(str(tmp_path))
+    ref = image_table(store, broken=False)
+    cpu_cfg = ImageEncodeConfig(resolution=32, device="cpu", precision=settings["precision"])
+    r_cpu, _ = run(TokenizeLFQ, cpu_cfg, store, ref, fp="cpu")
+    r_gpu, stage = run(TokenizeLFQ, ImageEncodeConfig(resolution=32, device="cuda", **settings),
+                       store, ref, fp="gpu")
+    assert stage.device.type == "cuda" and stage.device_encoder().cuda
+    if settings.get("encode_batch") == "auto":
+        assert isinstance(stage.device_encoder().micro_batch, int)
+    a = store.read(r_cpu.outputs["samples"].name).sort_by("sample_id")
+    b = store.read(r_gpu.outputs["samples"].name).sort_by("sample_id")
+    for col in ("indices", "indices_flip"):
+        x = np.stack(a[col].to_numpy(zero_copy_only=False))
+        y = np.stack(b[col].to_numpy(zero_copy_only=False))
+        assert x.shape == y.shape == (5, 64)
+        assert (x != y).mean() < 0.25, (col, (x != y).mean())
+    gpu = store.read(r_gpu.outputs["samples"].name)
+    assert gpu["indices"].to_pylist() != gpu["indices_flip"].to_pylist()
+
+
+@pytest.mark.parametrize("family,size,res", [("lfq", "tiny", 32), ("kl_vae", "tiny", 16),
+                                             ("titok", "tiny", 32)])
+def test_cuda_path_bookkeeping_on_cpu_with_streams_faked(monkeypatch, family, size, res):
+    """``DeviceEncoder``'s GPU path (chunks of crops + on-device flips in one forward, uploads
+    one chunk ahead, outputs split back into views) run on CPU with the stream, event and
+    pinned-memory calls as no-ops: every micro-batch gives the CPU path's outputs (measured: ids
+    and bits equal, KL moments within 9e-7: the fused forward batches crops and flips)."""
+    import contextlib
+
+    from vgen_core import families
+    from vgen_core.tokenizers.device_encode import DeviceEncoder
+
+    class FakeStream:
+        def wait_event(self, event):
+            pass
+
+    class FakeEvent:
+        def record(self, stream=None):
+            pass
+
+        def synchronize(self):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: None, raising=False)
+    spec = families.get(family)
+    torch.manual_seed(0)
+    model = spec.build(size).eval()
+    images = np.random.default_rng(0).integers(0, 256, (7, res, res, 3), dtype=np.uint8)
+    args = (model, spec.hook("encode"), families.pixel_range_of(spec), "cpu")
+    want = DeviceEncoder(*args).encode_views(images, flip=True)
+    for micro_batch in (None, 4, 3, 2):  # 2: one image (crop + flip) per forward
+        enc = DeviceEncoder(*args, micro_batch=micro_batch)
+        enc.cuda, enc._copy_stream = True, FakeStream()
+        monkeypatch.setattr(enc, "_pinned_buffer",
+                            lambda shape: torch.empty(shape, dtype=torch.uint8))
+        got = enc._encode_cuda(images, flip=True)
+        assert len(got) == 2
+        for view in range(2):
+            assert got[view].keys() == want[view].keys()
+            for k, a in want[view].items():
+                b = got[view][k]
+                assert (a.shape, a.dtype) == (b.shape, b.dtype) and a.shape[0] == 7
+                if a.dtype.kind == "f":
+                    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+                else:
+                    np.testing.assert_array_equal(b, a)
+
+
+def test_pixels_of_a_clean_prepared_batch_are_a_view_of_the_column(tmp_path):
+    """A prepared batch where every image decoded gives its pixels as one view of the Arrow
+    column's data buffer (no per-row copies), equal to the per-row path, and the same rows."""
+    store = TableStore(str(tmp_path))
+    ref = image_table(store, broken=False)
+    ctx = StageContext(dag="t", stage="tok", store=store, row_fingerprint="fp",
+                       inputs={"images": {"samples": ref}})
+    stage = TokenizeFSQ(ImageTokenizeConfig(size="tiny", flip=True), ctx)
+    stage.setup()
+    batch = store.read("t/images", columns=stage.input_columns())
+    prepared = stage.prepare_batch(batch, **stage.prepare_args())
+    keep, images, quarantine = stage.decode_batch(prepared)
+    assert keep == [0, 1, 2, 3, 4] and quarantine == [] and images.shape == (5, 32, 32, 3)
+    column = prepared["_pixels"].chunk(0)
+    assert np.shares_memory(images, np.frombuffer(column.buffers()[2], np.uint8))
+    per_row = np.stack([np.frombuffer(b, np.uint8).reshape(32, 32, 3)
+                        for b in prepared["_pixels"].to_pylist()])
+    np.testing.assert_array_equal(images, per_row)
+    # the column may come back from Ray's transport as large_binary (64-bit offsets)
+    large = prepared.cast(prepared.schema.set(prepared.schema.get_field_index("_pixels"),
+                                              pa.field("_pixels", pa.large_binary())))
+    np.testing.assert_array_equal(stage.decode_batch(large)[1], per_row)
+    sliced = pa.concat_tables([prepared.slice(0, 2), prepared.slice(2)])  # two chunks
+    np.testing.assert_array_equal(stage.decode_batch(sliced)[1], per_row)
+    assert stage.process_batch(prepared).rows.equals(stage.process_batch(batch).rows)
