@@ -51,12 +51,15 @@ def _prepare(batch: pa.Table, kind_cls: type, config: Any, ctx: Any,
 class _StageActor:
     """Callable-class UDF: builds the stage once per actor (``setup`` loads models)."""
 
-    def __init__(self, kind_cls: type, config: Any, ctx: Any):
+    def __init__(self, kind_cls: type, config: Any, ctx: Any, write_files: bool = False):
         self.stage = kind_cls(config, ctx)
+        self.write_files = write_files
         self.stage.setup()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         result = self.stage.safe_process(batch)
+        if self.write_files:  # the payload goes to storage; keys + file record to the driver
+            result = self.stage.write_file(result)
         return _envelope(result)
 
 
@@ -66,21 +69,26 @@ def _envelope(result: BatchResult) -> pa.Table:
         w.write_table(result.rows)
     return pa.table({"rows": pa.array([sink.getvalue().to_pybytes()], pa.binary()),
                      "quarantine": pa.array([json.dumps(result.quarantine, default=str)]),
-                     "items": pa.array([json.dumps(result.items)])})
+                     "items": pa.array([json.dumps(result.items)]),
+                     "files": pa.array([json.dumps(result.files)])})
 
 
 def _open_envelope(row: dict[str, Any]) -> BatchResult:
     rows = pa.ipc.open_stream(pa.py_buffer(row["rows"])).read_all()
-    return BatchResult(rows, json.loads(row["quarantine"]), json.loads(row["items"]))
+    return BatchResult(rows, json.loads(row["quarantine"]), json.loads(row["items"]),
+                       json.loads(row.get("files") or "[]"))
 
 
 
 class RayDataExecutor:
-    """Runs a :class:`MapStage` over Ray Data (results stream back to the driver for commits),
+    """Runs a :class:`MapStage` over Ray Data (workers write the output's data files; keys and
+    file records stream back to the driver, which commits them chunk by chunk),
     and gives job stages actor pools (:meth:`map_actors`) sized by the same rule."""
 
     def __init__(self, cluster: dict[str, float] | None = None):
         self.cluster = cluster
+        #: bytes of per-sample results received by this process (``benchmarks/driver_bytes.py``)
+        self.driver_bytes = 0
 
     def map_actors(self, actor_cls: type, args: tuple, *, make_ds: Callable[[], Any],
                    local_batches: Callable[[], Iterator[pa.Table]], batch_size: int,
@@ -139,7 +147,7 @@ class RayDataExecutor:
                     batch_size=batch_size, batch_format="pyarrow", num_cpus=task_cpus)
         ds = ds.map_batches(
             _StageActor,
-            fn_constructor_args=(type(stage), stage.config, ctx),
+            fn_constructor_args=(type(stage), stage.config, ctx, stage.worker_writes),
             batch_size=batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
             num_cpus=per_actor,
@@ -147,5 +155,6 @@ class RayDataExecutor:
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             assert isinstance(batch, pa.Table)  # batch_format="pyarrow"
+            self.driver_bytes += batch.nbytes
             for row in batch.to_pylist():
                 yield _open_envelope(row)

@@ -134,6 +134,10 @@ class BatchResult:
     quarantine: list[dict[str, Any]] = field(default_factory=list)
     #: keys of the work items this result covers (source stages: recorded once committed)
     items: list[str] = field(default_factory=list)
+    #: data files a worker wrote to the output table (``TableStore.write_data_file`` records);
+    #: ``rows`` then holds only their keys (sample_id, content_digest): the payload never
+    #: travels to the driver, which commits the files' metadata
+    files: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -388,7 +392,27 @@ class MapStage(Stage):
     #: "append": side tables keyed by (sample_id, content_digest, fingerprint);
     #: "upsert": curated tables with one row per sample_id.
     write_mode: ClassVar[str] = "append"
+    #: on Ray, workers write the output's data files and the driver commits their metadata
+    #: (:meth:`write_file`); False: rows stream back to the driver, which writes them
+    worker_writes: ClassVar[bool] = True
     needs_range = (1, 1)
+
+    def write_file(self, result: BatchResult) -> BatchResult:
+        """Worker side: write ``result.rows`` as a data file of the output table and return the
+        result with only the rows' keys and the file's record (:attr:`BatchResult.files`). The
+        file is named from the stage's row fingerprint and the rows' keys, so a retried batch
+        rewrites its file rather than adding a second one."""
+        import hashlib
+
+        rows = self._conform(result.rows)
+        if not rows.num_rows:
+            return result
+        keys = rows.select(["sample_id", "content_digest"])
+        h = hashlib.sha256(self.ctx.row_fingerprint.encode())
+        for k in sorted(row_keys(keys).to_pylist()):
+            h.update(k.encode() + b"\n")
+        info = self.ctx.store.write_data_file(self.table_name(), rows, file_id=h.hexdigest()[:40])
+        return BatchResult(keys, result.quarantine, result.items, [info])
 
     def table_name(self, suffix: str = "") -> str:
         """Side tables (append mode) get one Delta table per row fingerprint,
@@ -566,6 +590,8 @@ class MapStage(Stage):
         pending_q: list[dict[str, Any]] = []
         pending_items: list[str] = []
         pending_ids: list[pa.Array] = []
+        pending_files: list[dict[str, Any]] = []
+        file_ids: set[str] = set()  # upsert: sample_ids added as files in this run
         self._budget_example = None
         recorded: dict[tuple[str, str | None], tuple[str, str]] | None = None
 
@@ -575,6 +601,11 @@ class MapStage(Stage):
             # unexpected exception): their items are neither recorded nor cleaned up
             retry_ids = frozenset(r["sample_id"] for r in pending_q
                                   if r["check"] in TRANSIENT_CHECKS)
+            if pending_files:  # written by workers: only their metadata is committed here
+                fault_point("before_data_commit")
+                store.commit_data_files(out_name, pending_files, commit_metadata=meta)
+                fault_point("after_data_commit")
+                counts.processed += sum(int(f["num_rows"]) for f in pending_files)
             if pending_rows:
                 rows = pa.concat_tables(pending_rows)
                 if rows.num_rows:
@@ -620,6 +651,7 @@ class MapStage(Stage):
                                   transient=retry_ids)
                 fault_point("after_sources_record")
             pending_rows.clear()
+            pending_files.clear()
             pending_q.clear()
             pending_items.clear()
             pending_ids.clear()
@@ -630,13 +662,25 @@ class MapStage(Stage):
         if work.todo_count:
             n_pending = 0
             for result in executor.execute(self, work):
-                conformed = self._conform(result.rows)
+                if result.files:
+                    conformed = result.rows.select(["sample_id", "content_digest"]).cast(
+                        pa.schema([pa.field(c, pa.string()) for c in
+                                   ("sample_id", "content_digest")]))
+                else:
+                    conformed = self._conform(result.rows)
                 if result.items:
                     pending_items.extend(result.items)
                     pending_ids.append(conformed["sample_id"].combine_chunks())
                 rows, unchanged = self.filter_results(conformed)
                 counts.skipped += unchanged
-                pending_rows.append(rows)
+                if result.files and not unchanged and self._may_add(rows, file_ids):
+                    pending_files.extend(result.files)
+                elif result.files:  # rows to merge or drop: read the worker's file back
+                    rows, _ = self.filter_results(
+                        self._conform(store.read_data_files(out_name, result.files)))
+                    pending_rows.append(rows)
+                else:
+                    pending_rows.append(rows)
                 pending_q.extend(result.quarantine)
                 n_pending += result.rows.num_rows + len(result.quarantine)
                 if n_pending >= ctx.chunk_size:
@@ -662,6 +706,21 @@ class MapStage(Stage):
         if work.table_name is not None:  # the curated version these rows are current for
             outputs["source"] = self.samples_input()
         return StageResult(outputs=outputs, counts=counts, metrics=dict(self.metrics))
+
+    def _may_add(self, keys: pa.Table, added: set[str]) -> bool:
+        """Whether a worker's file of these rows can join the table as it is: always for side
+        tables (append); for curated tables (upsert, one row per sample_id) only when none of
+        its sample_ids is in the table or in a file added earlier in this run (else MERGE)."""
+        if self.write_mode != "upsert":
+            return True
+        ids = keys["sample_id"].to_pylist()
+        known = self.known_ids()
+        if known is None or pc.any(pc.is_in(keys["sample_id"], value_set=known)).as_py():
+            return False
+        if added.intersection(ids) or len(set(ids)) != len(ids):
+            return False
+        added.update(ids)
+        return True
 
     def _conform(self, rows: pa.Table) -> pa.Table:
         return rows.select(self.output_schema.names).cast(self.output_schema)

@@ -671,6 +671,103 @@ class TableStore:
 
         return self._with_retries(f"delete from table {name!r} at {uri}", attempt)
 
+    # ----------------------------------------------------------------------------------------
+    # tables: data files written by workers, committed by the driver
+    # ----------------------------------------------------------------------------------------
+
+    def write_data_file(self, name: str, table: pa.Table, *, file_id: str) -> dict[str, Any]:
+        """Worker side of a two-phase append: write ``table`` (cast to the table's schema) as one
+        Parquet data file in the table's folder, not yet part of any version, and return its
+        add record (``path`` relative to the table, ``size``, ``modification_time``, ``stats``,
+        ``num_rows``: a few hundred bytes) for :meth:`commit_data_files` on the driver.
+
+        The file is ``vgen-<file_id>.snappy.parquet``: the caller derives ``file_id`` from what
+        the file holds (the rows' keys), so a retried task rewrites the same file instead of
+        adding another. The bytes land whole or not at all (a local file is written aside and
+        renamed; an S3 PUT is atomic). A file never committed (a run killed in between) is
+        invisible to readers; ``vgen gc`` (vacuum) removes it.
+        """
+        import pyarrow.parquet as pq
+
+        if not re.fullmatch(r"[A-Za-z0-9_-]{8,128}", file_id):
+            raise ValueError(f"file_id must be 8-128 letters, digits, '_' or '-', got {file_id!r}")
+        uri = self.uri(name)
+        data = _cast_to_table(_as_table(table), self._file_schema(name), name, uri)
+        sink = pa.BufferOutputStream()
+        pq.write_table(data, sink, compression="snappy")
+        body = sink.getvalue().to_pybytes()
+        rel = f"vgen-{file_id}.snappy.parquet"
+        target = f"{uri}/{rel}"
+        try:
+            if self.scheme == "file":
+                tmp = f"{uri}/.{rel}.{uuid.uuid4().hex}.tmp"
+                with open(tmp, "wb") as f:
+                    f.write(body)
+                os.replace(tmp, target)
+            else:
+                self.fs.pipe_file(target, body)
+        except OSError as e:
+            raise StorageError(f"cannot write a data file of table {name!r} to {target}: {e}"
+                               ) from e
+        return {"path": rel, "size": len(body), "num_rows": data.num_rows,
+                "modification_time": int(time.time() * 1000), "stats": _file_stats(data)}
+
+    def _file_schema(self, name: str) -> pa.Schema:
+        """The table's Arrow schema, read once per store object (workers write many files)."""
+        cache = self.__dict__.setdefault("_schemas", {})
+        if name not in cache:
+            cache[name] = _arrow_schema(self._open(name))
+        return cache[name]
+
+    def commit_data_files(self, name: str, files: Sequence[dict[str, Any]], *,
+                          commit_metadata: dict[str, str] | None = None) -> int:
+        """Driver side: add the data files workers wrote (:meth:`write_data_file` records) to
+        the table in one atomic append commit; returns the new version. Only metadata passes
+        through here, never the rows. A path given twice is added once; no files, no commit."""
+        from deltalake.transaction import AddAction
+
+        meta = _commit_meta(commit_metadata, None)
+        uri = self.uri(name)
+        unique: dict[str, dict[str, Any]] = {}
+        for f in files:
+            unique.setdefault(f["path"], f)
+        actions: list[Any] = [AddAction(path=f["path"], size=int(f["size"]), partition_values={},
+                             modification_time=int(f["modification_time"]), data_change=True,
+                             stats=f["stats"]) for f in unique.values()]
+
+        def attempt() -> int:
+            dt = self._open(name)
+            if not actions:
+                return dt.version()
+            dt.create_write_transaction(
+                actions, mode="append", schema=dt.schema(),
+                commit_properties=CommitProperties(custom_metadata=meta) if meta else None)
+            dt.update_incremental()
+            return dt.version()
+
+        return self._with_retries(f"commit {len(actions)} data file(s) to table {name!r} at "
+                                  f"{uri}", attempt)
+
+    def read_data_files(self, name: str, files: Sequence[dict[str, Any]]) -> pa.Table:
+        """The rows of data files a worker wrote (not committed yet), in the table's schema."""
+        import pyarrow.parquet as pq
+
+        uri, schema = self.uri(name), self._file_schema(name)
+        parts = []
+        for f in files:
+            where = f"{uri}/{f['path']}"
+            try:
+                if self.scheme == "file":
+                    parts.append(pq.read_table(where))
+                else:
+                    with self.fs.open(where, "rb") as fh:
+                        parts.append(pq.read_table(fh))
+            except (OSError, pa.ArrowException) as e:
+                raise StorageError(f"cannot read data file {where} of table {name!r}: {e}") from e
+        if not parts:
+            return schema.empty_table()
+        return _cast_to_table(pa.concat_tables(parts), schema, name, uri)
+
     def _with_retries(self, what: str, fn: Callable[[], _T]) -> _T:
         fault_point("before_table_commit")  # crash tests (vgen_core.faults)
         for i in range(_COMMIT_ATTEMPTS):
@@ -803,6 +900,37 @@ class TableStore:
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+
+
+#: longest string kept as a min / max file statistic (longer values: no min / max for that
+#: column; a truncated max would be wrong)
+_STATS_MAX_STRING = 64
+
+
+def _file_stats(data: pa.Table) -> str:
+    """Delta file statistics (JSON): ``numRecords``, and per top-level column ``nullCount``
+    plus ``minValues`` / ``maxValues`` for integer and short string columns, so readers can
+    prune files by ``sample_id``, ``fingerprint`` and the like."""
+    mins: dict[str, Any] = {}
+    maxs: dict[str, Any] = {}
+    nulls: dict[str, int] = {}
+    for field in data.schema:
+        col = data.column(field.name)
+        t = field.type
+        if pa.types.is_nested(t):
+            continue
+        nulls[field.name] = col.null_count
+        if col.null_count == data.num_rows:
+            continue
+        if pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t):
+            mm = pc.min_max(col)
+            lo, hi = mm["min"].as_py(), mm["max"].as_py()
+            if isinstance(lo, str) and (len(lo) > _STATS_MAX_STRING
+                                        or len(hi) > _STATS_MAX_STRING):
+                continue
+            mins[field.name], maxs[field.name] = lo, hi
+    return json.dumps({"numRecords": data.num_rows, "minValues": mins, "maxValues": maxs,
+                       "nullCount": nulls})
 
 
 def _as_table(table: Any) -> pa.Table:

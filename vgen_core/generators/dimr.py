@@ -677,7 +677,9 @@ class DiMR(nn.Module):
                              f"{cfg.input_size}), got {tuple(x_BCHW.shape)}.")
         if log_snr_B.ndim != 1:
             raise ValueError(f"log_snr must be (B,), got {tuple(log_snr_B.shape)}.")
-        if bool((log_snr_B == log_snr_B[0]).all()):
+        # one TD-LN row when every sample shares the time (sampling); not while compiling, where
+        # the data-dependent branch would break the graph (the broadcast row gives equal results)
+        if not torch.compiler.is_compiling() and bool((log_snr_B == log_snr_B[0]).all()):
             log_snr_B = log_snr_B[:1]
         tau_T = log_snr_B.float() / 4.0
         x_BCHW = x_BCHW.to(next(self.parameters()).dtype)  # bf16 engines feed fp32 latents
