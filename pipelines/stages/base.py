@@ -592,6 +592,7 @@ class MapStage(Stage):
         pending_ids: list[pa.Array] = []
         pending_files: list[dict[str, Any]] = []
         file_ids: set[str] = set()  # upsert: sample_ids added as files in this run
+        known = self.known_ids() if self.write_mode == "upsert" else None  # once per run
         self._budget_example = None
         recorded: dict[tuple[str, str | None], tuple[str, str]] | None = None
 
@@ -673,7 +674,7 @@ class MapStage(Stage):
                     pending_ids.append(conformed["sample_id"].combine_chunks())
                 rows, unchanged = self.filter_results(conformed)
                 counts.skipped += unchanged
-                if result.files and not unchanged and self._may_add(rows, file_ids):
+                if result.files and not unchanged and self._may_add(rows, known, file_ids):
                     pending_files.extend(result.files)
                 elif result.files:  # rows to merge or drop: read the worker's file back
                     rows, _ = self.filter_results(
@@ -707,16 +708,16 @@ class MapStage(Stage):
             outputs["source"] = self.samples_input()
         return StageResult(outputs=outputs, counts=counts, metrics=dict(self.metrics))
 
-    def _may_add(self, keys: pa.Table, added: set[str]) -> bool:
+    def _may_add(self, keys: pa.Table, known: pa.Array | None, added: set[str]) -> bool:
         """Whether a worker's file of these rows can join the table as it is: always for side
         tables (append); for curated tables (upsert, one row per sample_id) only when none of
-        its sample_ids is in the table or in a file added earlier in this run (else MERGE)."""
+        its sample_ids is in ``known`` (:meth:`known_ids`, read once per run) or in a file added
+        earlier in this run (else MERGE)."""
         if self.write_mode != "upsert":
             return True
-        ids = keys["sample_id"].to_pylist()
-        known = self.known_ids()
         if known is None or pc.any(pc.is_in(keys["sample_id"], value_set=known)).as_py():
             return False
+        ids = keys["sample_id"].to_pylist()
         if added.intersection(ids) or len(set(ids)) != len(ids):
             return False
         added.update(ids)

@@ -143,15 +143,21 @@ def _interpreter_worker() -> None:
                       "vs_dense": (ref - dense).abs().max().item()}), flush=True)
 
 
-def test_grat_sampling_through_the_triton_kernel_matches_reference():
+def interpreter_row(script: str) -> dict:
+    """Run ``script`` (a test file whose ``__main__`` prints one JSON line) under the Triton
+    interpreter in a fresh process (TRITON_INTERPRET is read at import); its JSON row."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert rows, f"interpreter worker failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
-    row = rows[0]
+    return rows[0]
+
+
+def test_grat_sampling_through_the_triton_kernel_matches_reference():
+    row = interpreter_row(__file__)
     assert row["max_err"] <= 1e-5 * max(1.0, row["scale"]), row  # measured 3.6e-7 (scale 3.2)
     assert row["vs_dense"] > 1e-3, row  # the sparse pattern did change them (measured 0.016)
 

@@ -99,19 +99,40 @@ def test_map_stage_commits_worker_files_exactly_once(tmp_path):
 
 
 def test_driver_receives_keys_not_payload(tmp_path):
-    """64 KB rows: the driver receives about the keys and the file record per row."""
-    from pipelines.stages.base import BatchResult
+    """64 KB rows: the driver receives about the keys and the file record per row; the same
+    rows sent back whole (the driver-writes path) cost over 64 KB a row."""
+    from pipelines.stages.base import BatchResult, MapStage
 
-    class Big(Double):
+    schema = pa.schema([("sample_id", pa.string()), ("content_digest", pa.string()),
+                        ("fingerprint", pa.string()), ("payload", pa.binary())])
+
+    class Big(MapStage):
+        kind = "test.big"
+        Config = DoubleConfig
+        output_schema = schema
+
         def process_batch(self, batch):
-            r = super().process_batch(batch)
-            return BatchResult(r.rows)
+            n = batch.num_rows
+            return BatchResult(pa.table({
+                "sample_id": batch["sample_id"], "content_digest": batch["content_digest"],
+                "fingerprint": [self.ctx.row_fingerprint] * n,
+                "payload": [os.urandom(64 * 1024) for _ in range(n)]}, schema=schema))
+
+    class DriverWrites(WorkerWrites):
+        def execute(self, stage, work):
+            for result in InProcessExecutor.execute(self, stage, work):
+                env = _envelope(result)
+                self.driver_bytes += env.nbytes
+                yield _open_envelope(env.to_pylist()[0])
 
     store = TableStore(str(tmp_path))
     ref = make_input(store, {f"s/{i}": i for i in range(12)})
-    ctx = StageContext(dag="t", stage="double", store=store, row_fingerprint="fp1",
-                       inputs={"src": {"samples": ref}}, chunk_size=6)
-    ex = WorkerWrites(batch_size=6)
-    Big(DoubleConfig(), ctx).run(ex)
-    assert store.read("t/double/fp1").num_rows == 12
-    assert ex.driver_bytes / 12 < 1024
+    per_row = {}
+    for fp, ex in (("fp1", WorkerWrites(batch_size=6)), ("fp2", DriverWrites(batch_size=6))):
+        ctx = StageContext(dag="t", stage="big", store=store, row_fingerprint=fp,
+                           inputs={"src": {"samples": ref}}, chunk_size=6)
+        Big(DoubleConfig(), ctx).run(ex)
+        rows = store.read(f"t/big/{fp}")
+        assert rows.num_rows == 12 and {len(p) for p in rows["payload"].to_pylist()} == {65536}
+        per_row[fp] = ex.driver_bytes / 12
+    assert per_row["fp1"] < 1024 < 64 * 1024 < per_row["fp2"]
