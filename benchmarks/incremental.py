@@ -2,6 +2,7 @@
 source images changed and after nothing changed, against the full first run (same invocation).
 
     RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/incremental.py [--n 2000] [--size 40]
+        [--peer hf] [--embedded-ray]
 
 ``--n`` source PNGs in 10 class folders (the ImageFolder layout of
 tests/e2e/test_tokenize_incremental.py), one 32 px crop each, tokenized by the tiny binary-FSQ
@@ -19,6 +20,20 @@ planning, Ray connection, two actor pools, model load, commits) and **start-up (
 no-op run there; `vgen plan` of the up-to-date big DAG is printed too. Each run's line shows
 the DAG time `vgen run` reports and per-stage times; the rest of the wall time is process
 start-up (imports, MLflow).
+
+**The peer side by side** (``--peer hf``): Hugging Face ``datasets`` on the same images and the
+same tokenizer (binary-FSQ tiny, seed 0, the image and its flip, preprocessed to 32 px as the
+tokenize stage does): ``load_dataset("imagefolder")`` + ``.map`` (batched, in one process) with
+its cache files, each run a fresh process as the vgen runs are. Timed: its first run (encodes
+every image), a re-run with nothing changed (the cache must answer: 0 encoder calls) and a
+re-run after the same 1% change as vgen's: ``datasets`` fingerprints local files by mtime, so the
+changed files make a new dataset fingerprint, which misses every cached ``.map`` result, and it
+re-encodes every image (the encoder calls are counted and printed). Printed beside vgen's 1%
+re-run (which tokenizes exactly the changed 1%), with the ratio vgen / peer (the issue's goal:
+<= 1 at 2,000 images, <= 0.3 at 10,000). ``datasets`` is an optional benchmark dependency:
+``pip install 'vgen[bench]'`` (or ``pip install datasets``). ``--embedded-ray`` runs vgen as a
+laptop user does, each run starting its own embedded Ray (``RAY_ADDRESS`` unset), instead of on
+the cluster this script starts.
 
 Ratios, raw and with the start-up taken out of both sides:
   1%/full     = t_1% / t_full     and (t_1% - su_compute) / (t_full - su_compute)  goal <= 0.05
@@ -151,11 +166,83 @@ def breakdown(output: str) -> str:
     return "; ".join(parts)
 
 
+# -- the peer: Hugging Face datasets ---------------------------------------------------------
+PEER_INSTALL = ("--peer hf needs Hugging Face datasets, an optional benchmark dependency: "
+                "pip install 'vgen[bench]'  (or: .venv/bin/pip install datasets)")
+_PEER: dict = {}  # the tokenizer stage of a peer process, built once (peer_run)
+
+
+def peer_encode(batch: dict, calls_log: str) -> dict:
+    """``.map`` body of the peer: the tokenize.fsq stage's preprocessing (32 px, shorter side +
+    center crop) and encoder, on the image and its flip; appends the number of images it encoded
+    to ``calls_log``. A module-level function: ``datasets`` hashes it by reference (module +
+    name), so its fingerprint, and the cache, are stable across runs."""
+    import torch
+
+    from vgen_core.data.images import preprocess
+
+    stage = _PEER["stage"]
+    pixels = np.stack([preprocess(np.asarray(im.convert("RGB")), 32) for im in batch["image"]])
+    with torch.inference_mode():
+        outs = [stage.encode(stage.to_model(torch.from_numpy(np.ascontiguousarray(v))))
+                for v in (pixels, pixels[:, :, ::-1])]
+    with open(calls_log, "a") as f:
+        f.write(f"{len(pixels)}\n")
+    n = len(pixels)
+    return {"indices": [r for r in outs[0]["indices"].reshape(n, -1).astype(np.int32)],
+            "indices_flip": [r for r in outs[1]["indices"].reshape(n, -1).astype(np.int32)]}
+
+
+def peer_run(images: str, cache: str, calls_log: str, batch_size: int) -> None:
+    """One run of the peer (in a fresh process: ``python -c``, importing this module):
+    ImageFolder -> ``.map(peer_encode)`` with the ``datasets`` cache under ``cache``."""
+    from datasets import load_dataset
+
+    from pipelines.stages.base import StageContext
+    from pipelines.stages.tokenize import ImageTokenizeConfig, TokenizeFSQ
+
+    cfg = ImageTokenizeConfig(size="tiny", init_seed=0, flip=True, device="cpu")
+    stage = TokenizeFSQ(cfg, StageContext(dag="peer", stage="tokens", store=None,
+                                          row_fingerprint=""))
+    stage.setup()
+    _PEER["stage"] = stage
+    ds = load_dataset("imagefolder", data_dir=images, cache_dir=cache, split="train")
+    out = ds.map(peer_encode, batched=True, batch_size=batch_size, remove_columns=["image"],
+                 fn_kwargs={"calls_log": calls_log})
+    print(f"peer: {out.num_rows} rows, columns {out.column_names}")
+
+
+def peer(work: Path, images: Path, tag: str, batch_size: int) -> tuple[float, int]:
+    """Run the peer once in a fresh process; returns (wall seconds, encoder calls: images
+    encoded)."""
+    calls = work / "peer_calls.txt"  # one path: it is a .map argument, part of the cache key
+    calls.write_text("")
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import incremental; "
+            f"incremental.peer_run({str(images)!r}, {str(work / 'hf_cache')!r}, "
+            f"{str(calls)!r}, {batch_size})")
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=3600)
+    dt = time.perf_counter() - t0
+    (work / "logs" / f"peer_{tag}.log").write_text(f"{p.stdout}\n--- stderr ---\n{p.stderr}")
+    if p.returncode:
+        raise RuntimeError(f"peer run '{tag}' failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return dt, sum(int(x) for x in calls.read_text().split())
+
+
+def processed(output: str, stage: str) -> int | None:
+    """Rows the run's final table says ``stage`` processed."""
+    m = re.search(rf"^{stage}\s+\w+\s+(\d+)\s+\d+", output, re.M)
+    return int(m[1]) if m else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[1:]))
-    ap.add_argument("--n", type=int, default=2000, help="source images of the timed DAG")
+    ap.add_argument("--n", "--images", dest="n", type=int, default=2000,
+                    help="source images of the timed DAG")
     ap.add_argument("--size", type=int, default=40, help="source image side (px)")
     ap.add_argument("--changed", type=float, default=0.01, help="fraction of files to change")
     ap.add_argument("--small", type=int, default=20, help="images of the start-up DAG")
@@ -169,7 +256,19 @@ def main() -> None:
                          "(RAY_worker_niceness; Ray's default is 15). Default: this process's, "
                          "so the Ray runs and the no-op runs compete equally with other load")
     ap.add_argument("--workdir", default=None, help="default: a fresh temp dir (removed)")
+    ap.add_argument("--peer", choices=["hf"], default=None,
+                    help="also run the peer on the same images: hf = Hugging Face datasets "
+                         "(load_dataset imagefolder + .map with its cache)")
+    ap.add_argument("--peer-batch-size", type=int, default=32, help="the peer's .map batch")
+    ap.add_argument("--embedded-ray", action="store_true",
+                    help="every vgen run starts its own embedded Ray (as `vgen run` on a laptop) "
+                         "instead of connecting to a cluster this script starts")
     args = ap.parse_args()
+    if args.peer == "hf":
+        import importlib.util
+
+        if importlib.util.find_spec("datasets") is None:
+            sys.exit(PEER_INSTALL)
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vgen-incr-bench-"))
     logs = work / "logs"
@@ -184,10 +283,15 @@ def main() -> None:
         a = [cmd, str(dag), "--storage", str(work / store), "--tracking-uri", tracking]
         return vgen(a, env, logs / f"{tag}.log")
 
-    head = RayHead(work / "ray", args.num_cpus, args.worker_niceness) if not args.address \
-        else None
+    head = (RayHead(work / "ray", args.num_cpus, args.worker_niceness)
+            if not (args.address or args.embedded_ray) else None)
     address = head.__enter__() if head else args.address
-    env = dict(os.environ, RAY_ADDRESS=address)
+    env = dict(os.environ)
+    if args.embedded_ray:
+        env.pop("RAY_ADDRESS", None)
+        address = "embedded (a new Ray in every run)"
+    else:
+        env["RAY_ADDRESS"] = address
     print(f"{args.n} source images ({args.size}px, {CLASSES} class folders) -> ingest.images "
           f"(32px crop) -> tokenize.fsq tiny (+flip); Ray at {address}; "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
@@ -206,11 +310,22 @@ def main() -> None:
         before = startup("before", 0)
         full, out = run(big, "store", "full")
         print(f"full run        : {full:6.1f} s  ({breakdown(out)})", flush=True)
+        if args.peer:
+            p_full, c_full = peer(work, work / "images", "full", args.peer_batch_size)
+            print(f"peer hf, first  : {p_full:6.1f} s  ({c_full} encoder calls)", flush=True)
+            p_noop, c_noop = peer(work, work / "images", "noop", args.peer_batch_size)
+            print(f"peer hf, no-op  : {p_noop:6.1f} s  ({c_noop} encoder calls: its cache)",
+                  flush=True)
         k = max(1, round(args.n * args.changed))
         change(big_src[::max(1, args.n // k)][:k])
         part, out = run(big, "store", "rerun_changed")
+        part_tokens = processed(out, "tokens")
         print(f"{k / args.n:<4.0%} changed re-run: {part:6.1f} s  ({breakdown(out)})",
               flush=True)
+        if args.peer:
+            p_part, c_part = peer(work, work / "images", "changed", args.peer_batch_size)
+            print(f"peer hf, {k / args.n:.0%} re-run: {p_part:6.1f} s  ({c_part} encoder calls "
+                  f"of {args.n} images)", flush=True)
         noop, out = run(big, "store", "rerun_noop")
         print(f"no-op re-run    : {noop:6.1f} s  ({breakdown(out)})", flush=True)
         plan, _ = run(big, "store", "plan", cmd="plan")
@@ -235,6 +350,17 @@ def main() -> None:
     print(f"{k / args.n:.0%}-rerun/full: {r_part:.3f} raw, {r_part_net} without start-up "
           f"(goal <= 0.05)")
     print(f"no-op/full : {r_noop:.3f} raw, {r_noop_net} without start-up (goal <= 0.02)")
+    if args.peer:
+        import datasets
+
+        print(f"peer side by side ({args.n} images, {k / args.n:.0%} changed; vgen "
+              f"{'embedded Ray' if args.embedded_ray else 'on a running Ray'}, datasets "
+              f"{datasets.__version__} in one process): vgen re-run {part:.1f} s "
+              f"({part_tokens} re-tokenized) vs peer {p_part:.1f} s ({c_part} re-encoded); "
+              f"vgen/peer {part / p_part:.2f} (goal <= 1 at 2,000 images, <= 0.3 at 10,000); "
+              f"first runs: vgen {full:.1f} s, peer {p_full:.1f} s; no-op: vgen {noop:.1f} s, "
+              f"peer {p_noop:.1f} s ({c_noop} encoded); load average now "
+              f"{os.getloadavg()[0]:.1f} (single runs: other load moves them)")
     print(f"SUMMARY incremental n={args.n}: full {full:.1f}s, {k / args.n:.0%}-changed "
           f"{part:.1f}s, no-op {noop:.1f}s, start-up {su_compute:.1f}s (compute) / "
           f"{su_noop:.1f}s (no-op) / {plan:.1f}s (plan); rerun/full {r_part:.3f} raw "
