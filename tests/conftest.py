@@ -22,6 +22,10 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 # The session's test cluster lives on 127.0.0.1 only; token auth (Ray's default for new clusters)
 # would need the token handed to every `vgen` subprocess.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Tests run on tiny data, all of it under a DAG's in_process_rows: without this every e2e stage
+# would run in its `vgen` driver and the Ray paths (actor pools, worker-written files, worker
+# kills) would go untested. tests/unit/test_lazy_ray.py unsets it to test the in-process route.
+os.environ.setdefault("VGEN_IN_PROCESS_ROWS", "0")
 
 
 def pytest_collection_modifyitems(config, items):

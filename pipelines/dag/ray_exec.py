@@ -1,6 +1,11 @@
 """Ray side of the stage contract: the executor that runs a per-sample stage in a Ray Data actor
 pool, and the actor pools job stages (train, evaluate) ask for. Pools are sized by
 :mod:`pipelines.stages.resources` from the cluster's resources.
+
+:class:`AutoExecutor` is what the runner hands every stage: work of at most the DAG's
+``in_process_rows`` rows that asks for no GPU runs in the driver (:class:`InProcessExecutor`),
+everything else on Ray, which it connects to (starts, when embedded) the first time it is needed.
+A 1% re-run of a small dataset then never pays Ray's start-up and actor pools' model loads.
 """
 
 from __future__ import annotations
@@ -11,11 +16,12 @@ from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 
-from pipelines.stages.base import (BatchResult, InProcessExecutor, MapStage, Work,
+from pipelines.stages.base import (BatchResult, InProcessExecutor, MapStage, Work, cpu_only,
                                    filter_to_key_set, row_keys)
 from pipelines.stages.resources import RESERVED_CPUS, actor_cpus, pool_size
 
-__all__ = ["cluster_resources", "pool_size", "actor_cpus", "RESERVED_CPUS", "RayDataExecutor"]
+__all__ = ["cluster_resources", "pool_size", "actor_cpus", "RESERVED_CPUS", "RayDataExecutor",
+           "AutoExecutor"]
 
 #: CPUs of one filter/prepare (decode) task ahead of an actor pool on a small cluster (under 4
 #: CPUs beside the pool): several decode tasks share the free CPU; on larger ones a task gets 1
@@ -39,11 +45,9 @@ def prepare_cpus(cluster: dict[str, float], pool: int, per_actor: float) -> floa
 
 
 def _prepare(batch: pa.Table, kind_cls: type, config: Any, ctx: Any,
-             prepare: dict[str, Any] | None, wanted: pa.Array | None) -> pa.Table:
-    """Task body ahead of the actors: drop rows already done, then the stage's prepare step."""
-    if wanted is not None:
-        batch = filter_to_key_set(batch, wanted)
-    if prepare is None or not batch.num_rows:
+             prepare: dict[str, Any]) -> pa.Table:
+    """Task body ahead of the actors: the stage's prepare step (decode, resize)."""
+    if not batch.num_rows:
         return batch
     return kind_cls(config, ctx).prepare_batch(batch, **prepare)
 
@@ -135,15 +139,24 @@ class RayDataExecutor:
             if work.table_uri is None:
                 raise ValueError(f"stage {stage.ctx.stage!r}: its work names neither items nor "
                                  "a table to read")
-            ds = ray.data.read_delta(
-                work.table_uri, version=work.table_version, columns=work.columns,
-                storage_options=stage.ctx.store.worker_storage_options() or None)
             # every candidate is to do (a first run): nothing to filter
             keys = work.todo if work.todo_count < work.total else None
-            if keys is not None or prepare is not None:
+            read_args: dict[str, Any] = {}
+            if keys is not None:
+                # a re-run keeps a few rows of every file: a few read tasks (not Ray Data's 200+
+                # blocks, each a task with its own start-up), each filtering what it read
+                # before anything leaves it (the filter fuses into the read: same num_cpus)
+                read_args = {"num_cpus": task_cpus,
+                             "override_num_blocks": max(2, int(cluster.get("CPU", 2)) * 2)}
+            ds = ray.data.read_delta(
+                work.table_uri, version=work.table_version, columns=work.columns,
+                storage_options=stage.ctx.store.worker_storage_options() or None, **read_args)
+            if keys is not None:  # whole blocks: one set lookup per block, not per batch
+                ds = ds.map_batches(filter_to_key_set, fn_args=(row_keys(keys),),
+                                    batch_size=None, batch_format="pyarrow", num_cpus=task_cpus)
+            if prepare is not None:
                 ds = ds.map_batches(
-                    _prepare, fn_args=(type(stage), stage.config, ctx, prepare,
-                                       None if keys is None else row_keys(keys)),
+                    _prepare, fn_args=(type(stage), stage.config, ctx, prepare),
                     batch_size=batch_size, batch_format="pyarrow", num_cpus=task_cpus)
         ds = ds.map_batches(
             _StageActor,
@@ -158,3 +171,54 @@ class RayDataExecutor:
             self.driver_bytes += batch.nbytes
             for row in batch.to_pylist():
                 yield _open_envelope(row)
+
+
+class AutoExecutor:
+    """The runner's executor: small work in this process, the rest on Ray (connected lazily).
+
+    ``connect()`` returns the cluster's resources, connecting first if needed (the runner's
+    :class:`~pipelines.dag.runner.LazyRay`, once per run). Work in-process: a per-sample stage
+    whose to-do is at most ``in_process_rows`` work items (rows, or files for a source stage),
+    and a job stage's actor work of one batch (its batches are not rows: a shard of generated
+    images), in both cases only when the stage asks for no GPU. It runs under
+    :func:`~pipelines.stages.base.cpu_only`, as its CPU actor would. ``ran`` records where
+    each stage's work went (``stage -> "in-process" | "ray"``), for the console and tests."""
+
+    def __init__(self, connect: Callable[[], dict[str, float]], in_process_rows: int):
+        self.connect, self.in_process_rows = connect, int(in_process_rows)
+        self.ran: dict[str, str] = {}
+        self.driver_bytes = 0
+
+    @staticmethod
+    def _gpus(resources: Any) -> float:
+        return float(getattr(resources, "gpus", 0.0) or 0.0)
+
+    def _ray(self) -> RayDataExecutor:
+        return RayDataExecutor(self.connect())
+
+    def execute(self, stage: MapStage, work: Work) -> Iterator[BatchResult]:
+        if not self._gpus(stage.ctx.resources) and work.todo_count <= self.in_process_rows:
+            self.ran[stage.ctx.stage] = "in-process"
+            with cpu_only():
+                yield from InProcessExecutor().execute(stage, work)
+            return
+        self.ran[stage.ctx.stage] = "ray"
+        ray_ex = self._ray()
+        try:
+            yield from ray_ex.execute(stage, work)
+        finally:
+            self.driver_bytes += ray_ex.driver_bytes
+
+    def map_actors(self, actor_cls: type, args: tuple, *, make_ds: Callable[[], Any],
+                   local_batches: Callable[[], Iterator[pa.Table]], batch_size: int,
+                   resources: Any = None, num_batches: int | None = None
+                   ) -> Iterator[pa.Table]:
+        if num_batches == 1 and not self._gpus(resources):
+            with cpu_only():
+                yield from InProcessExecutor().map_actors(
+                    actor_cls, args, make_ds=make_ds, local_batches=local_batches,
+                    batch_size=batch_size, resources=resources)
+            return
+        yield from self._ray().map_actors(
+            actor_cls, args, make_ds=make_ds, local_batches=local_batches,
+            batch_size=batch_size, resources=resources, num_batches=num_batches)

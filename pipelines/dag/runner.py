@@ -4,8 +4,12 @@
    weights files: :func:`planner.require_valid_config`, a :class:`planner.ConfigErrors` naming
    the file, stage and field), then that the storage root is writable: before Ray starts, before
    the MLflow run is opened (``vgen run`` checks before creating it) and before any write.
-2. Connect to Ray: ``address`` / ``RAY_ADDRESS`` for an existing cluster, else an embedded local
-   Ray sized to this machine.
+2. Connect to Ray when the work needs it (:class:`LazyRay`, once per run): at once for an
+   existing cluster (``address`` / ``RAY_ADDRESS``: its resources size the schedule) or when a
+   stage asks for GPUs; else an embedded local Ray sized to this machine starts only when a stage
+   first needs it: a Ray Train stage, or work bigger than the DAG's ``in_process_rows``, which
+   runs in the driver (:class:`~pipelines.dag.ray_exec.AutoExecutor`). A no-op run, or a re-run
+   whose to-do is small, starts no Ray at all.
 3. Open one MLflow run for the DAG run (params = the resolved DAG); each stage that runs gets a
    nested run with its counts, metrics and tables (as MLflow dataset inputs with Delta versions).
    A stage kind with ``resumes_tracking`` (training) that continues an interrupted attempt of the
@@ -22,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -29,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.console import Console
+from pipelines.stages import get_kind
 from pipelines.stages.base import Counts, OutputRef, StageError
 from vgen_core.faults import fault_point
 from vgen_core.tracking.redact import redact_text
@@ -39,7 +45,7 @@ from .state import StageState
 
 log = logging.getLogger("vgen.runner")
 
-__all__ = ["Runner", "StageOutcome", "RunSummary", "connect_ray"]
+__all__ = ["Runner", "StageOutcome", "RunSummary", "connect_ray", "LazyRay", "in_process_rows"]
 
 
 @dataclass
@@ -104,6 +110,53 @@ def connect_ray(address: str | None = None) -> None:
             os.environ[var] = saved[0]
 
 
+def in_process_rows(dag: Dag) -> int:
+    """The DAG's ``in_process_rows``, or ``VGEN_IN_PROCESS_ROWS`` when set (an operator's knob:
+    0 sends every stage's work to Ray)."""
+    env = os.environ.get("VGEN_IN_PROCESS_ROWS", "").strip()
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            raise ValueError(f"VGEN_IN_PROCESS_ROWS={env!r}: expected a whole number of rows "
+                             "(0 sends all work to Ray)") from None
+        if value < 0:
+            raise ValueError(f"VGEN_IN_PROCESS_ROWS={env!r}: expected 0 or more rows")
+        return value
+    return int(dag.spec.in_process_rows)
+
+
+class LazyRay:
+    """Ray for one DAG run, connected (or started, embedded) the first time something needs it,
+    from any of the runner's stage threads; :meth:`ensure` returns the cluster's resources."""
+
+    def __init__(self, address: str | None, console: Any = None):
+        self.address = address
+        self.console = console
+        self.cluster: dict[str, float] | None = None
+        self.seconds = 0.0  # spent connecting / starting
+        self._lock = threading.Lock()
+
+    @property
+    def connected(self) -> bool:
+        return self.cluster is not None
+
+    def ensure(self) -> dict[str, float]:
+        with self._lock:
+            if self.cluster is None:
+                t0 = time.time()
+                embedded = not (self.address or os.environ.get("RAY_ADDRESS"))
+                connect_ray(self.address)
+                from .ray_exec import cluster_resources
+
+                self.cluster = cluster_resources()
+                self.seconds = time.time() - t0
+                if self.console is not None:
+                    self.console.print(f"Ray {'started' if embedded else 'connected'} in "
+                                       f"{self.seconds:.1f}s")
+            return self.cluster
+
+
 class Runner:
     def __init__(self, dag: Dag, store: Any, tracker: Any, tracking_uri: str, *,
                  address: str | None = None, executor: str = "ray", stream=None,
@@ -127,14 +180,17 @@ class Runner:
             self.tracker.finish("FAILED")  # a caller's already-open run does not stay open
             raise
         self.store.check_writable()
+        self.in_process_rows = in_process_rows(self.dag)
+        self.ray = LazyRay(self.address, self.console)
+        # the embedded Ray would see this machine's CPUs; its GPUs matter only to a stage that
+        # asks for some, and such a DAG connects at once (below)
         cluster = {"CPU": float(os.cpu_count() or 2), "GPU": 0.0}
         plans = self._plan_all()
         noop = plans is not None and all(p.state == UP_TO_DATE for p in plans)
-        if self.executor == "ray" and not noop:
-            connect_ray(self.address)
-            from .ray_exec import cluster_resources
-
-            cluster = cluster_resources()
+        wants_gpu = any(float(self.dag.stage(n).resources.gpus or 0) > 0 for n in self.dag.order)
+        if self.executor == "ray" and not noop and (
+                wants_gpu or self.address or os.environ.get("RAY_ADDRESS")):
+            cluster = self.ray.ensure()  # a cluster's own resources size the schedule
         self.cluster = cluster
         self.tracker.log_params(self.dag.resolved())
         self.tracker.set_tags({"vgen.dag": self.dag.name, "vgen.storage": self.store.root,
@@ -170,6 +226,7 @@ class Runner:
                 self.state,
                 problems={},  # checked in run()
                 verify_sources=self.verify_sources,
+                count_work=False,  # the states decide a no-op; each stage counts when it runs
             )
         except Exception:
             return None
@@ -272,7 +329,10 @@ class Runner:
     ) -> tuple[StageOutcome, str]:
         kind = self.dag.stage(name).uses
         t0 = time.time()
+        cluster = self.cluster
         try:
+            if self.executor == "ray" and getattr(get_kind(kind), "needs_ray", False):
+                cluster = self.ray.ensure()  # a Ray Train job: Ray before it is planned
             plan, stage = plan_stage(
                 self.dag,
                 name,
@@ -284,7 +344,7 @@ class Runner:
                 count_work=False,
                 verify_sources=self.verify_sources,
                 tracking_uri=self.tracking_uri,
-                cluster=self.cluster,
+                cluster=cluster,
                 progress=lambda c, total: self.console.samples(
                     name, c.processed + c.skipped + c.quarantined + c.filtered, total,
                     quarantined=c.quarantined, filtered=c.filtered),
@@ -337,10 +397,13 @@ class Runner:
         try:
             executor = None  # every stage kind gets the same executor (actor pools, map stages)
             if self.executor == "ray":
-                from .ray_exec import RayDataExecutor
+                from .ray_exec import AutoExecutor
 
-                executor = RayDataExecutor(self.cluster)
+                executor = AutoExecutor(self.ray.ensure, self.in_process_rows)
             result = stage.run(executor)
+            if executor is not None and executor.ran.get(name) == "in-process":
+                self.console.print(f"[{name}] ran in this process (to-do within the DAG's "
+                                   f"in_process_rows={self.in_process_rows})")
         except Exception as e:
             msg = str(e) if isinstance(e, StageError) else f"{type(e).__name__}: {e}"
             log.debug("stage %s failed:\n%s", name, traceback.format_exc())

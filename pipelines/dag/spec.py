@@ -7,6 +7,7 @@ A DAG file looks like::
     tracking: null                 # MLflow URI; default sqlite:///<storage>/mlflow.db
     error_budget: 0.01             # fraction of a stage's samples it may quarantine
     chunk_size: 256                # rows per atomic commit of per-sample stages
+    in_process_rows: 512           # a stage's to-do at most this (and no GPU): run in the driver
     stages:
       images: {uses: ingest.images, with: {root: "skimage://"}}
       tokens: {uses: tokenize.lfq, needs: [images], with: {...}, resources: {cpus: 1}}
@@ -76,6 +77,11 @@ class DagSpec(BaseModel):
     tracking: str | None = None
     error_budget: float = Field(0.01, ge=0.0, le=1.0)
     chunk_size: int = Field(256, ge=1)
+    #: how the DAG runs, not what it makes (no fingerprint): a per-sample stage whose to-do is
+    #: at most this many rows (files, for a source stage) and that asks for no GPU runs in the
+    #: driver process instead of a Ray actor pool (``pipelines.dag.ray_exec.AutoExecutor``); 0
+    #: sends all work to Ray. ``VGEN_IN_PROCESS_ROWS`` in the environment overrides it
+    in_process_rows: int = Field(512, ge=0)
     stages: dict[str, StageSpec]
 
     @field_validator("name")

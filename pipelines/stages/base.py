@@ -19,6 +19,8 @@ retried alone; if it raises again it is quarantined with the exception text.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import datetime as dt
 import json
@@ -26,7 +28,7 @@ import os
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -41,7 +43,7 @@ __all__ = [
     "StageConfig", "OutputRef", "Counts", "StageContext", "StageResult", "StageError",
     "BatchResult", "Work", "Stage", "MapStage", "SourceStage", "JobStage", "InProcessExecutor",
     "quarantine_record", "FILTER_PREFIX", "TRANSIENT_CHECKS", "BUILTIN_ROOTS", "root_problem",
-    "file_problem", "SOURCES_STAMP", "SOURCES_VERIFY", "first_file",
+    "file_problem", "SOURCES_STAMP", "SOURCES_VERIFY", "first_file", "cpu_only",
 ]
 
 
@@ -311,6 +313,10 @@ class Stage:
     file_fields: ClassVar[tuple[str, ...]] = ()
     #: config fields naming model weights: a file, or an export folder (checked the same way)
     weights_fields: ClassVar[tuple[str, ...]] = ()
+    #: the kind calls Ray itself (a Ray Train job): the runner connects to Ray before planning
+    #: it. Other kinds reach Ray only through their executor, which connects when the work is
+    #: too big to run in the driver (``pipelines.dag.ray_exec.AutoExecutor``)
+    needs_ray: ClassVar[bool] = False
 
     def __init__(self, config: StageConfig, ctx: StageContext):
         self.config, self.ctx = config, ctx
@@ -708,16 +714,16 @@ class MapStage(Stage):
             outputs["source"] = self.samples_input()
         return StageResult(outputs=outputs, counts=counts, metrics=dict(self.metrics))
 
-    def _may_add(self, keys: pa.Table, known: pa.Array | None, added: set[str]) -> bool:
+    def _may_add(self, keys: pa.Table, known: Container[str] | None, added: set[str]) -> bool:
         """Whether a worker's file of these rows can join the table as it is: always for side
         tables (append); for curated tables (upsert, one row per sample_id) only when none of
         its sample_ids is in ``known`` (:meth:`known_ids`, read once per run) or in a file added
         earlier in this run (else MERGE)."""
         if self.write_mode != "upsert":
             return True
-        if known is None or pc.any(pc.is_in(keys["sample_id"], value_set=known)).as_py():
-            return False
         ids = keys["sample_id"].to_pylist()
+        if known is None or any(i in known for i in ids):
+            return False
         if added.intersection(ids) or len(set(ids)) != len(ids):
             return False
         added.update(ids)
@@ -734,13 +740,14 @@ class MapStage(Stage):
             store.append(name, rows, commit_metadata=meta)
             return
         known = self.known_ids()
-        if known is not None and not pc.any(pc.is_in(rows["sample_id"], value_set=known)).as_py():
+        if known is not None and not any(i in known for i in rows["sample_id"].to_pylist()):
             store.append(name, rows, commit_metadata=meta)
         else:
             store.upsert(name, rows, keys=["sample_id"], commit_metadata=meta)
 
-    def known_ids(self) -> pa.Array | None:
-        """sample_ids the output table held when this run was planned (None: unknown)."""
+    def known_ids(self) -> Container[str] | None:
+        """sample_ids the output table held when this run was planned, as a container checked
+        with ``in`` (None: unknown)."""
         return None
 
     # quarantine rows: one per (sample_id, content_digest, fingerprint) -----------------------
@@ -869,18 +876,30 @@ class SourceStage(MapStage):
 
     def plan_work(self) -> Work:
         items = self.list_items()
-        ids = [i for group in items["sample_ids"].to_pylist() for i in group]
+        listed = items["sample_ids"].to_pylist()
         store, name = self.ctx.store, self.table_name()
-        self._existing = (
+        stored = (
             store.read(name, columns=["sample_id", "content_digest"])
             if store.exists(name)
             else None
         )
-        existing_ids = (
-            set(self._existing["sample_id"].to_pylist()) if self._existing is not None else set()
+        # sample_id -> content_digest of the stored rows: every per-batch check of the commit
+        # loop (filter_results, _may_add) is a dict lookup per row, never a pass over the table
+        self._existing_ids: dict[str, str] = (
+            dict(zip(stored["sample_id"].to_pylist(), stored["content_digest"].to_pylist()))
+            if stored is not None else {}
         )
-        self._removed = sorted(existing_ids - set(ids))
-        self._existing_ids = existing_ids
+        del stored
+        existing_ids = self._existing_ids
+        n_ids = sum(len(g) for g in listed)
+        if existing_ids:
+            gone = dict.fromkeys(existing_ids)
+            for group in listed:
+                for i in group:
+                    gone.pop(i, None)
+            self._removed = sorted(gone)
+        else:
+            self._removed = []
         self._item_ids: dict[str, list[str]] = {}
         self._stamps: dict[str, str] = {}
         self._unlisted: list[str] = []
@@ -889,12 +908,12 @@ class SourceStage(MapStage):
         if "item_key" in items.column_names:
             keys = items["item_key"].to_pylist()
             stamps = items["item_stamp"].to_pylist()
-            self._item_ids = dict(zip(keys, items["sample_ids"].to_pylist()))
+            self._item_ids = dict(zip(keys, listed))
             self._stamps = dict(zip(keys, stamps))
             done = self._recorded_items()
             self._recorded = dict(done)
             keep = []
-            for key, stamp, group in zip(keys, stamps, items["sample_ids"].to_pylist()):
+            for key, stamp, group in zip(keys, stamps, listed):
                 rec = done.pop(key, None)
                 if rec is not None and rec[0] == stamp and all(r in existing_ids for r in rec[1]):
                     skipped += len(group)
@@ -906,16 +925,16 @@ class SourceStage(MapStage):
             if not self.ctx.verify_sources:
                 items = items.filter(pa.array(keep, pa.bool_()))
         else:
-            stamp_changed = len(ids)
+            stamp_changed = n_ids
         if self.ctx.verify_sources:  # everything is read; unchanged rows are not written
             return Work(
-                total=len(ids),
+                total=n_ids,
                 skipped=0,
                 items=items.drop_columns(["sample_ids"]),
-                breakdown={"verify": len(ids) - stamp_changed, "new_or_changed": stamp_changed},
+                breakdown={"verify": n_ids - stamp_changed, "new_or_changed": stamp_changed},
             )
         return Work(
-            total=len(ids),
+            total=n_ids,
             skipped=skipped,
             items=items.drop_columns(["sample_ids"]),
             breakdown={"new_or_changed": stamp_changed},
@@ -980,7 +999,7 @@ class SourceStage(MapStage):
         decoded before and is broken now (its samples are quarantined), or that now gives fewer
         samples. A fresh run would have none of them, so they go before the items are recorded
         (a crash in between re-reads the items and deletes them again)."""
-        existing: set[str] = getattr(self, "_existing_ids", set())
+        existing: dict[str, str] = getattr(self, "_existing_ids", {})
         stale = sorted({i for k in items for i in self._item_ids.get(k, [])
                         if i not in produced and i in existing})
         meta = {"vgen.stage": self.ctx.stage}
@@ -989,21 +1008,21 @@ class SourceStage(MapStage):
             fault_point("before_stale_delete")
             self.ctx.store.delete(self.table_name(), f"sample_id IN ({values})",
                                   commit_metadata=meta)
-        existing.difference_update(stale)
+        for sid in stale:
+            existing.pop(sid, None)
 
-    def known_ids(self) -> pa.Array | None:
-        existing = getattr(self, "_existing", None)
-        return (
-            existing["sample_id"].combine_chunks()
-            if existing is not None
-            else pa.array([], pa.string())
-        )
+    def known_ids(self) -> Container[str] | None:
+        return getattr(self, "_existing_ids", {})
 
     def filter_results(self, rows: pa.Table) -> tuple[pa.Table, int]:
-        if getattr(self, "_existing", None) is None or not rows.num_rows:
+        existing: dict[str, str] = getattr(self, "_existing_ids", {})
+        if not existing or not rows.num_rows:
             return rows, 0
-        same = pc.is_in(row_keys(rows), value_set=row_keys(self._existing))
-        kept = rows.filter(pc.invert(same))
+        same = [existing.get(i) == d for i, d in zip(rows["sample_id"].to_pylist(),
+                                                      rows["content_digest"].to_pylist())]
+        if not any(same):
+            return rows, 0
+        kept = rows.filter(pc.invert(pa.array(same, pa.bool_())))
         return kept, rows.num_rows - kept.num_rows
 
     def finalize(self) -> None:
@@ -1056,6 +1075,10 @@ class InProcessExecutor:
             yield stage.safe_process(batch)
 
 
+#: rows per scan batch when a stage's to-do is filtered out of its input table
+SCAN_BATCH = 65536
+
+
 def iter_work_batches(store: Any, work: Work, size: int) -> Iterable[pa.Table]:
     """The rows a per-sample stage must process, in batches of ``size`` (driver-side reading,
     streamed from the Delta table: memory does not grow with the table)."""
@@ -1066,8 +1089,10 @@ def iter_work_batches(store: Any, work: Work, size: int) -> Iterable[pa.Table]:
     wanted = row_keys(work.todo) if work.todo is not None and work.todo_count < work.total else None
     pending: list[pa.Table] = []
     n = 0
+    # filtering: scan in large batches (one set lookup per scan batch), then re-chunk to size
+    scan = size if wanted is None else max(size, SCAN_BATCH)
     for batch in store.iter_batches(
-        work.table_name, version=work.table_version, columns=work.columns, batch_size=size
+        work.table_name, version=work.table_version, columns=work.columns, batch_size=scan
     ):
         t = pa.Table.from_batches([batch])
         if wanted is not None:
@@ -1103,11 +1128,32 @@ def filter_to_keys(table: pa.Table, keys: pa.Table | None) -> pa.Table:
     return filter_to_key_set(table, row_keys(keys))
 
 
+#: set while the driver runs a stage's work in-process in place of a Ray actor that asks for no
+#: GPU (:func:`cpu_only`): ``device: auto`` then resolves to the CPU, as it would in that actor
+#: (Ray hides the GPUs from it), so the rows and their fingerprint do not depend on where the
+#: work ran
+_CPU_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("vgen_cpu_only", default=False)
+
+
+@contextlib.contextmanager
+def cpu_only() -> Iterator[None]:
+    """``device: auto`` resolves to the CPU inside this block (this thread only)."""
+    token = _CPU_ONLY.set(True)
+    try:
+        yield
+    finally:
+        try:
+            _CPU_ONLY.reset(token)
+        except ValueError:  # closed from another context (a generator collected elsewhere)
+            _CPU_ONLY.set(False)
+
+
 def resolve_device(want: str):
-    """``auto`` | ``cpu`` | ``cuda`` -> a torch.device (auto: CUDA when this worker has one)."""
+    """``auto`` | ``cpu`` | ``cuda`` -> a torch.device (auto: CUDA when this worker has one and
+    is not standing in for a CPU actor: :func:`cpu_only`)."""
     import torch
 
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+    if want == "cuda" or (want == "auto" and not _CPU_ONLY.get() and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
 

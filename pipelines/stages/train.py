@@ -381,6 +381,7 @@ class TrainTokenizer(JobStage):
     output_key = "tokenizer"
     #: a re-run after an interrupted attempt continues that attempt's MLflow run (see runner)
     resumes_tracking = True
+    needs_ray = True  # a Ray Train job: the runner connects to Ray before planning it
     weights_fields = ("weights",)  # checked before anything runs
     config: TrainTokenizerConfig
 
