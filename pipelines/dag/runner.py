@@ -176,11 +176,11 @@ class Runner:
         t0 = time.time()
         try:
             require_valid_config(self.dag, self.store)  # nothing started or written yet
+            self.in_process_rows = in_process_rows(self.dag)  # a bad VGEN_IN_PROCESS_ROWS
         except Exception:
             self.tracker.finish("FAILED")  # a caller's already-open run does not stay open
             raise
         self.store.check_writable()
-        self.in_process_rows = in_process_rows(self.dag)
         self.ray = LazyRay(self.address, self.console)
         # the embedded Ray would see this machine's CPUs; its GPUs matter only to a stage that
         # asks for some, and such a DAG connects at once (below)
