@@ -2,10 +2,11 @@
 pool, and the actor pools job stages (train, evaluate) ask for. Pools are sized by
 :mod:`pipelines.stages.resources` from the cluster's resources.
 
-:class:`AutoExecutor` is what the runner hands every stage: work of at most the DAG's
-``in_process_rows`` rows that asks for no GPU runs in the driver (:class:`InProcessExecutor`),
-everything else on Ray, which it connects to (starts, when embedded) the first time it is needed.
-A 1% re-run of a small dataset then never pays Ray's start-up and actor pools' model loads.
+Work too small for an actor pool runs in the driver instead (:class:`InProcessExecutor`, under
+:func:`~pipelines.stages.base.cpu_only`): a job stage's one batch, and, with ``in_process_rows``
+(the runner passes the DAG's), a per-sample stage's to-do of at most that many rows. Ray is
+reached only past that rule (``connect``: the runner's lazy connection), so a 1% re-run of a small
+dataset never pays Ray's start-up and the actor pools' model loads.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from pipelines.stages.base import (BatchResult, InProcessExecutor, MapStage, Wor
                                    filter_to_key_set, row_keys)
 from pipelines.stages.resources import RESERVED_CPUS, actor_cpus, pool_size
 
-__all__ = ["cluster_resources", "pool_size", "actor_cpus", "RESERVED_CPUS", "RayDataExecutor",
-           "AutoExecutor"]
+__all__ = ["cluster_resources", "pool_size", "actor_cpus", "RESERVED_CPUS", "RayDataExecutor"]
 
 #: CPUs of one filter/prepare (decode) task ahead of an actor pool on a small cluster (under 4
 #: CPUs beside the pool): several decode tasks share the free CPU; on larger ones a task gets 1
@@ -33,6 +33,10 @@ def cluster_resources() -> dict[str, float]:
 
     res = ray.cluster_resources()
     return {"CPU": float(res.get("CPU", 0.0)), "GPU": float(res.get("GPU", 0.0))}
+
+
+def _gpus(resources: Any) -> float:
+    return float(getattr(resources, "gpus", 0.0) or 0.0)
 
 
 def prepare_cpus(cluster: dict[str, float], pool: int, per_actor: float) -> float:
@@ -87,12 +91,29 @@ def _open_envelope(row: dict[str, Any]) -> BatchResult:
 class RayDataExecutor:
     """Runs a :class:`MapStage` over Ray Data (workers write the output's data files; keys and
     file records stream back to the driver, which commits them chunk by chunk),
-    and gives job stages actor pools (:meth:`map_actors`) sized by the same rule."""
+    and gives job stages actor pools (:meth:`map_actors`) sized by the same rule.
 
-    def __init__(self, cluster: dict[str, float] | None = None):
-        self.cluster = cluster
+    Work that asks for no GPU and is small runs in this process instead, as its CPU actor would
+    (:func:`~pipelines.stages.base.cpu_only`): a job stage's work of one batch (its batches are
+    not rows: a shard of generated images), and a per-sample stage whose to-do is at most
+    ``in_process_rows`` work items (rows, or files for a source stage; default 0: none). The
+    cluster is ``cluster``, else ``connect()`` (called only when work goes to Ray: the runner's
+    lazy connection), else the connected Ray's. ``ran`` records where each per-sample stage's
+    work went (``stage -> "in-process" | "ray"``)."""
+
+    def __init__(self, cluster: dict[str, float] | None = None, *,
+                 connect: Callable[[], dict[str, float]] | None = None,
+                 in_process_rows: int = 0):
+        self.cluster, self.connect = cluster, connect
+        self.in_process_rows = int(in_process_rows)
+        self.ran: dict[str, str] = {}
         #: bytes of per-sample results received by this process (``benchmarks/driver_bytes.py``)
         self.driver_bytes = 0
+
+    def _cluster(self) -> dict[str, float]:
+        if self.cluster is None:
+            self.cluster = self.connect() if self.connect is not None else cluster_resources()
+        return self.cluster
 
     def map_actors(self, actor_cls: type, args: tuple, *, make_ds: Callable[[], Any],
                    local_batches: Callable[[], Iterator[pa.Table]], batch_size: int,
@@ -103,15 +124,16 @@ class RayDataExecutor:
         ``resources.gpus``); yields the actors' output tables. Work the caller knows is one
         batch (``num_batches=1``) and that asks for no GPU runs in this process instead: an
         actor pool's start-up (a worker process importing the models) costs more than it."""
+        gpus = _gpus(resources)
+        if num_batches == 1 and not gpus:
+            with cpu_only():
+                yield from InProcessExecutor().map_actors(
+                    actor_cls, args, make_ds=make_ds, local_batches=local_batches,
+                    batch_size=batch_size, resources=resources)
+            return
         import ray.data
 
-        cluster = self.cluster or cluster_resources()
-        gpus = float(getattr(resources, "gpus", 0.0) or 0.0)
-        if num_batches == 1 and not gpus:
-            yield from InProcessExecutor().map_actors(
-                actor_cls, args, make_ds=make_ds, local_batches=local_batches,
-                batch_size=batch_size, resources=resources)
-            return
+        cluster = self._cluster()
         ds = make_ds().map_batches(
             actor_cls, fn_constructor_args=args, batch_format="pyarrow", batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool_size(resources, cluster)),
@@ -119,10 +141,16 @@ class RayDataExecutor:
         yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
 
     def execute(self, stage: MapStage, work: Work) -> Iterator[BatchResult]:
+        res = stage.ctx.resources
+        if not _gpus(res) and work.todo_count <= self.in_process_rows:
+            self.ran[stage.ctx.stage] = "in-process"
+            with cpu_only():
+                yield from InProcessExecutor().execute(stage, work)
+            return
+        self.ran[stage.ctx.stage] = "ray"
         import ray
 
-        cluster = self.cluster or cluster_resources()
-        res = stage.ctx.resources
+        cluster = self._cluster()
         batch_size = int(getattr(res, "batch_size", 16) or 16)
         pool = pool_size(res, cluster)
         ctx = stage.ctx.for_worker()
@@ -164,7 +192,7 @@ class RayDataExecutor:
             batch_size=batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
             num_cpus=per_actor,
-            num_gpus=float(getattr(res, "gpus", 0.0) or 0.0) or None,
+            num_gpus=_gpus(res) or None,
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             assert isinstance(batch, pa.Table)  # batch_format="pyarrow"
@@ -172,53 +200,3 @@ class RayDataExecutor:
             for row in batch.to_pylist():
                 yield _open_envelope(row)
 
-
-class AutoExecutor:
-    """The runner's executor: small work in this process, the rest on Ray (connected lazily).
-
-    ``connect()`` returns the cluster's resources, connecting first if needed (the runner's
-    :class:`~pipelines.dag.runner.LazyRay`, once per run). Work in-process: a per-sample stage
-    whose to-do is at most ``in_process_rows`` work items (rows, or files for a source stage),
-    and a job stage's actor work of one batch (its batches are not rows: a shard of generated
-    images), in both cases only when the stage asks for no GPU. It runs under
-    :func:`~pipelines.stages.base.cpu_only`, as its CPU actor would. ``ran`` records where
-    each stage's work went (``stage -> "in-process" | "ray"``), for the console and tests."""
-
-    def __init__(self, connect: Callable[[], dict[str, float]], in_process_rows: int):
-        self.connect, self.in_process_rows = connect, int(in_process_rows)
-        self.ran: dict[str, str] = {}
-        self.driver_bytes = 0
-
-    @staticmethod
-    def _gpus(resources: Any) -> float:
-        return float(getattr(resources, "gpus", 0.0) or 0.0)
-
-    def _ray(self) -> RayDataExecutor:
-        return RayDataExecutor(self.connect())
-
-    def execute(self, stage: MapStage, work: Work) -> Iterator[BatchResult]:
-        if not self._gpus(stage.ctx.resources) and work.todo_count <= self.in_process_rows:
-            self.ran[stage.ctx.stage] = "in-process"
-            with cpu_only():
-                yield from InProcessExecutor().execute(stage, work)
-            return
-        self.ran[stage.ctx.stage] = "ray"
-        ray_ex = self._ray()
-        try:
-            yield from ray_ex.execute(stage, work)
-        finally:
-            self.driver_bytes += ray_ex.driver_bytes
-
-    def map_actors(self, actor_cls: type, args: tuple, *, make_ds: Callable[[], Any],
-                   local_batches: Callable[[], Iterator[pa.Table]], batch_size: int,
-                   resources: Any = None, num_batches: int | None = None
-                   ) -> Iterator[pa.Table]:
-        if num_batches == 1 and not self._gpus(resources):
-            with cpu_only():
-                yield from InProcessExecutor().map_actors(
-                    actor_cls, args, make_ds=make_ds, local_batches=local_batches,
-                    batch_size=batch_size, resources=resources)
-            return
-        yield from self._ray().map_actors(
-            actor_cls, args, make_ds=make_ds, local_batches=local_batches,
-            batch_size=batch_size, resources=resources, num_batches=num_batches)

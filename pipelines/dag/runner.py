@@ -8,7 +8,7 @@
    existing cluster (``address`` / ``RAY_ADDRESS``: its resources size the schedule) or when a
    stage asks for GPUs; else an embedded local Ray sized to this machine starts only when a stage
    first needs it: a Ray Train stage, or work bigger than the DAG's ``in_process_rows``, which
-   runs in the driver (:class:`~pipelines.dag.ray_exec.AutoExecutor`). A no-op run, or a re-run
+   runs in the driver (:class:`~pipelines.dag.ray_exec.RayDataExecutor`). A no-op run, or a re-run
    whose to-do is small, starts no Ray at all.
 3. Open one MLflow run for the DAG run (params = the resolved DAG); each stage that runs gets a
    nested run with its counts, metrics and tables (as MLflow dataset inputs with Delta versions).
@@ -134,7 +134,6 @@ class LazyRay:
         self.address = address
         self.console = console
         self.cluster: dict[str, float] | None = None
-        self.seconds = 0.0  # spent connecting / starting
         self._lock = threading.Lock()
 
     @property
@@ -150,10 +149,9 @@ class LazyRay:
                 from .ray_exec import cluster_resources
 
                 self.cluster = cluster_resources()
-                self.seconds = time.time() - t0
                 if self.console is not None:
                     self.console.print(f"Ray {'started' if embedded else 'connected'} in "
-                                       f"{self.seconds:.1f}s")
+                                       f"{time.time() - t0:.1f}s")
             return self.cluster
 
 
@@ -397,9 +395,10 @@ class Runner:
         try:
             executor = None  # every stage kind gets the same executor (actor pools, map stages)
             if self.executor == "ray":
-                from .ray_exec import AutoExecutor
+                from .ray_exec import RayDataExecutor
 
-                executor = AutoExecutor(self.ray.ensure, self.in_process_rows)
+                executor = RayDataExecutor(connect=self.ray.ensure,
+                                           in_process_rows=self.in_process_rows)
             result = stage.run(executor)
             if executor is not None and executor.ran.get(name) == "in-process":
                 self.console.print(f"[{name}] ran in this process (to-do within the DAG's "

@@ -79,7 +79,7 @@ class DagSpec(BaseModel):
     chunk_size: int = Field(256, ge=1)
     #: how the DAG runs, not what it makes (no fingerprint): a per-sample stage whose to-do is
     #: at most this many rows (files, for a source stage) and that asks for no GPU runs in the
-    #: driver process instead of a Ray actor pool (``pipelines.dag.ray_exec.AutoExecutor``); 0
+    #: driver process instead of a Ray actor pool (``pipelines.dag.ray_exec.RayDataExecutor``); 0
     #: sends all work to Ray. ``VGEN_IN_PROCESS_ROWS`` in the environment overrides it
     in_process_rows: int = Field(512, ge=0)
     stages: dict[str, StageSpec]

@@ -315,7 +315,7 @@ class Stage:
     weights_fields: ClassVar[tuple[str, ...]] = ()
     #: the kind calls Ray itself (a Ray Train job): the runner connects to Ray before planning
     #: it. Other kinds reach Ray only through their executor, which connects when the work is
-    #: too big to run in the driver (``pipelines.dag.ray_exec.AutoExecutor``)
+    #: too big to run in the driver (``pipelines.dag.ray_exec.RayDataExecutor``)
     needs_ray: ClassVar[bool] = False
 
     def __init__(self, config: StageConfig, ctx: StageContext):
@@ -892,14 +892,7 @@ class SourceStage(MapStage):
         del stored
         existing_ids = self._existing_ids
         n_ids = sum(len(g) for g in listed)
-        if existing_ids:
-            gone = dict.fromkeys(existing_ids)
-            for group in listed:
-                for i in group:
-                    gone.pop(i, None)
-            self._removed = sorted(gone)
-        else:
-            self._removed = []
+        self._removed = sorted(existing_ids.keys() - {i for g in listed for i in g})
         self._item_ids: dict[str, list[str]] = {}
         self._stamps: dict[str, str] = {}
         self._unlisted: list[str] = []

@@ -334,7 +334,7 @@ def _iter_files(fs: Any, base: str) -> Iterator[tuple[str, dict[str, Any]]]:
             found = True
             yield info["name"], info
     if not found and fs.isfile(base):  # as find: the root may be the file itself
-        yield base, {}
+        yield base, fs.info(base)
 
 
 def _printable(path: str) -> str:

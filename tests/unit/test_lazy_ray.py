@@ -15,7 +15,7 @@ import pytest
 from test_source_incremental import write_png
 
 from pipelines.dag import runner as runner_mod
-from pipelines.dag.ray_exec import AutoExecutor
+from pipelines.dag.ray_exec import RayDataExecutor
 from pipelines.dag.runner import Runner, in_process_rows
 from pipelines.stages.base import cpu_only, resolve_device
 from vgen_core.data import TableStore
@@ -141,7 +141,7 @@ def test_a_dag_with_a_gpu_stage_or_a_cluster_address_connects_at_once(tmp_path, 
                executor="ray").run()
 
 
-def test_auto_executor_keeps_gpu_work_and_big_work_on_ray():
+def test_the_executor_keeps_gpu_work_and_big_work_on_ray():
     from pipelines.stages.base import StageContext, Work
 
     calls = []
@@ -162,10 +162,10 @@ def test_auto_executor_keeps_gpu_work_and_big_work_on_ray():
                                     resources=r)
 
     small = Work(total=3, skipped=0, items=pa.table({"a": [1, 2, 3]}))
-    ex = AutoExecutor(connect, in_process_rows=3)
+    ex = RayDataExecutor(connect=connect, in_process_rows=3)
     with pytest.raises(RayWanted):  # asks for a GPU: never in the driver
         next(iter(ex.execute(FakeStage(1.0), small)))
-    ex = AutoExecutor(connect, in_process_rows=2)
+    ex = RayDataExecutor(connect=connect, in_process_rows=2)
     with pytest.raises(RayWanted):  # 3 items > 2
         next(iter(ex.execute(FakeStage(0.0), small)))
     assert len(calls) == 2 and ex.ran == {"s": "ray"}
