@@ -126,6 +126,45 @@ def in_process_rows(dag: Dag) -> int:
     return int(dag.spec.in_process_rows)
 
 
+_owner: tuple[threading.Thread, Any] | None = None
+_owner_lock = threading.Lock()
+
+
+def _on_lasting_thread(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` on the main thread or on one thread that lives as long as the process.
+
+    An embedded Ray's head processes (GCS, raylet) are started with ``PR_SET_PDEATHSIG=SIGKILL``,
+    which Linux delivers when the *thread* that started them exits, not the process. Started
+    from a stage thread of the runner's pool, they were killed when the pool's threads ended at
+    the end of the DAG; ``ray.shutdown()`` then waited ~20 s on a dead GCS and raylet (task
+    events, metrics export timeouts): most of the time after a full run, measured
+    2,000 images: DAG 13 s, process 34 s. Calls from other threads are handed to a daemon
+    thread that never returns (its work queue) until the process exits."""
+    if threading.current_thread() is threading.main_thread():
+        return fn(*args)
+    global _owner
+    import queue
+
+    with _owner_lock:
+        if _owner is None or not _owner[0].is_alive():
+            work: queue.Queue = queue.Queue()
+
+            def serve() -> None:
+                while True:
+                    call, cargs, done = work.get()
+                    try:
+                        done.set_result(call(*cargs))
+                    except BaseException as e:
+                        done.set_exception(e)
+
+            thread = threading.Thread(target=serve, name="vgen-ray-owner", daemon=True)
+            thread.start()
+            _owner = (thread, work)
+        done: Future = Future()
+        _owner[1].put((fn, args, done))
+    return done.result()
+
+
 class LazyRay:
     """Ray for one DAG run, connected (or started, embedded) the first time something needs it,
     from any of the runner's stage threads; :meth:`ensure` returns the cluster's resources."""
@@ -145,7 +184,7 @@ class LazyRay:
             if self.cluster is None:
                 t0 = time.time()
                 embedded = not (self.address or os.environ.get("RAY_ADDRESS"))
-                connect_ray(self.address)
+                _on_lasting_thread(connect_ray, self.address)
                 from .ray_exec import cluster_resources
 
                 self.cluster = cluster_resources()
@@ -153,6 +192,14 @@ class LazyRay:
                     self.console.print(f"Ray {'started' if embedded else 'connected'} in "
                                        f"{time.time() - t0:.1f}s")
             return self.cluster
+
+
+def _known_run_id(tracker: Any) -> str | None:
+    """The tracker's run id without waiting: a `SidecarTracker` whose run the tracking process
+    has not created yet gives None."""
+    if hasattr(type(tracker), "known_run_id"):
+        return tracker.known_run_id
+    return tracker.run_id
 
 
 class Runner:
@@ -303,19 +350,12 @@ class Runner:
         return resumed
 
     def _reattach(self, run_id: str) -> Any:
-        """This DAG run's tracker type reopened on an earlier run (None if it cannot be)."""
-        from vgen_core.tracking import MlflowTracker
-
-        t = self.tracker
-        if not isinstance(t, MlflowTracker) or t.offline or run_id.startswith("offline-"):
+        """This DAG run's tracker type reopened on an earlier run (None if it cannot be:
+        `MlflowTracker.reattach`, `SidecarTracker.reattach`; a NullTracker has none)."""
+        reattach = getattr(self.tracker, "reattach", None)
+        if reattach is None or run_id.startswith("offline-"):
             return None
-        try:
-            if t.client is None:
-                return None
-            t.client.get_run(run_id)
-        except Exception:
-            return None
-        return MlflowTracker.attach(t.tracking_uri, run_id, owner=True)
+        return reattach(run_id)
 
     def _cpu_demand(self, name: str) -> float:
         res = self.dag.stage(name).resources
@@ -389,7 +429,10 @@ class Runner:
             fingerprint=fp,
             parts=plan.parts,
             status="started",
-            run_id=child.run_id,
+            # a stage that may run long (training) waits for its run id, so that a resumed
+            # attempt continues that MLflow run; a short one does not wait for the tracking
+            # process to create it (the later records carry it)
+            run_id=child.run_id if stage.needs_ray else _known_run_id(child),
         )
         fault_point("after_stage_started")
         try:

@@ -8,6 +8,7 @@ finishing. (The e2e suite runs with ``VGEN_IN_PROCESS_ROWS=0``: every stage on i
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -188,3 +189,46 @@ def test_cpu_only_hides_the_gpu_from_device_auto(monkeypatch):
         assert resolve_device("auto").type == "cpu"
         assert resolve_device("cuda").type == "cuda"  # asked for by name: as before
     assert resolve_device("auto").type == "cuda"
+
+
+def _fate_sharing_child():
+    """``sleep 60`` started as Ray starts its head processes: SIGKILLed when the *thread* that
+    started it exits (PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+    import subprocess
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def pdeathsig() -> None:
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+    return subprocess.Popen(["sleep", "60"], preexec_fn=pdeathsig)
+
+
+def test_ray_is_started_on_a_thread_that_outlives_the_stage_pool() -> None:
+    """Started from a stage thread that then ends, Ray's head processes would be killed with it
+    (``ray.shutdown()`` then waited ~20 s on a dead GCS). `_on_lasting_thread` runs the start
+    on a thread that lives until the process exits."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipelines.dag.runner import _on_lasting_thread
+
+    with ThreadPoolExecutor(1) as pool:  # the mechanism: a pool thread's child dies with it
+        bare = pool.submit(_fate_sharing_child).result()
+    assert bare.wait(timeout=10) == -9
+
+    with ThreadPoolExecutor(1) as pool:
+        kept = pool.submit(_on_lasting_thread, _fate_sharing_child).result()
+        name = pool.submit(_on_lasting_thread, lambda: threading.current_thread().name).result()
+    try:
+        assert name == "vgen-ray-owner"
+        time.sleep(0.5)
+        assert kept.poll() is None  # alive after the pool's threads ended
+    finally:
+        kept.kill()
+        kept.wait()
+    with ThreadPoolExecutor(1) as pool, pytest.raises(ZeroDivisionError):
+        pool.submit(_on_lasting_thread, lambda: 1 / 0).result()
+    assert _on_lasting_thread(threading.current_thread) is threading.main_thread()

@@ -7,6 +7,9 @@
   noticed once by a short probe, not per call), `default_tracking_uri`,
   `default_artifact_location`, `register_model`, `mlflow_ui_url` (a link that opens the MLflow
   UI in its model-training layout).
+- `locations.py`: `default_tracking_uri`, `default_artifact_location` (no MLflow import).
+- `sidecar.py`: `TrackingSidecar` / `SidecarTracker`: `vgen run`'s runs logged from a child
+  process (MLflow's import and store open off the driver's critical path).
 - `redact.py`: `redact_uri`, `redact_text`, `redact_config`, `is_secret_key`: what every printed,
   logged or stored value goes through. No MLflow import.
 - `sync.py`: `sync_records`, the replay of fallback records behind `vgen tracking sync`.
@@ -68,6 +71,10 @@ _MLFLOW_NAMES = (
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("default_artifact_location", "default_tracking_uri"):  # no mlflow import
+        from vgen_core.tracking import locations
+
+        return getattr(locations, name)
     if name in _MLFLOW_NAMES:
         from vgen_core.tracking import mlflow_tracker
 

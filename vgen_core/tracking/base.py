@@ -146,6 +146,17 @@ class NullTracker:
         pass
 
 
+def metric_value(name: str, value: Any) -> float:
+    """``value`` as a float, or ValueError naming the metric (a tensor with many elements, a
+    string)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"metric {name!r}: {value!r} is not a number; log scalars (a 0-d tensor or .item())"
+        ) from None
+
+
 def _truncate(value: str, limit: int) -> str:
     if len(value) <= limit:
         return value

@@ -81,8 +81,10 @@ from vgen_core.tracking.base import (
     Tracker,
     _truncate,
     flatten_params,
+    metric_value,
     to_uint8_image,
 )
+from vgen_core.tracking.locations import default_artifact_location, default_tracking_uri
 from vgen_core.tracking.redact import redact_config, redact_text, redact_uri
 
 # MLflow's SQLAlchemy store triggers a SQLAlchemy deprecation warning (`noload`) when it is first
@@ -113,30 +115,7 @@ _BAD_NAME_CHARS = re.compile(r"[^\w./\- :]")  # MLflow accepts alphanumerics, _ 
 # --------------------------------------------------------------------------- storage defaults
 
 
-def _is_remote(root: str) -> bool:
-    scheme = urlparse(root).scheme
-    return scheme not in ("", "file") and len(scheme) > 1  # len>1: a Windows drive is no scheme
-
-
-def _local_root(root: str) -> Path:
-    path = urlparse(root).path if root.startswith("file:") else root
-    return Path(path).expanduser().resolve()
-
-
-def default_tracking_uri(storage_root: str) -> str:
-    """SQLite tracking URI for a storage root: `sqlite:///<abs root>/mlflow.db` for a local root,
-    `sqlite:///~/.cache/vgen/mlflow.db` (expanded) for a remote one such as `s3://bucket/vgen`."""
-    if _is_remote(storage_root):
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        return f"sqlite:///{cache.expanduser().resolve() / 'vgen' / 'mlflow.db'}"
-    return f"sqlite:///{_local_root(storage_root) / 'mlflow.db'}"
-
-
-def default_artifact_location(storage_root: str) -> str:
-    """`<root>/mlartifacts`: an absolute local path, or a URI beside the data for `s3://` roots."""
-    if _is_remote(storage_root):
-        return f"{storage_root.rstrip('/')}/mlartifacts"
-    return str(_local_root(storage_root) / "mlartifacts")
+# default_tracking_uri, default_artifact_location: vgen_core.tracking.locations (no mlflow)
 
 
 def _sqlite_path(tracking_uri: str) -> Path | None:
@@ -390,15 +369,6 @@ def _chunks(items: list[T], size: int) -> list[list[T]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _metric_value(name: str, value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"metric {name!r}: {value!r} is not a number; log scalars (a 0-d tensor or .item())"
-        ) from None
-
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -619,9 +589,12 @@ class MlflowTracker:
 
         self._guard("params", flat, call)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        values = {_key(k): _metric_value(k, v) for k, v in metrics.items()}
-        timestamp = _now_ms()
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, *,
+                    timestamp_ms: int | None = None) -> None:
+        """As `Tracker.log_metrics`; ``timestamp_ms`` (default now) is when they were taken (a
+        `SidecarTracker` passes the driver's time)."""
+        values = {_key(k): metric_value(k, v) for k, v in metrics.items()}
+        timestamp = _now_ms() if timestamp_ms is None else int(timestamp_ms)
 
         def call(client: MlflowClient) -> None:
             batch = [Metric(k, v, timestamp, int(step or 0)) for k, v in values.items()]
@@ -759,6 +732,18 @@ class MlflowTracker:
             owner=True,
             fallback=self._fallback,
         )
+
+    def reattach(self, run_id: str) -> MlflowTracker | None:
+        """An earlier run of this tracking store reopened as its owner (a stage that resumes
+        the run of its interrupted attempt), or None when it cannot be: this tracker or that
+        run is offline, or the run cannot be read."""
+        if self.offline or self._client is None or run_id.startswith("offline-"):
+            return None
+        try:
+            self._client.get_run(run_id)
+        except Exception:
+            return None
+        return MlflowTracker.attach(self._tracking_uri, run_id, owner=True)
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run (a no-op for a non-owner attached tracker, and after the first call)."""
@@ -921,6 +906,11 @@ def register_model(
         raise ValueError(
             f"register_model({name!r}): local_dir {str(local_dir)!r} is not a directory"
         )
+    remote = getattr(tracker, "remote_call", None)
+    if remote is not None:  # a SidecarTracker: the tracking process registers
+        return remote("register_model", name, str(local_dir) if local_dir else None,
+                      artifact_path=artifact_path, tags=dict(tags or {}),
+                      description=description)
     if not isinstance(tracker, MlflowTracker):
         return None
     run_id = tracker.run_id
@@ -964,6 +954,9 @@ def tag_model_versions(tracker: Tracker, digest: str, tags: Mapping[str, Any]) -
     each version with its scores. Returns the ``name/version`` it tagged (empty when untracked,
     when no version holds those weights, or on a backend failure, which is recorded in the
     fallback file)."""
+    remote = getattr(tracker, "remote_call", None)
+    if remote is not None:  # a SidecarTracker: the tracking process tags
+        return remote("tag_model_versions", digest, dict(tags)) or []
     if not isinstance(tracker, MlflowTracker):
         return []
 

@@ -1,0 +1,542 @@
+"""`TrackingSidecar`: the driver's MLflow runs, logged from a child process.
+
+Why. Importing mlflow and opening its SQLAlchemy store costs the driver ~2.5 s of CPU before
+the first record (measured: ``import mlflow`` 1.1 s, ``MlflowClient(sqlite).create_run`` with its
+schema check 0.7-1.2 s, on this project's 2-core reference machine). On a re-run that has
+little to do (a 1% change, a no-op) that is half of `vgen run`'s wall time, and under the GIL a
+thread does not hide it (measured: importing mlflow in a thread beside torch made both slower).
+A child process does: it imports mlflow and opens the run on the other core while the driver
+imports torch, plans and computes. ``vgen run`` starts it first thing and waits for it at the
+end, so when the command returns MLflow holds everything, as before.
+
+How. `TrackingSidecar.spawn()` starts ``python -m vgen_core.tracking.sidecar`` (it imports
+mlflow at once, before any request). `start(...)` returns a `SidecarTracker`, a `Tracker` whose
+calls are pickled in the caller (a bad argument raises there: ``to_uint8_image``, metric values,
+statuses are checked in the driver as `MlflowTracker` checks them) and queued to a sender thread,
+so no call waits for MLflow: only ``run_id`` (until the run exists), ``reattach`` and the model
+registry calls wait for their answer. In the child one `MlflowTracker` per handle does the work,
+in order, with its own failure policy (a backend failure is a warning and a fallback record,
+never an exception); warnings it logs are sent back and re-logged in the driver under the same
+logger names (so ``vgen run`` prints them as before). Metric timestamps are taken in the driver.
+
+Failure. Every request is acknowledged after it is applied. If the child dies (killed, out of
+memory) the driver logs a warning and takes over in-process: it re-opens the runs the child had
+created (`MlflowTracker.attach`, owner) and applies the requests the child had not acknowledged,
+then every later call, itself: nothing is lost and nothing is applied twice except a request
+the child applied but died before acknowledging. If the driver dies first, the child sees its
+input close, applies what it had read, marks the runs it opened and did not finish KILLED and
+exits. The child ignores SIGINT / SIGTERM (a Ctrl-C or ``vgen stop`` reaches the whole process
+group): it finishes when the driver, which handles them, closes its input.
+
+Output. The child's stdout and stderr go to a temporary file that the driver copies to its own
+stderr when the child exits (`close`): under ``vgen run`` that is the run's log file.
+
+``VGEN_TRACKING_SIDECAR=0`` makes ``vgen run`` log from the driver itself (`MlflowTracker`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from vgen_core.tracking.base import (
+    RUN_STATUSES,
+    flatten_params,
+    metric_value,
+    to_uint8_image,
+)
+from vgen_core.tracking.redact import redact_config
+
+__all__ = ["SidecarTracker", "TrackingSidecar", "sidecar_enabled"]
+
+logger = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("<Q")
+#: calls the registry helpers of mlflow_tracker that a SidecarTracker forwards
+_REMOTE_FUNCTIONS = frozenset({"register_model", "tag_model_versions"})
+#: Tracker methods forwarded as they are
+_CALLS = frozenset({"log_params", "log_metrics", "log_image", "log_text", "log_dict",
+                    "log_table_input", "set_tags", "finish"})
+
+
+def sidecar_enabled() -> bool:
+    """False when ``VGEN_TRACKING_SIDECAR`` is 0/false/no/off (log from the driver)."""
+    return os.environ.get("VGEN_TRACKING_SIDECAR", "1").strip().lower() not in (
+        "0", "false", "no", "off")
+
+
+def _write(stream: BinaryIO, payload: bytes) -> None:
+    stream.write(_HEADER.pack(len(payload)) + payload)
+    stream.flush()
+
+
+def _read(stream: BinaryIO) -> Any:
+    """The next pickled message, or None at end of input."""
+    head = stream.read(_HEADER.size)
+    if len(head) < _HEADER.size:
+        return None
+    (n,) = _HEADER.unpack(head)
+    body = stream.read(n)
+    if len(body) < n:
+        return None
+    return pickle.loads(body)
+
+
+# --------------------------------------------------------------------------- the work (child)
+
+
+class _Server:
+    """Applies requests to `MlflowTracker`s by handle (in the child; in the driver after a
+    takeover)."""
+
+    def __init__(self) -> None:
+        from vgen_core.tracking import mlflow_tracker
+
+        self.mt = mlflow_tracker
+        self.trackers: dict[int, Any] = {}
+        self.tracking_uri: str | None = None
+
+    def handle(self, op: str, h: int, args: Any) -> Any:
+        if op == "start":
+            self.tracking_uri = args["tracking_uri"]
+            t = self.mt.MlflowTracker.start(**args)
+        elif op == "child":
+            parent, name = args
+            t = self.trackers[parent].child(name)
+        elif op == "reattach":
+            parent, run_id = args
+            t = self.trackers[parent].reattach(run_id)
+            if t is None:
+                return None
+        elif op == "resume":  # a takeover: a run the child had opened
+            t = self.mt.MlflowTracker.attach(args[0], args[1], owner=True)
+        elif op == "run_id":
+            return self.trackers[h].run_id
+        elif op == "call":
+            method, a, kw = args
+            if method not in _CALLS:
+                raise ValueError(f"not a Tracker call: {method!r}")
+            return getattr(self.trackers[h], method)(*a, **kw)
+        elif op == "func":
+            name, a, kw = args
+            if name not in _REMOTE_FUNCTIONS:
+                raise ValueError(f"not a forwarded tracking function: {name!r}")
+            return getattr(self.mt, name)(self.trackers[h], *a, **kw)
+        else:
+            raise ValueError(f"unknown request {op!r}")
+        self.trackers[h] = t
+        return t.run_id
+
+    def abandon(self) -> None:
+        """The driver went away without closing: runs it did not finish were killed."""
+        for t in self.trackers.values():
+            try:
+                t.finish("KILLED")  # a no-op for a finished or non-owner tracker
+            except Exception:
+                continue
+
+
+class _Forward(logging.Handler):
+    """Warnings of vgen's loggers in the child, sent to the driver to be logged there."""
+
+    def __init__(self, send: Any) -> None:
+        super().__init__(logging.WARNING)
+        self.send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.send(("log", record.name, record.levelno, record.getMessage()))
+        except Exception:
+            self.handleError(record)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The child: ``python -m vgen_core.tracking.sidecar REPLY_FD``; requests on stdin."""
+    argv = sys.argv[1:] if argv is None else argv
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    replies = os.fdopen(int(argv[0]), "wb")
+    lock = threading.Lock()
+
+    def send(msg: Any) -> None:
+        data = pickle.dumps(msg)
+        with lock:
+            _write(replies, data)
+
+    logging.getLogger("vgen_core").addHandler(_Forward(send))
+    server = _Server()  # imports mlflow now, while the driver works
+    requests = sys.stdin.buffer
+    closed = False
+    while True:
+        msg = _read(requests)
+        if msg is None:
+            break
+        seq, op, h, args = msg
+        if op == "close":
+            closed = True
+            send(("ack", seq, True, None))
+            break
+        try:
+            result, ok = server.handle(op, h, args), True
+        except Exception as e:  # a bug or a bad argument: the caller hears of it
+            result, ok = f"{type(e).__name__}: {e}", False
+            logger.warning("tracking request %s failed in the tracking process: %s", op, result)
+        try:
+            pickle.dumps(result)
+        except Exception:
+            result = None
+        send(("ack", seq, ok, result))
+    if not closed:
+        server.abandon()
+    replies.close()
+    # Every MLflow call above was synchronous (MlflowTracker logs with synchronous=True), so
+    # nothing is left to flush but our own streams; MLflow's exit hooks (its telemetry client
+    # waits on a config fetch from the network) cost ~1 s that the driver would wait for.
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
+
+
+# --------------------------------------------------------------------------- the driver's side
+
+
+class SidecarError(RuntimeError):
+    """A request the tracking process refused (its message says why)."""
+
+
+class TrackingSidecar:
+    """The driver's handle on one tracking child process (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._seq = 0
+        self._handles = 0
+        self._unacked: dict[int, tuple[str, int, Any]] = {}
+        self._futures: dict[int, Future] = {}
+        self._run_ids: dict[int, str] = {}
+        self._local: _Server | None = None  # set once the child is gone: the driver logs
+        self._closing = False
+        self._started = False
+        self._tracking_uri: str | None = None
+        self._output: Any = tempfile.TemporaryFile()
+        self._replies: BinaryIO | None = None
+        self._proc: subprocess.Popen | None = None
+        self._outbox: list[bytes] = []
+        self._wake = threading.Condition(self._lock)
+
+    @classmethod
+    def spawn(cls) -> TrackingSidecar:
+        """Start the child (it begins importing mlflow at once) and the threads that talk to it.
+        If it cannot be started the tracker works in-process from the first request."""
+        self = cls()
+        r, w = os.pipe()
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[2])  # the folder holding vgen_core
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "vgen_core.tracking.sidecar", str(w)],
+                stdin=subprocess.PIPE, stdout=self._output, stderr=self._output,
+                pass_fds=(w,), env=env, close_fds=True)
+        except OSError as e:
+            os.close(r)
+            os.close(w)
+            logger.warning("could not start the tracking process (%s); logging to MLflow from "
+                           "this process", e)
+            self._local = _Server()
+            return self
+        os.close(w)
+        self._replies = os.fdopen(r, "rb")
+        threading.Thread(target=self._send_loop, name="vgen-tracking-send", daemon=True).start()
+        threading.Thread(target=self._reply_loop, name="vgen-tracking-reply",
+                         daemon=True).start()
+        return self
+
+    # ----------------------------------------------------------------- requests
+
+    def start(self, tracking_uri: str, experiment: str, run_name: str,
+              tags: Mapping[str, Any] | None = None, *, artifact_location: str | None = None,
+              fallback_dir: str | Path | None = None) -> SidecarTracker:
+        """Open the run (as `MlflowTracker.start`, in the child); returns at once."""
+        self._started = True
+        self._tracking_uri = tracking_uri
+        h = self._new_handle()
+        self.request("start", h, {
+            "tracking_uri": tracking_uri, "experiment": experiment, "run_name": run_name,
+            "tags": dict(tags or {}), "artifact_location": artifact_location,
+            "fallback_dir": str(fallback_dir) if fallback_dir is not None else None})
+        return SidecarTracker(self, h, tracking_uri)
+
+    def _new_handle(self) -> int:
+        with self._lock:
+            self._handles += 1
+            return self._handles
+
+    def request(self, op: str, h: int, args: Any, *, wait: bool = False) -> Any:
+        """Queue one request; with ``wait``, block for its result (SidecarError if refused)."""
+        data = None
+        with self._lock:
+            if self._local is None:
+                seq = self._seq
+                self._seq += 1
+                data = pickle.dumps((seq, op, h, args))  # unpicklable: raises here, the caller
+                self._unacked[seq] = (op, h, args)
+                fut: Future | None = Future() if wait else None
+                if fut is not None:
+                    self._futures[seq] = fut
+                self._outbox.append(_HEADER.pack(len(data)) + data)
+                self._wake.notify()
+            else:
+                result = self._local.handle(op, h, args)
+                if op in ("start", "child", "reattach", "resume") and result:
+                    self._run_ids[h] = result
+                return result
+        if fut is None:
+            return None
+        return fut.result()
+
+    def run_id(self, h: int) -> str | None:
+        with self._lock:
+            known = self._run_ids.get(h)
+        return known if known is not None else self.request("run_id", h, None, wait=True)
+
+    # ----------------------------------------------------------------- threads
+
+    def _send_loop(self) -> None:
+        assert self._proc is not None and self._proc.stdin is not None
+        stdin = self._proc.stdin
+        while True:
+            with self._lock:
+                while not self._outbox:
+                    self._wake.wait()
+                batch, self._outbox = self._outbox, []
+            try:
+                stdin.write(b"".join(batch))
+                stdin.flush()
+            except (BrokenPipeError, OSError, ValueError):
+                return  # the child is gone: the reply loop takes over
+            with self._lock:
+                done = self._closing and not self._outbox
+            if done:  # the close request is written: nothing follows it
+                with contextlib.suppress(OSError):
+                    stdin.close()
+                return
+
+    def _reply_loop(self) -> None:
+        assert self._replies is not None
+        while True:
+            try:
+                msg = _read(self._replies)
+            except Exception:
+                msg = None
+            if msg is None:
+                break
+            if msg[0] == "log":
+                _, name, level, text = msg
+                logging.getLogger(name).log(level, "%s", text)
+                continue
+            _, seq, ok, result = msg
+            with self._lock:
+                op, h, _args = self._unacked.pop(seq, ("?", 0, None))
+                if ok and op in ("start", "child", "reattach") and result:
+                    self._run_ids[h] = result
+                fut = self._futures.pop(seq, None)
+            if fut is not None:
+                if ok:
+                    fut.set_result(result)
+                else:
+                    fut.set_exception(SidecarError(result))
+        self._takeover()
+
+    def _takeover(self) -> None:
+        """The child exited: apply what it had not acknowledged here, and every later call."""
+        with self._lock:
+            if self._closing and not self._unacked:
+                return
+            code = self._proc.poll() if self._proc is not None else None
+            if code is None and self._proc is not None:
+                try:
+                    code = self._proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    code = None
+            logger.warning(
+                "the tracking process exited (code %s) with %d request(s) not applied; this "
+                "process logs to MLflow from here on (its output: in this run's log)",
+                code, len(self._unacked))
+            local = _Server()
+            for h, run_id in self._run_ids.items():
+                try:
+                    local.handle("resume", h, (self._tracking_uri, run_id))
+                except Exception as e:
+                    logger.warning("could not reopen MLflow run %s: %s", run_id, e)
+            for seq in sorted(self._unacked):
+                op, h, args = self._unacked.pop(seq)
+                fut = self._futures.pop(seq, None)
+                try:
+                    result = local.handle(op, h, args) if op != "close" else None
+                except Exception as e:
+                    if fut is not None:
+                        fut.set_exception(SidecarError(f"{type(e).__name__}: {e}"))
+                    continue
+                if op in ("start", "child", "reattach") and result:
+                    self._run_ids[h] = result
+                if fut is not None:
+                    fut.set_result(result)
+            self._local = local
+            self._relay_output()
+
+    # ----------------------------------------------------------------- the end
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait until the child has applied every request and exited, then copy its output to
+        this process's stderr. A child that was never given a run is stopped at once."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            if self._local is not None or self._proc is None:
+                return
+            if not self._started:  # nothing to log (an invalid DAG): do not wait for mlflow
+                self._proc.kill()
+                self._proc.wait()
+                self._relay_output()
+                return
+            seq = self._seq
+            self._seq += 1
+            fut: Future = Future()
+            self._futures[seq] = fut
+            self._unacked[seq] = ("close", 0, None)
+            data = pickle.dumps((seq, "close", 0, None))
+            self._outbox.append(_HEADER.pack(len(data)) + data)
+            self._wake.notify()
+        try:
+            fut.result(timeout=timeout)
+            self._proc.wait(timeout=timeout)
+        except Exception:
+            return  # the child goes on on its own (its input is closed when this process ends)
+        self._relay_output()
+
+    def _relay_output(self) -> None:
+        """The child's stdout/stderr, copied to this process's stderr (fd 2) once."""
+        out, self._output = self._output, None
+        if out is None:
+            return
+        try:
+            out.seek(0)
+            data = out.read()
+            if data:
+                sys.stderr.flush()
+                os.write(2, data)
+        except Exception:
+            pass
+        finally:
+            out.close()
+
+
+class SidecarTracker:
+    """A `Tracker` whose MLflow run lives in the tracking process (see the module docstring).
+    Calls return at once; ``run_id`` waits until the run exists."""
+
+    def __init__(self, sidecar: TrackingSidecar, handle: int, tracking_uri: str) -> None:
+        self._sidecar = sidecar
+        self._h = handle
+        self._tracking_uri = tracking_uri
+        self._finished = False
+
+    @property
+    def run_id(self) -> str | None:
+        return self._sidecar.run_id(self._h)
+
+    @property
+    def known_run_id(self) -> str | None:
+        """The run id if the tracking process has reported it already, else None (no wait)."""
+        with self._sidecar._lock:
+            return self._sidecar._run_ids.get(self._h)
+
+    @property
+    def tracking_uri(self) -> str:
+        return self._tracking_uri
+
+    def _call(self, method: str, *a: Any, **kw: Any) -> None:
+        self._sidecar.request("call", self._h, (method, a, kw))
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self._call("log_params", flatten_params(redact_config(dict(params))))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        values = {str(k): metric_value(k, v) for k, v in metrics.items()}
+        self._call("log_metrics", values, step, timestamp_ms=int(time.time() * 1000))
+
+    def log_image(self, name: str, image: np.ndarray, step: int | None = None) -> None:
+        self._call("log_image", name, to_uint8_image(image), step)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._call("log_text", str(text), artifact_file)
+
+    def log_dict(self, d: Mapping[str, Any], artifact_file: str) -> None:
+        self._call("log_dict", dict(d), artifact_file)
+
+    def log_table_input(self, name: str, uri: str, version: int, num_rows: int | None = None,
+                        digest: str | None = None, context: str = "input") -> None:
+        self._call("log_table_input", name, uri, int(version), num_rows, digest, context)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._call("set_tags", {str(k): str(v) for k, v in tags.items()})
+
+    def child(self, name: str) -> SidecarTracker:
+        h = self._sidecar._new_handle()
+        self._sidecar.request("child", h, (self._h, name))
+        return SidecarTracker(self._sidecar, h, self._tracking_uri)
+
+    def reattach(self, run_id: str) -> SidecarTracker | None:
+        """An earlier run of this tracking store reopened (owner), or None if it cannot be
+        (as `MlflowTracker.reattach`); waits for the answer."""
+        h = self._sidecar._new_handle()
+        got = self._sidecar.request("reattach", h, (self._h, run_id), wait=True)
+        return SidecarTracker(self._sidecar, h, self._tracking_uri) if got else None
+
+    def remote_call(self, name: str, *a: Any, **kw: Any) -> Any:
+        """``mlflow_tracker.<name>(this run's tracker, ...)`` in the tracking process (the model
+        registry helpers); waits for the result."""
+        return self._sidecar.request("func", self._h, (name, a, kw), wait=True)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if status not in RUN_STATUSES:
+            raise ValueError(f"status must be one of {RUN_STATUSES}, got {status!r}")
+        if self._finished:
+            return
+        self._finished = True
+        self._call("finish", status)
+
+    def __enter__(self) -> SidecarTracker:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None:
+            self.finish("FINISHED")
+        else:
+            self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+
+    def __repr__(self) -> str:
+        return f"SidecarTracker(handle={self._h})"
+
+
+if __name__ == "__main__":
+    main()
