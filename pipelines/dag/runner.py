@@ -251,6 +251,12 @@ class Runner:
         summary = RunSummary(self.dag.name, self.store.root, self.tracking_uri,
                              self.tracker.run_id, {n: outcomes[n] for n in self.dag.order},
                              time.time() - t0)
+        if not noop:  # the stage records read by every plan stay a few files
+            try:
+                self.state.compact()
+            except Exception as e:  # an optimisation: never a failed run
+                log.warning("could not compact the stage records (%s); the next run tries again",
+                            e)
         self.tracker.log_metrics(
             {
                 "dag.seconds": summary.seconds,

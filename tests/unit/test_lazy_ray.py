@@ -84,6 +84,12 @@ def test_small_first_run_and_small_rerun_start_no_ray_and_match_in_process(tmp_p
     assert [o.counts.processed for o in summary.outcomes.values()] == [10, 10]
     assert any("[tokens] ran in this process" in x for x in lines)
 
+    # the run compacted its stage records only if there were 64 files: 4 records, 4 files
+    from deltalake import DeltaTable
+
+    from pipelines.dag.state import STATE_TABLE
+
+    assert len(DeltaTable(store.uri(STATE_TABLE)).file_uris()) == 4
     ref_store = TableStore(str(tmp_path / "ref"))
     ref = Runner(dag, ref_store, NullTracker(), "", executor="local").run()
     assert _rows(store, summary) == _rows(ref_store, ref)
@@ -91,9 +97,15 @@ def test_small_first_run_and_small_rerun_start_no_ray_and_match_in_process(tmp_p
     # a 1-file change: exactly its 2 crops in each stage, still without Ray
     write_png(root / "c0" / "img0.png", seed=99)
     r2 = Runner(dag, store, NullTracker(), "", executor="ray", console=Console())
+    for n in range(60):  # 4 + 60 = 64 record files before this run: it compacts after it
+        r2.state.record(dag="other", stage="s", kind="k", fingerprint="f", parts={},
+                        status="completed")
     s2 = r2.run()
     assert s2.ok and not r2.ray.connected
     assert [o.counts.processed for o in s2.outcomes.values()] == [2, 2]
+    # compacted at the end (after the completed records): one file, every record still there
+    assert len(DeltaTable(store.uri(STATE_TABLE)).file_uris()) == 1
+    assert len(r2.state.records("other")) == 60 and len(r2.state.records("t")) == 8
 
 
 def test_work_over_in_process_rows_connects_to_ray(tmp_path, no_ray_env):

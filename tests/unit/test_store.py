@@ -608,3 +608,39 @@ def test_s3_unwritable_roots_fail_fast(moto_endpoint):
     with pytest.raises(StorageError, match="is not writable"):
         dead.check_writable()
     assert time.monotonic() - t0 < 15
+
+
+def test_compact_keeps_rows_and_history_in_fewer_files(store):
+    """The stage records grow one small file a commit; compaction rewrites them into one and
+    changes no row, and older versions still read as they were."""
+    from deltalake import DeltaTable
+
+    for i in range(5):
+        store.append("recs", pa.table({"i": pa.array([i, 10 + i], pa.int64())}))
+    assert store.compact("recs", min_files=6) is False  # 5 files: below the threshold
+    v_before = store.version("recs")
+    assert store.compact("recs", min_files=5) is True
+    assert len(DeltaTable(store.uri("recs")).file_uris()) == 1
+    assert store.version("recs") == v_before + 1
+    got = sorted(store.read("recs").column("i").to_pylist())
+    assert got == sorted([*range(5), *range(10, 15)])
+    assert sorted(store.read("recs", version=2).column("i").to_pylist()) == [0, 1, 2, 10, 11, 12]
+    assert store.compact("recs", min_files=2) is False  # one file now
+
+
+def test_stage_records_are_compacted_by_a_run(tmp_path):
+    """StageState.compact rewrites `_vgen/stage_runs` into one file once it has 64 (Runner.run
+    calls it after a run that ran something: tests/unit/test_lazy_ray.py); latest() is
+    unchanged."""
+    from deltalake import DeltaTable
+
+    from pipelines.dag.state import STATE_TABLE, StageState
+
+    st = StageState(TableStore(str(tmp_path)))
+    for n in range(64):
+        st.record(dag="d", stage=f"s{n % 3}", kind="k", fingerprint="f", parts={"n": n},
+                  status="completed", run_id=f"r{n}")
+    before = st.latest("d")
+    assert st.compact() is True
+    assert len(DeltaTable(st.store.uri(STATE_TABLE)).file_uris()) == 1
+    assert st.latest("d") == before

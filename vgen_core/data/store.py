@@ -583,6 +583,24 @@ class TableStore:
 
         return self._with_retries(f"append to table {name!r} at {uri}", attempt)
 
+    def compact(self, name: str, *, min_files: int = 64) -> bool:
+        """Rewrite the table's data files into a few (Delta OPTIMIZE compaction) once it has at
+        least ``min_files`` of them; returns whether it did. An append-only table written a
+        few rows a commit (`pipelines.dag.state`'s stage records) otherwise reads slower with
+        every commit: one small file each, 0.67 s to read at 1,000 (measured, local disk). Rows
+        and history are unchanged (older versions still read their own files, until a VACUUM).
+        One commit, no retry: a writer that commits meanwhile makes it fail (raises
+        :class:`StorageError`; compact again later)."""
+        dt = self._open(name)
+        if len(dt.file_uris()) < min_files:
+            return False
+        try:
+            dt.optimize.compact(
+                commit_properties=CommitProperties(custom_metadata={"vgen.op": "compact"}))
+        except Exception as e:
+            raise StorageError(f"compacting table {name!r} at {self.uri(name)} failed: {e}") from e
+        return True
+
     def upsert(
         self,
         name: str,
