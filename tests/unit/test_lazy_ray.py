@@ -97,7 +97,7 @@ def test_small_first_run_and_small_rerun_start_no_ray_and_match_in_process(tmp_p
     # a 1-file change: exactly its 2 crops in each stage, still without Ray
     write_png(root / "c0" / "img0.png", seed=99)
     r2 = Runner(dag, store, NullTracker(), "", executor="ray", console=Console())
-    for n in range(60):  # 4 + 60 = 64 record files before this run: it compacts after it
+    for _ in range(60):  # 4 + 60 = 64 record files before this run: it compacts after it
         r2.state.record(dag="other", stage="s", kind="k", fingerprint="f", parts={},
                         status="completed")
     s2 = r2.run()
