@@ -45,10 +45,27 @@ def fetch_file(uri: str, dest_dir: str) -> str:
 
 def file_digest(uri: str, *, what: str = "file") -> str:
     """blake2b-256 of a (local or remote) file's bytes, streamed. FileNotFoundError names
-    ``what`` the file is for."""
+    ``what`` the file is for.
+
+    Cached on this machine by the file's identity: its URI, size and modification time (and
+    ETag on object stores), in ``$XDG_CACHE_HOME/vgen/file_digests`` (default ``~/.cache``). A
+    plan digests every ``weights:`` file it fingerprints: without the cache a no-op run re-read a
+    multi-GB checkpoint (from S3: downloaded it) every time. The trust is that of source files
+    (make, dataset caches): a file rewritten with the same size and mtime keeps its old digest;
+    ``VGEN_DIGEST_CACHE=0`` reads every file every time. A cache that cannot be read or written
+    is skipped."""
     import hashlib
 
     fs, path = filesystem_for(uri)
+    try:
+        key = _identity(uri, fs.info(path)) if _digest_cache_on() else None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {uri} not found; it must be readable from every "
+                                "node (a local path on each, or s3://)") from None
+    except Exception:  # no metadata: digest without the cache
+        key = None
+    if key is not None and (known := _cached(key)) is not None:
+        return known
     h = hashlib.blake2b(digest_size=32)
     try:
         with fs.open(path, "rb") as f:
@@ -57,7 +74,57 @@ def file_digest(uri: str, *, what: str = "file") -> str:
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {uri} not found; it must be readable from every "
                                 "node (a local path on each, or s3://)") from None
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if key is not None:
+        _remember(key, digest)
+    return digest
+
+
+def _digest_cache_on() -> bool:
+    return os.environ.get("VGEN_DIGEST_CACHE", "1").strip().lower() not in ("0", "false", "no",
+                                                                            "off")
+
+
+def _digest_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "vgen", "file_digests")
+
+
+def _identity(uri: str, info: dict[str, Any]) -> str | None:
+    """The cache key of a file: its URI and the metadata that changes when it is rewritten
+    (None when the filesystem gives no size and no time or ETag: not cached)."""
+    import hashlib
+    import json
+
+    if info.get("type") not in (None, "file"):
+        return None
+    stamp = {k: str(info[k]) for k in ("size", "mtime", "LastModified", "ETag", "ino",
+                                        "last_modified", "etag") if info.get(k) is not None}
+    if "size" not in stamp or len(stamp) < 2:
+        return None
+    text = json.dumps({"uri": uri, **stamp}, sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=20).hexdigest()
+
+
+def _cached(key: str) -> str | None:
+    try:
+        with open(os.path.join(_digest_cache_dir(), key[:2], key)) as f:
+            value = f.read().strip()
+    except OSError:
+        return None
+    return value if len(value) == 64 and all(c in "0123456789abcdef" for c in value) else None
+
+
+def _remember(key: str, digest: str) -> None:
+    folder = os.path.join(_digest_cache_dir(), key[:2])
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{key}.{os.getpid()}.tmp")
+        with open(tmp, "w") as f:
+            f.write(digest)
+        os.replace(tmp, os.path.join(folder, key))  # atomic: readers see all or nothing
+    except OSError:
+        pass
 
 
 def read_json(uri: str) -> Any:
