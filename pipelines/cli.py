@@ -843,5 +843,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The ``vgen`` command: :func:`main`, then the process ends without Python's finalization.
+
+    Everything is done when ``main`` returns (Ray stopped, the tracking process waited for, the
+    log written); what is left is the interpreter tearing down torch, pyarrow and deltalake
+    module by module: 0.6 s measured on 2 cores, a tenth of a small re-run. Streams and logging
+    handlers are flushed first. ``main`` itself returns normally (tests, embedding)."""
+    import logging
+
+    code = int(main() or 0)
+    try:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+    except Exception:
+        sys.exit(code)  # a stream that cannot be flushed: let Python report it
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -317,6 +317,10 @@ class Stage:
     #: it. Other kinds reach Ray only through their executor, which connects when the work is
     #: too big to run in the driver (``pipelines.dag.ray_exec.RayDataExecutor``)
     needs_ray: ClassVar[bool] = False
+    #: modules the kind's work imports: when a stage of it is to run the runner imports them on
+    #: a background thread at the start of the DAG (torch's ~1.5 s then overlaps earlier stages
+    #: and waits instead of delaying this one); source stages read files with PIL / numpy only
+    warm_imports: ClassVar[tuple[str, ...]] = ("torch",)
 
     def __init__(self, config: StageConfig, ctx: StageContext):
         self.config, self.ctx = config, ctx
@@ -858,6 +862,8 @@ class SourceStage(MapStage):
     recorded, so a table written by any earlier run can be verified). Cost: a full read and
     decode of the dataset, across the actor pool like a first run; the verify mode is part of no
     fingerprint, so switching it on or off never invalidates rows."""
+
+    warm_imports: ClassVar[tuple[str, ...]] = ()
 
     write_mode = "upsert"
     needs_range = (0, 0)

@@ -51,3 +51,20 @@ def test_help_mentions_every_command(capsys):
     out = capsys.readouterr().out
     for cmd in ("run", "plan", "status", "ui"):
         assert cmd in out
+
+
+def test_the_command_exits_with_mains_code_and_all_its_output(tmp_path) -> None:
+    """`vgen` (pipelines.cli.entry) ends with os._exit after main: the exit code is main's and
+    nothing printed is lost (streams flushed first), piped or not."""
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "pipelines.cli", "families"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "maskgit" in ok.stdout.lower() and ok.stdout.endswith("\n")
+    bad = subprocess.run([sys.executable, "-m", "pipelines.cli", "plan",
+                          str(tmp_path / "missing.yaml")], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2
+    assert "missing.yaml" in bad.stderr

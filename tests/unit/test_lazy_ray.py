@@ -244,3 +244,38 @@ def test_ray_is_started_on_a_thread_that_outlives_the_stage_pool() -> None:
     with ThreadPoolExecutor(1) as pool, pytest.raises(ZeroDivisionError):
         pool.submit(_on_lasting_thread, lambda: 1 / 0).result()
     assert _on_lasting_thread(threading.current_thread) is threading.main_thread()
+
+
+def test_the_imports_of_stages_to_run_are_warmed_in_the_background(tmp_path, monkeypatch):
+    """`Stage.warm_imports` of every stage to run are imported on a daemon thread when the run
+    starts (torch's import overlaps the stages before the first that needs it); up-to-date
+    stages' are not."""
+    import sys
+    import threading
+    from types import SimpleNamespace
+
+    from pipelines.dag.planner import UP_TO_DATE
+    from pipelines.dag.runner import _warm_imports
+    from pipelines.stages.ingest import IngestImages
+    from pipelines.stages.tokenize import TokenizeFSQ
+
+    dag = _dag(tmp_path)
+    monkeypatch.setattr(IngestImages, "warm_imports", ("colorsys",))
+    monkeypatch.setattr(TokenizeFSQ, "warm_imports", ("this_module_does_not_exist", "netrc"))
+    for m in ("colorsys", "netrc"):
+        monkeypatch.delitem(sys.modules, m, raising=False)
+
+    def settle():
+        for t in threading.enumerate():
+            if t.name == "vgen-warm-imports":
+                t.join(timeout=30)
+
+    plans = [SimpleNamespace(stage="images", state=UP_TO_DATE),
+             SimpleNamespace(stage="tokens", state="to-run")]
+    _warm_imports(dag, plans)
+    settle()
+    assert "netrc" in sys.modules  # after a module that fails to import: each on its own
+    assert "colorsys" not in sys.modules  # images is up to date
+    _warm_imports(dag, None)  # planning failed: every stage may run
+    settle()
+    assert "colorsys" in sys.modules
