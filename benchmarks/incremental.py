@@ -19,7 +19,7 @@ Timed: **full** (empty storage), **1%** (1% of the files rewritten with inverted
 planning, Ray connection, two actor pools, model load, commits) and **start-up (no-op)** = a
 no-op run there; `vgen plan` of the up-to-date big DAG is printed too. Each run's line shows
 the DAG time `vgen run` reports and per-stage times; the rest of the wall time is process
-start-up (imports, MLflow).
+start-up (imports) and the wait for the tracking process (MLflow) at the end.
 
 **The peer side by side** (``--peer hf``): Hugging Face ``datasets`` on the same images and the
 same tokenizer (binary-FSQ tiny, seed 0, the image and its flip, preprocessed to 32 px as the

@@ -326,6 +326,7 @@ def _run(args: argparse.Namespace, sidecar: Any) -> int:
             console.print(f"vgen: DAG '{dag.name}' ({dag.source}), storage {store.root}")
             console.print(f"vgen: log file {shown}" + ("" if args.verbose else
                           " (Ray, DeepSpeed and MLflow output; --verbose streams it here)"))
+            unfinished = None  # the status of MLflow runs left open when the run stops early
             try:
                 if sidecar is not None:
                     start = sidecar.start
@@ -343,6 +344,7 @@ def _run(args: argparse.Namespace, sidecar: Any) -> int:
                                 log_path=shown)
                 summary = runner.run()
             except BaseException as e:
+                unfinished = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
                 traceback.print_exc()  # into the log file (the captured stderr)
                 console.print(redact_text(f"vgen: the run stopped: {type(e).__name__}: {e}")
                               [:2000])
@@ -355,7 +357,7 @@ def _run(args: argparse.Namespace, sidecar: Any) -> int:
                         and sys.modules["ray"].is_initialized()):
                     sys.modules["ray"].shutdown()
                 if sidecar is not None:  # every record applied; its output into the log file
-                    sidecar.close()
+                    sidecar.close(unfinished=unfinished)
             _print_summary(summary, store, out)
             print(f"Log:    {shown}", file=out)
     finally:

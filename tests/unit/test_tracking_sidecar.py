@@ -233,3 +233,18 @@ def test_vgen_run_never_imports_mlflow_in_the_driver(tmp_path: Path) -> None:
     assert set(runs) == {"side", "images"}
     assert runs["images"].data.metrics["processed"] == 3.0
     assert all(r.info.status == "FINISHED" for r in runs.values())
+
+
+def test_close_on_an_error_ends_unfinished_runs_and_refuses_more(store: str,
+                                                                 tmp_path: Path) -> None:
+    sidecar = TrackingSidecar.spawn()
+    t = _start(sidecar, store, "interrupted", tmp_path)
+    done, open_ = t.child("done"), t.child("open")
+    done.finish()
+    sidecar.close(unfinished="KILLED")  # `vgen run` interrupted mid-stage
+    c = MlflowClient(store)
+    assert c.get_run(t.run_id).info.status == "KILLED"
+    assert c.get_run(open_.run_id).info.status == "KILLED"
+    assert c.get_run(done.run_id).info.status == "FINISHED"
+    with pytest.raises(RuntimeError, match="after the tracking process was closed"):
+        t.log_metrics({"late": 1.0})

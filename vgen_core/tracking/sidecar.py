@@ -142,11 +142,12 @@ class _Server:
         self.trackers[h] = t
         return t.run_id
 
-    def abandon(self) -> None:
-        """The driver went away without closing: runs it did not finish were killed."""
+    def abandon(self, status: str = "KILLED") -> None:
+        """End every run the driver did not finish with ``status`` (KILLED: the driver went
+        away without closing; FAILED / KILLED: it closed on an error / an interrupt)."""
         for t in self.trackers.values():
             try:
-                t.finish("KILLED")  # a no-op for a finished or non-owner tracker
+                t.finish(status)  # a no-op for a finished or non-owner tracker
             except Exception:
                 continue
 
@@ -189,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
         seq, op, h, args = msg
         if op == "close":
             closed = True
+            if args:  # the driver stopped on an error: its unfinished runs end with it
+                server.abandon(args)
             send(("ack", seq, True, None))
             break
         try:
@@ -293,6 +296,9 @@ class TrackingSidecar:
         """Queue one request; with ``wait``, block for its result (SidecarError if refused)."""
         data = None
         with self._lock:
+            if self._closing and self._local is None:
+                raise RuntimeError(f"tracking request {op!r} after the tracking process was "
+                                   "closed")
             if self._local is None:
                 seq = self._seq
                 self._seq += 1
@@ -390,7 +396,12 @@ class TrackingSidecar:
                 op, h, args = self._unacked.pop(seq)
                 fut = self._futures.pop(seq, None)
                 try:
-                    result = local.handle(op, h, args) if op != "close" else None
+                    if op == "close":
+                        result = None
+                        if args:
+                            local.abandon(args)
+                    else:
+                        result = local.handle(op, h, args)
                 except Exception as e:
                     if fut is not None:
                         fut.set_exception(SidecarError(f"{type(e).__name__}: {e}"))
@@ -404,14 +415,20 @@ class TrackingSidecar:
 
     # ----------------------------------------------------------------- the end
 
-    def close(self, timeout: float | None = None) -> None:
+    def close(self, timeout: float | None = None, *, unfinished: str | None = None) -> None:
         """Wait until the child has applied every request and exited, then copy its output to
-        this process's stderr. A child that was never given a run is stopped at once."""
+        this process's stderr. ``unfinished`` (FAILED, KILLED): the status of runs the driver
+        did not finish (it stops on an error). A child that was never given a run is stopped at
+        once. Requests after this raise RuntimeError."""
+        if unfinished is not None and unfinished not in RUN_STATUSES:
+            raise ValueError(f"unfinished must be one of {RUN_STATUSES}, got {unfinished!r}")
         with self._lock:
             if self._closing:
                 return
             self._closing = True
             if self._local is not None or self._proc is None:
+                if self._local is not None and unfinished:
+                    self._local.abandon(unfinished)
                 return
             if not self._started:  # nothing to log (an invalid DAG): do not wait for mlflow
                 self._proc.kill()
@@ -422,8 +439,8 @@ class TrackingSidecar:
             self._seq += 1
             fut: Future = Future()
             self._futures[seq] = fut
-            self._unacked[seq] = ("close", 0, None)
-            data = pickle.dumps((seq, "close", 0, None))
+            self._unacked[seq] = ("close", 0, unfinished)
+            data = pickle.dumps((seq, "close", 0, unfinished))
             self._outbox.append(_HEADER.pack(len(data)) + data)
             self._wake.notify()
         try:
