@@ -297,7 +297,7 @@ def _load(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     from vgen_core.tracking.sidecar import TrackingSidecar, sidecar_enabled
 
-    # MLflow's import and store open (~2.5 s of CPU) run in a child process from here on, beside
+    # MLflow's import and store open (~2 s of CPU) run in a child process from here on, beside
     # the planning and the work (vgen_core.tracking.sidecar); VGEN_TRACKING_SIDECAR=0: inline
     sidecar = TrackingSidecar.spawn() if sidecar_enabled() else None
     try:

@@ -288,7 +288,7 @@ class Runner:
             try:
                 self.state.compact()
             except Exception as e:  # an optimisation: never a failed run
-                log.warning("could not compact the stage records (%s); the next run tries again",
+                log.info("could not compact the stage records (%s); the next run tries again",
                             e)
         self.tracker.log_metrics(
             {
