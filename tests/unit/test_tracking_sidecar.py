@@ -113,6 +113,9 @@ def test_a_killed_child_is_taken_over_without_losing_records(
     run_id = t.run_id  # the run exists in the child
     child = t.child("stage")
     child_id = child.run_id
+    done = t.child("finished-before")
+    done.finish()
+    sidecar.request("run_id", 1, None, wait=True)  # in order: the finish above is applied
     with caplog.at_level(logging.WARNING, logger="vgen_core.tracking.sidecar"):
         sidecar._proc.kill()
         sidecar._proc.wait()
@@ -130,6 +133,7 @@ def test_a_killed_child_is_taken_over_without_losing_records(
     assert run.info.status == "FINISHED"
     kid = c.get_run(child_id)
     assert kid.data.metrics == {"child_after": 3.0} and kid.info.status == "FINISHED"
+    assert c.get_run(done.run_id).info.status == "FINISHED"  # not reopened as RUNNING
 
 
 def test_a_driver_that_dies_leaves_its_runs_killed(store: str, tmp_path: Path) -> None:

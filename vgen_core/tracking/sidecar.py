@@ -123,8 +123,8 @@ class _Server:
             t = self.trackers[parent].reattach(run_id)
             if t is None:
                 return None
-        elif op == "resume":  # a takeover: a run the child had opened
-            t = self.mt.MlflowTracker.attach(args[0], args[1], owner=True)
+        elif op == "resume":  # a takeover: a run the child had opened (and maybe finished)
+            t = self.mt.MlflowTracker.attach(args[0], args[1], owner=args[2])
         elif op == "run_id":
             return self.trackers[h].run_id
         elif op == "call":
@@ -234,6 +234,7 @@ class TrackingSidecar:
         self._unacked: dict[int, tuple[str, int, Any]] = {}
         self._futures: dict[int, Future] = {}
         self._run_ids: dict[int, str] = {}
+        self._finished: set[int] = set()  # handles whose finish the child applied
         self._local: _Server | None = None  # set once the child is gone: the driver logs
         self._closing = False
         self._started = False
@@ -360,9 +361,11 @@ class TrackingSidecar:
                 continue
             _, seq, ok, result = msg
             with self._lock:
-                op, h, _args = self._unacked.pop(seq, ("?", 0, None))
+                op, h, args = self._unacked.pop(seq, ("?", 0, None))
                 if ok and op in ("start", "child", "reattach") and result:
                     self._run_ids[h] = result
+                if ok and op == "call" and args[0] == "finish":
+                    self._finished.add(h)
                 fut = self._futures.pop(seq, None)
             if fut is not None:
                 if ok:
@@ -388,8 +391,9 @@ class TrackingSidecar:
                 code, len(self._unacked))
             local = _Server()
             for h, run_id in self._run_ids.items():
-                try:
-                    local.handle("resume", h, (self._tracking_uri, run_id))
+                try:  # a run the child finished is reopened without owning it (no status change)
+                    local.handle("resume", h, (self._tracking_uri, run_id,
+                                               h not in self._finished))
                 except Exception as e:
                     logger.warning("could not reopen MLflow run %s: %s", run_id, e)
             for seq in sorted(self._unacked):
