@@ -468,10 +468,11 @@ class Runner:
             fingerprint=fp,
             parts=plan.parts,
             status="started",
-            # a stage that may run long (training) waits for its run id, so that a resumed
-            # attempt continues that MLflow run; a short one does not wait for the tracking
-            # process to create it (the later records carry it)
-            run_id=child.run_id if stage.needs_ray else _known_run_id(child),
+            # a stage that resumes its MLflow run (training) waits for the run id, so that a
+            # resumed attempt finds it; others do not wait for the tracking process to create
+            # it (the later records carry it)
+            run_id=(child.run_id if getattr(stage, "resumes_tracking", False)
+                    else _known_run_id(child)),
         )
         fault_point("after_stage_started")
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -30,14 +31,16 @@ def _reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     real = fsio.filesystem_for
 
     def spy(url: str, **kw):
-        fs, path = real(url, **kw)
-        orig = fs.open
+        fs, path = real(url, **kw)  # fsspec caches the instance: wrap its open once
+        if not getattr(fs.open, "spied", False):
+            orig = fs.open
 
-        def open_(p, *a, **k):
-            opened.append(p)
-            return orig(p, *a, **k)
+            def open_(p, *a, **k):
+                opened.append(p)
+                return orig(p, *a, **k)
 
-        monkeypatch.setattr(fs, "open", open_)
+            open_.spied = True  # type: ignore[attr-defined]
+            monkeypatch.setattr(fs, "open", open_)
         return fs, path
 
     monkeypatch.setattr(fsio, "filesystem_for", spy)
@@ -57,7 +60,7 @@ def test_digest_is_read_once_then_cached(tmp_path: Path, cache_home: Path,
     assert entry.read_text() == _blake(b"weights" * 1000)
 
 
-def test_a_rewrite_is_a_new_digest_unless_size_and_mtime_are_kept(
+def test_a_rewrite_is_a_new_digest_even_with_size_and_mtime_kept(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     f = tmp_path / "w.bin"
     f.write_bytes(b"a" * 64)
@@ -67,12 +70,14 @@ def test_a_rewrite_is_a_new_digest_unless_size_and_mtime_are_kept(
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     assert file_digest(str(f)) == _blake(b"b" * 64) != first
     st = os.stat(f)
-    f.write_bytes(b"c" * 64)  # same size and mtime restored (rsync -t): the cache answers...
+    time.sleep(0.01)
+    f.write_bytes(b"c" * 64)  # same size, mtime restored (cp -p, rsync -t): the ctime moved
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
-    if os.stat(f).st_ino == st.st_ino:
-        assert file_digest(str(f)) == _blake(b"b" * 64)
-    monkeypatch.setenv("VGEN_DIGEST_CACHE", "0")  # ...unless the cache is off
     assert file_digest(str(f)) == _blake(b"c" * 64)
+    opened = _reads(monkeypatch)
+    monkeypatch.setenv("VGEN_DIGEST_CACHE", "0")  # the cache off: read every time
+    assert file_digest(str(f)) == file_digest(str(f)) == _blake(b"c" * 64)
+    assert len(opened) == 2
 
 
 def test_a_broken_cache_entry_is_recomputed(tmp_path: Path, cache_home: Path) -> None:

@@ -252,3 +252,26 @@ def test_close_on_an_error_ends_unfinished_runs_and_refuses_more(store: str,
     assert c.get_run(done.run_id).info.status == "FINISHED"
     with pytest.raises(RuntimeError, match="after the tracking process was closed"):
         t.log_metrics({"late": 1.0})
+
+
+def test_a_takeover_that_fails_leaves_the_run_untracked_not_hung(
+        store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from vgen_core.tracking import sidecar as sidecar_mod
+
+    sidecar = TrackingSidecar.spawn()
+    t = _start(sidecar, store, "no-takeover", tmp_path)
+
+    def broken() -> None:
+        raise ImportError("mlflow is broken here too")
+
+    monkeypatch.setattr(sidecar_mod, "_Server", broken)
+    with caplog.at_level(logging.WARNING, logger="vgen_core.tracking.sidecar"):
+        sidecar._proc.kill()
+        sidecar._proc.wait()
+        child = t.child("later")  # queued, then dropped: no exception, no hang
+        assert child.run_id is None or isinstance(child.run_id, str)
+        t.log_metrics({"x": 1.0})
+        t.finish()
+        sidecar.close(timeout=30)
+    assert any("not tracked from here on" in r.getMessage() for r in caplog.records)

@@ -47,11 +47,12 @@ def file_digest(uri: str, *, what: str = "file") -> str:
     """blake2b-256 of a (local or remote) file's bytes, streamed. FileNotFoundError names
     ``what`` the file is for.
 
-    Cached on this machine by the file's identity: its URI, size and modification time (and
-    ETag on object stores), in ``$XDG_CACHE_HOME/vgen/file_digests`` (default ``~/.cache``). A
-    plan digests every ``weights:`` file it fingerprints: without the cache a no-op run re-read a
-    multi-GB checkpoint (from S3: downloaded it) every time. The trust is that of source files
-    (make, dataset caches): a file rewritten with the same size and mtime keeps its old digest;
+    Cached on this machine by the file's identity: its URI, size, modification and change
+    times and inode (ETag on object stores), in ``$XDG_CACHE_HOME/vgen/file_digests`` (default
+    ``~/.cache``). A plan digests every ``weights:`` file it fingerprints: without the cache a
+    no-op run re-read a multi-GB checkpoint (from S3: downloaded it) every time. The trust is
+    that of source files (make, dataset caches), a little stronger locally: a file rewritten with the same size is
+    noticed by its ctime even when its mtime is restored; on object stores the ETag decides;
     ``VGEN_DIGEST_CACHE=0`` reads every file every time. A cache that cannot be read or written
     is skipped."""
     import hashlib
@@ -98,8 +99,12 @@ def _identity(uri: str, info: dict[str, Any]) -> str | None:
 
     if info.get("type") not in (None, "file"):
         return None
-    stamp = {k: str(info[k]) for k in ("size", "mtime", "LastModified", "ETag", "ino",
-                                        "last_modified", "etag") if info.get(k) is not None}
+    # ``created`` is the local ctime, which no user call sets back (``cp -p`` / ``touch -r``
+    # restore the mtime of a same-size rewrite, not its ctime); empty values (an S3 server
+    # that sends no ETag) are no identity
+    stamp = {k: str(info[k]) for k in ("size", "mtime", "created", "LastModified", "ETag", "ino",
+                                        "last_modified", "etag")
+             if info.get(k) is not None and str(info[k]) != ""}
     if "size" not in stamp or len(stamp) < 2:
         return None
     text = json.dumps({"uri": uri, **stamp}, sort_keys=True)

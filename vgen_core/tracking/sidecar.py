@@ -124,7 +124,8 @@ class _Server:
             if t is None:
                 return None
         elif op == "resume":  # a takeover: a run the child had opened (and maybe finished)
-            t = self.mt.MlflowTracker.attach(args[0], args[1], owner=args[2])
+            t = self.mt.MlflowTracker.attach(args[0], args[1], owner=args[2],
+                                             fallback_dir=args[3])
         elif op == "run_id":
             return self.trackers[h].run_id
         elif op == "call":
@@ -173,11 +174,17 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(sig, signal.SIG_IGN)
     replies = os.fdopen(int(argv[0]), "wb")
     lock = threading.Lock()
+    gone = threading.Event()  # the driver closed its end: apply what was read, answer nothing
 
     def send(msg: Any) -> None:
+        if gone.is_set():
+            return
         data = pickle.dumps(msg)
         with lock:
-            _write(replies, data)
+            try:
+                _write(replies, data)
+            except (OSError, ValueError):
+                gone.set()
 
     logging.getLogger("vgen_core").addHandler(_Forward(send))
     server = _Server()  # imports mlflow now, while the driver works
@@ -206,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
         send(("ack", seq, ok, result))
     if not closed:
         server.abandon()
-    replies.close()
+    with contextlib.suppress(OSError, ValueError):
+        replies.close()
     # Every MLflow call above was synchronous (MlflowTracker logs with synchronous=True), so
     # nothing is left to flush but our own streams; MLflow's exit hooks (its telemetry client
     # waits on a config fetch from the network) cost ~1 s that the driver would wait for.
@@ -215,6 +223,20 @@ def main(argv: list[str] | None = None) -> None:
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(0)
+
+
+class _Broken:
+    """Stands in for the server when neither the child nor this process can log (warned
+    once): requests are dropped and answered with None, as a NullTracker would."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def handle(self, op: str, h: int, args: Any) -> Any:
+        return None  # tracking never stops a run: run ids are None, records are dropped
+
+    def abandon(self, status: str = "KILLED") -> None:
+        return None
 
 
 # --------------------------------------------------------------------------- the driver's side
@@ -235,10 +257,11 @@ class TrackingSidecar:
         self._futures: dict[int, Future] = {}
         self._run_ids: dict[int, str] = {}
         self._finished: set[int] = set()  # handles whose finish the child applied
-        self._local: _Server | None = None  # set once the child is gone: the driver logs
+        self._local: _Server | _Broken | None = None  # once the child is gone: the driver logs
         self._closing = False
         self._started = False
         self._tracking_uri: str | None = None
+        self._fallback_dir: str | None = None
         self._output: Any = tempfile.TemporaryFile()
         self._replies: BinaryIO | None = None
         self._proc: subprocess.Popen | None = None
@@ -281,6 +304,7 @@ class TrackingSidecar:
         """Open the run (as `MlflowTracker.start`, in the child); returns at once."""
         self._started = True
         self._tracking_uri = tracking_uri
+        self._fallback_dir = str(fallback_dir) if fallback_dir is not None else None
         h = self._new_handle()
         self.request("start", h, {
             "tracking_uri": tracking_uri, "experiment": experiment, "run_name": run_name,
@@ -375,47 +399,59 @@ class TrackingSidecar:
         self._takeover()
 
     def _takeover(self) -> None:
-        """The child exited: apply what it had not acknowledged here, and every later call."""
+        """The child exited (or its answers broke off): apply what it had not acknowledged
+        here, and every later call. If that fails too, every waiting and later request gets a
+        None answer and the run goes on untracked (nothing hangs)."""
         with self._lock:
             if self._closing and not self._unacked:
                 return
-            code = self._proc.poll() if self._proc is not None else None
-            if code is None and self._proc is not None:
-                try:
-                    code = self._proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    code = None
-            logger.warning(
-                "the tracking process exited (code %s) with %d request(s) not applied; this "
-                "process logs to MLflow from here on (its output: in this run's log)",
-                code, len(self._unacked))
-            local = _Server()
-            for h, run_id in self._run_ids.items():
-                try:  # a run the child finished is reopened without owning it (no status change)
-                    local.handle("resume", h, (self._tracking_uri, run_id,
-                                               h not in self._finished))
-                except Exception as e:
-                    logger.warning("could not reopen MLflow run %s: %s", run_id, e)
-            for seq in sorted(self._unacked):
-                op, h, args = self._unacked.pop(seq)
-                fut = self._futures.pop(seq, None)
-                try:
-                    if op == "close":
-                        result = None
-                        if args:
-                            local.abandon(args)
-                    else:
-                        result = local.handle(op, h, args)
-                except Exception as e:
-                    if fut is not None:
-                        fut.set_exception(SidecarError(f"{type(e).__name__}: {e}"))
-                    continue
-                if op in ("start", "child", "reattach") and result:
-                    self._run_ids[h] = result
+            try:
+                self._take_over_locked()
+            except BaseException as e:
+                logger.warning("logging to MLflow from this process failed too (%s: %s); "
+                               "this run is not tracked from here on", type(e).__name__, e)
+                self._local = _Broken(f"{type(e).__name__}: {e}")
+                for seq in list(self._unacked):
+                    self._unacked.pop(seq)
+                    fut = self._futures.pop(seq, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(None)
+
+    def _take_over_locked(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()  # answers broke off but it runs: it must not apply them too
+        code = self._proc.wait() if self._proc is not None else None
+        logger.warning(
+            "the tracking process exited (code %s) with %d request(s) not applied; this "
+            "process logs to MLflow from here on (its output: in this run's log)",
+            code, len(self._unacked))
+        self._relay_output()  # before any waiter (close) resumes
+        local = _Server()
+        for h, run_id in self._run_ids.items():
+            try:  # a run the child finished is reopened without owning it (no status change)
+                local.handle("resume", h, (self._tracking_uri, run_id,
+                                           h not in self._finished, self._fallback_dir))
+            except Exception as e:
+                logger.warning("could not reopen MLflow run %s: %s", run_id, e)
+        for seq in sorted(self._unacked):
+            op, h, args = self._unacked.pop(seq)
+            fut = self._futures.pop(seq, None)
+            try:
+                if op == "close":
+                    result = None
+                    if args:
+                        local.abandon(args)
+                else:
+                    result = local.handle(op, h, args)
+            except Exception as e:
                 if fut is not None:
-                    fut.set_result(result)
-            self._local = local
-            self._relay_output()
+                    fut.set_exception(SidecarError(f"{type(e).__name__}: {e}"))
+                continue
+            if op in ("start", "child", "reattach") and result:
+                self._run_ids[h] = result
+            if fut is not None:
+                fut.set_result(result)
+        self._local = local
 
     # ----------------------------------------------------------------- the end
 
@@ -456,7 +492,8 @@ class TrackingSidecar:
 
     def _relay_output(self) -> None:
         """The child's stdout/stderr, copied to this process's stderr (fd 2) once."""
-        out, self._output = self._output, None
+        with self._lock:
+            out, self._output = self._output, None
         if out is None:
             return
         try:
