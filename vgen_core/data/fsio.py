@@ -51,10 +51,10 @@ def file_digest(uri: str, *, what: str = "file") -> str:
     times and inode (ETag on object stores), in ``$XDG_CACHE_HOME/vgen/file_digests`` (default
     ``~/.cache``). A plan digests every ``weights:`` file it fingerprints: without the cache a
     no-op run re-read a multi-GB checkpoint (from S3: downloaded it) every time. The trust is
-    that of source files (make, dataset caches), a little stronger locally: a file rewritten with the same size is
-    noticed by its ctime even when its mtime is restored; on object stores the ETag decides;
-    ``VGEN_DIGEST_CACHE=0`` reads every file every time. A cache that cannot be read or written
-    is skipped."""
+    that of source files (make, dataset caches), a little stronger locally: a file rewritten
+    with the same size is noticed by its ctime even when its mtime is restored; on object
+    stores the ETag decides; ``VGEN_DIGEST_CACHE=0`` reads every file every time. A cache that
+    cannot be read or written is skipped."""
     import hashlib
 
     fs, path = filesystem_for(uri)
