@@ -42,8 +42,6 @@ class StageState:
     def compact(self, min_files: int = 64) -> bool:
         """Compact the records table once it has ``min_files`` data files (every record is one
         small file; reading them is part of every plan). See `TableStore.compact`."""
-        if not self.store.exists(STATE_TABLE):
-            return False
         return self.store.compact(STATE_TABLE, min_files=min_files)
 
     def latest(self, dag: str) -> tuple[dict[str, dict], dict[str, dict]]:

@@ -270,7 +270,7 @@ def test_a_takeover_that_fails_leaves_the_run_untracked_not_hung(
         sidecar._proc.kill()
         sidecar._proc.wait()
         child = t.child("later")  # queued, then dropped: no exception, no hang
-        assert child.run_id is None or isinstance(child.run_id, str)
+        assert child.run_id is None  # never created: untracked, not an error
         t.log_metrics({"x": 1.0})
         t.finish()
         sidecar.close(timeout=30)

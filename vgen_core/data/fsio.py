@@ -7,6 +7,8 @@ from typing import Any
 
 import fsspec
 
+from vgen_core.env import env_switch
+
 
 def filesystem_for(url: str, **options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for a local path or URL. For ``s3://`` the endpoint comes
@@ -59,7 +61,7 @@ def file_digest(uri: str, *, what: str = "file") -> str:
 
     fs, path = filesystem_for(uri)
     try:
-        key = _identity(uri, fs.info(path)) if _digest_cache_on() else None
+        key = _identity(uri, fs.info(path)) if env_switch("VGEN_DIGEST_CACHE") else None
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {uri} not found; it must be readable from every "
                                 "node (a local path on each, or s3://)") from None
@@ -79,11 +81,6 @@ def file_digest(uri: str, *, what: str = "file") -> str:
     if key is not None:
         _remember(key, digest)
     return digest
-
-
-def _digest_cache_on() -> bool:
-    return os.environ.get("VGEN_DIGEST_CACHE", "1").strip().lower() not in ("0", "false", "no",
-                                                                            "off")
 
 
 def _digest_cache_dir() -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 import numpy as np
 
@@ -144,6 +144,29 @@ class NullTracker:
 
     def __exit__(self, *exc: object) -> None:
         pass
+
+
+def check_status(status: str, what: str = "status") -> None:
+    """ValueError unless ``status`` is a terminal run status (FINISHED, FAILED, KILLED)."""
+    if status not in RUN_STATUSES:
+        raise ValueError(f"{what} must be one of {RUN_STATUSES}, got {status!r}")
+
+
+class FinishOnExit:
+    """``with tracker:`` ends the run: FINISHED, KILLED on KeyboardInterrupt, FAILED on any
+    other exception (the trackers that own a run: `MlflowTracker`, `SidecarTracker`)."""
+
+    def finish(self, status: str = "FINISHED") -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None:
+            self.finish("FINISHED")
+        else:
+            self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
 
 
 def metric_value(name: str, value: Any) -> float:

@@ -75,9 +75,10 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 
 from vgen_core.tracking.base import (
+    FinishOnExit,
+    check_status,
     MAX_KEY_LENGTH,
     MAX_TAG_VALUE_LENGTH,
-    RUN_STATUSES,
     Tracker,
     _truncate,
     flatten_params,
@@ -382,7 +383,7 @@ def _ensure_sqlite_dir(tracking_uri: str) -> None:
 # --------------------------------------------------------------------------- the tracker
 
 
-class MlflowTracker:
+class MlflowTracker(FinishOnExit):
     """A `Tracker` writing to one MLflow run. Build it with `start` (driver) or `attach`
     (worker); see the module docstring for the failure and storage policy."""
 
@@ -747,23 +748,13 @@ class MlflowTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run (a no-op for a non-owner attached tracker, and after the first call)."""
-        if status not in RUN_STATUSES:
-            raise ValueError(f"status must be one of {RUN_STATUSES}, got {status!r}")
+        check_status(status)
         if self._finished or not self._owner:
             return
         self._finished = True
         self._guard(
             "finish", {"status": status}, lambda c: c.set_terminated(self._run_id, status=status)
         )
-
-    def __enter__(self) -> MlflowTracker:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        if exc_type is None:
-            self.finish("FINISHED")
-        else:
-            self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
 
     def __repr__(self) -> str:
         state = "offline" if self.offline else ("owner" if self._owner else "attached")

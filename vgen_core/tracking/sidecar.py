@@ -54,8 +54,10 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from vgen_core.env import env_switch
 from vgen_core.tracking.base import (
-    RUN_STATUSES,
+    FinishOnExit,
+    check_status,
     flatten_params,
     metric_value,
     to_uint8_image,
@@ -76,8 +78,7 @@ _CALLS = frozenset({"log_params", "log_metrics", "log_image", "log_text", "log_d
 
 def sidecar_enabled() -> bool:
     """False when ``VGEN_TRACKING_SIDECAR`` is 0/false/no/off (log from the driver)."""
-    return os.environ.get("VGEN_TRACKING_SIDECAR", "1").strip().lower() not in (
-        "0", "false", "no", "off")
+    return env_switch("VGEN_TRACKING_SIDECAR")
 
 
 def _write(stream: BinaryIO, payload: bytes) -> None:
@@ -336,12 +337,16 @@ class TrackingSidecar:
                 self._wake.notify()
             else:
                 result = self._local.handle(op, h, args)
-                if op in ("start", "child", "reattach", "resume") and result:
-                    self._run_ids[h] = result
+                self._note_run_id(op, h, result)
                 return result
         if fut is None:
             return None
         return fut.result()
+
+    def _note_run_id(self, op: str, h: int, result: Any) -> None:
+        """Remember the run id a request that opens a run answered (under the lock)."""
+        if op in ("start", "child", "reattach", "resume") and result:
+            self._run_ids[h] = result
 
     def run_id(self, h: int) -> str | None:
         with self._lock:
@@ -386,10 +391,10 @@ class TrackingSidecar:
             _, seq, ok, result = msg
             with self._lock:
                 op, h, args = self._unacked.pop(seq, ("?", 0, None))
-                if ok and op in ("start", "child", "reattach") and result:
-                    self._run_ids[h] = result
-                if ok and op == "call" and args[0] == "finish":
-                    self._finished.add(h)
+                if ok:
+                    self._note_run_id(op, h, result)
+                    if op == "call" and args[0] == "finish":
+                        self._finished.add(h)
                 fut = self._futures.pop(seq, None)
             if fut is not None:
                 if ok:
@@ -447,8 +452,7 @@ class TrackingSidecar:
                 if fut is not None:
                     fut.set_exception(SidecarError(f"{type(e).__name__}: {e}"))
                 continue
-            if op in ("start", "child", "reattach") and result:
-                self._run_ids[h] = result
+            self._note_run_id(op, h, result)
             if fut is not None:
                 fut.set_result(result)
         self._local = local
@@ -460,8 +464,8 @@ class TrackingSidecar:
         this process's stderr. ``unfinished`` (FAILED, KILLED): the status of runs the driver
         did not finish (it stops on an error). A child that was never given a run is stopped at
         once. Requests after this raise RuntimeError."""
-        if unfinished is not None and unfinished not in RUN_STATUSES:
-            raise ValueError(f"unfinished must be one of {RUN_STATUSES}, got {unfinished!r}")
+        if unfinished is not None:
+            check_status(unfinished, "unfinished")
         with self._lock:
             if self._closing:
                 return
@@ -508,7 +512,7 @@ class TrackingSidecar:
             out.close()
 
 
-class SidecarTracker:
+class SidecarTracker(FinishOnExit):
     """A `Tracker` whose MLflow run lives in the tracking process (see the module docstring).
     Calls return at once; ``run_id`` waits until the run exists."""
 
@@ -576,21 +580,11 @@ class SidecarTracker:
         return self._sidecar.request("func", self._h, (name, a, kw), wait=True)
 
     def finish(self, status: str = "FINISHED") -> None:
-        if status not in RUN_STATUSES:
-            raise ValueError(f"status must be one of {RUN_STATUSES}, got {status!r}")
+        check_status(status)
         if self._finished:
             return
         self._finished = True
         self._call("finish", status)
-
-    def __enter__(self) -> SidecarTracker:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        if exc_type is None:
-            self.finish("FINISHED")
-        else:
-            self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
 
     def __repr__(self) -> str:
         return f"SidecarTracker(handle={self._h})"
